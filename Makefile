@@ -1,0 +1,44 @@
+# Every target sets itself up on a fresh clone: `make demo` and `make test` are all a new user needs.
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+TORCH_CPU_VERSION ?= 2.13.0
+DEMO_DIR ?= demo
+export PIP_DISABLE_PIP_VERSION_CHECK = 1
+
+.PHONY: install test demo docs check-generated snapshot clean
+
+install: $(STAMP)
+
+# torch goes first: the CPU build when no torch is installed yet, and a constraint then keeps
+# whatever torch is there (a CUDA build on a GPU machine), so pip never swaps it for another.
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_CPU_VERSION)
+	$(BIN)/python -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt 2>/dev/null
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: install check-generated
+	$(BIN)/python -m pytest -q
+
+check-generated: install
+	$(BIN)/finetune schema --check
+	$(BIN)/finetune schema-docs --check
+
+docs: install
+	$(BIN)/finetune schema
+	$(BIN)/finetune schema-docs
+
+snapshot: install
+	$(BIN)/python -m finetune.config.snapshot
+
+demo: install
+	$(BIN)/finetune demo init $(DEMO_DIR)
+	$(BIN)/finetune validate example_configs/sft-lora-grid.yaml
+	$(BIN)/finetune plan example_configs/sft-lora-grid.yaml
+	$(BIN)/finetune run example_configs/sft-lora-grid.yaml
+
+clean:
+	rm -rf $(VENV) runs $(DEMO_DIR) .pytest_cache

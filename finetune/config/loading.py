@@ -1,0 +1,210 @@
+"""Read a config file (YAML, JSON, or a key of a Helm values file) into plain data plus source positions.
+
+The YAML node graph is walked by hand, rather than constructed in one go, so that
+every value keeps the line and column it came from: errors can then point at the
+file. `!list` and `!range` tags become the plain knob forms `{"$list": ...}` and
+`{"$range": ...}`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path as FilePath
+from typing import Any
+
+from ruamel.yaml import YAML
+from ruamel.yaml.error import MarkedYAMLError, YAMLError
+from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
+
+from finetune.config.knobs import LIST_KEY, RANGE_KEY, Path, dotted
+
+MERGE_TAG = "tag:yaml.org,2002:merge"
+
+
+class ConfigLoadError(Exception):
+    """The config cannot be read at all (missing file, not YAML, bad --set): an unusable call."""
+
+
+@dataclass(frozen=True)
+class Location:
+    source: str
+    line: int = 0
+    column: int = 0
+
+    def __str__(self) -> str:
+        return f"{self.source}:{self.line}:{self.column}" if self.line else self.source
+
+
+@dataclass
+class SourceDoc:
+    """A loaded config: the plain data tree and where each path came from."""
+
+    tree: Any
+    source: str
+    positions: dict[Path, Location] = field(default_factory=dict)
+
+    def locate(self, path: Path) -> Location:
+        """The position of `path`, or of its nearest ancestor that exists in the file."""
+        for end in range(len(path), -1, -1):
+            location = self.positions.get(tuple(path[:end]))
+            if location is not None:
+                return location
+        return Location(self.source)
+
+
+class _NodeReader:
+    def __init__(self, source: str) -> None:
+        self.source = source
+        self.positions: dict[Path, Location] = {}
+        self._constructor = YAML(typ="safe", pure=True).constructor
+
+    def at(self, node: Node) -> Location:
+        return Location(self.source, node.start_mark.line + 1, node.start_mark.column + 1)
+
+    def fail(self, node: Node, message: str) -> ConfigLoadError:
+        return ConfigLoadError(f"{self.at(node)}: {message}")
+
+    def read(self, node: Node, path: Path) -> Any:
+        self.positions[path] = self.at(node)
+        if node.tag == "!list":
+            if not isinstance(node, SequenceNode):
+                raise self.fail(node, "!list takes a sequence, e.g. !list [8, 16, 32]")
+            self.positions[(*path, LIST_KEY)] = self.at(node)
+            return {LIST_KEY: self._sequence(node, (*path, LIST_KEY))}
+        if node.tag == "!range":
+            if not isinstance(node, MappingNode):
+                raise self.fail(node, "!range takes a mapping, e.g. !range {start: 1e-5, end: 1e-3, log: true}")
+            self.positions[(*path, RANGE_KEY)] = self.at(node)
+            return {RANGE_KEY: self._mapping(node, (*path, RANGE_KEY))}
+        if node.tag.startswith("!"):
+            raise self.fail(node, f"unknown tag {node.tag}; the tags here are !list and !range")
+        if isinstance(node, MappingNode):
+            return self._mapping(node, path)
+        if isinstance(node, SequenceNode):
+            return self._sequence(node, path)
+        return self._scalar(node)
+
+    def _scalar(self, node: ScalarNode) -> Any:
+        try:
+            return self._constructor.construct_object(node, deep=True)
+        except YAMLError as error:
+            raise self.fail(node, f"cannot read this value: {error}") from None
+
+    def _sequence(self, node: SequenceNode, path: Path) -> list[Any]:
+        return [self.read(child, (*path, index)) for index, child in enumerate(node.value)]
+
+    def _mapping(self, node: MappingNode, path: Path) -> dict[str, Any]:
+        result: dict[str, Any] = {}
+        explicit: set[Any] = set()
+        for key_node, value_node in node.value:
+            if key_node.tag == MERGE_TAG:
+                self._merge(result, explicit, value_node, path)
+                continue
+            key = self._scalar(key_node) if isinstance(key_node, ScalarNode) else None
+            if not isinstance(key, (str, int, float, bool)) or key is None:
+                raise self.fail(key_node, "mapping keys must be plain scalars")
+            key = str(key) if not isinstance(key, str) else key
+            if key in explicit:
+                raise self.fail(key_node, f"duplicate key '{key}'")
+            explicit.add(key)
+            self.positions[(*path, key)] = self.at(key_node)
+            result[key] = self.read(value_node, (*path, key))
+            self.positions[(*path, key)] = self.at(key_node)
+        return result
+
+    def _merge(self, result: dict[str, Any], explicit: set[Any], node: Node, path: Path) -> None:
+        sources = node.value if isinstance(node, SequenceNode) else [node]
+        for source in sources:
+            if not isinstance(source, MappingNode):
+                raise self.fail(source, "a merge key '<<' takes a mapping or a list of mappings")
+            for key, value in self._mapping(source, path).items():
+                if key not in explicit and key not in result:
+                    result[key] = value
+
+
+def parse_yaml_text(text: str, source: str) -> SourceDoc:
+    yaml = YAML(typ="safe", pure=True)
+    try:
+        nodes = list(yaml.compose_all(text))
+    except MarkedYAMLError as error:
+        mark = error.problem_mark
+        where = f"{source}:{mark.line + 1}:{mark.column + 1}" if mark else source
+        raise ConfigLoadError(f"{where}: not valid YAML: {error.problem}") from None
+    except YAMLError as error:
+        raise ConfigLoadError(f"{source}: not valid YAML: {error}") from None
+    if len(nodes) != 1 or nodes[0] is None:
+        raise ConfigLoadError(f"{source}: expected exactly one YAML document, found {len(nodes)}")
+    reader = _NodeReader(source)
+    tree = reader.read(nodes[0], ())
+    return SourceDoc(tree=tree, source=source, positions=reader.positions)
+
+
+def load_document(
+    path: str | FilePath, values_key: str | None = None, overrides: list[str] | None = None
+) -> SourceDoc:
+    """Load a config file, pick `values_key` out of a Helm values file, apply `--set` overrides."""
+    file_path = FilePath(path)
+    if not file_path.is_file():
+        raise ConfigLoadError(f"{file_path}: no such file")
+    try:
+        text = file_path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise ConfigLoadError(f"{file_path}: cannot read: {error}") from None
+    doc = parse_yaml_text(text, str(file_path))
+    if values_key:
+        doc = select_key(doc, values_key)
+    if not isinstance(doc.tree, dict):
+        raise ConfigLoadError(f"{doc.locate(())}: a config must be a mapping of sections, got {type(doc.tree).__name__}")
+    for override in overrides or []:
+        apply_override(doc, override)
+    return doc
+
+
+def select_key(doc: SourceDoc, values_key: str) -> SourceDoc:
+    prefix = tuple(values_key.split("."))
+    node = doc.tree
+    for depth, key in enumerate(prefix):
+        if not isinstance(node, dict) or key not in node:
+            here = list(node) if isinstance(node, dict) else []
+            raise ConfigLoadError(
+                f"{doc.source}: no key '{'.'.join(prefix[: depth + 1])}' in the values file"
+                + (f" (keys there: {', '.join(map(str, here))})" if here else "")
+            )
+        node = node[key]
+    positions = {path[len(prefix) :]: loc for path, loc in doc.positions.items() if path[: len(prefix)] == prefix}
+    return SourceDoc(tree=node, source=doc.source, positions=positions)
+
+
+def parse_override(override: str) -> tuple[Path, Any]:
+    """`a.b.0.c=value` -> (('a', 'b', 0, 'c'), value parsed as YAML, knob tags allowed)."""
+    key, sep, raw = override.partition("=")
+    if not sep or not key.strip():
+        raise ConfigLoadError(f"--set {override!r}: expected KEY=VALUE, e.g. training_args.learning_rate=1e-4")
+    path: Path = tuple(int(part) if part.isdigit() else part for part in key.strip().split("."))
+    value = parse_yaml_text(raw, f"--set {key}").tree if raw.strip() else ""
+    return path, value
+
+
+def apply_override(doc: SourceDoc, override: str) -> None:
+    path, value = parse_override(override)
+    node = doc.tree
+    for depth, part in enumerate(path[:-1]):
+        child = node[part] if _has(node, part) else None
+        if not isinstance(child, (dict, list)):
+            if not isinstance(node, dict):
+                raise ConfigLoadError(f"--set {dotted(path)}: {dotted(path[: depth + 1])} is not a mapping")
+            node[part] = child = {}
+        node = child
+    last = path[-1]
+    if isinstance(node, list) and not (isinstance(last, int) and last < len(node)):
+        raise ConfigLoadError(f"--set {dotted(path)}: index {last} is outside the list")
+    node[last] = value
+    for known in [p for p in doc.positions if p[: len(path)] == path]:
+        del doc.positions[known]
+    doc.positions[path] = Location(f"--set {dotted(path)}")
+
+
+def _has(node: Any, part: Any) -> bool:
+    if isinstance(node, dict):
+        return part in node
+    return isinstance(node, list) and isinstance(part, int) and part < len(node)

@@ -1,0 +1,103 @@
+"""The whole config of one run: a union of the three methods, discriminated by `method`."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, Union
+
+from pydantic import Discriminator, Field, Tag, TypeAdapter
+
+from finetune.config.sections import (
+    BatchsizeConfig,
+    ChatTrainValidConfig,
+    DPOArguments,
+    ExperimentConfig,
+    FinetuningTrackingConfig,
+    GRPOArguments,
+    GridSweep,
+    NoQuantizationConfig,
+    Overrides,
+    PeftConfig,
+    QuantConfig,
+    RandomSweep,
+    RunConfig,
+    SFTArguments,
+    Strict,
+    SuccessiveHalvingSweep,
+)
+from finetune.config.training_args import DPOTrainingArguments, GRPOTrainingArguments, SFTTrainingArguments
+
+METHODS = ("sft", "dpo", "grpo")
+
+
+def sweep_strategy_of(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("strategy", "grid")
+    return getattr(value, "strategy", None)
+
+
+SweepConfig = Annotated[
+    Union[
+        Annotated[GridSweep, Tag("grid")],
+        Annotated[RandomSweep, Tag("random")],
+        Annotated[SuccessiveHalvingSweep, Tag("successive_halving")],
+    ],
+    Discriminator(sweep_strategy_of),
+]
+
+
+class CommonSections(Strict):
+    data_conf: ChatTrainValidConfig = Field(description="The data input config")
+    overrides: Overrides = Field(default_factory=Overrides, description="Overrides to simplify the config interface")
+    batchsize_conf: BatchsizeConfig = Field(description="Batch size configuration")
+    peft_conf: PeftConfig = Field(description="Adapter configuration")
+    run_conf: RunConfig = Field(default_factory=RunConfig, description="Model related configuration")
+    tracking: FinetuningTrackingConfig | None = Field(default=None, description="MLflow tracking configuration")
+    quant_conf: QuantConfig = Field(default_factory=NoQuantizationConfig, description="Quantization configuration")
+    experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Experiment and chunking")
+    sweep: SweepConfig = Field(default_factory=GridSweep, description="How knobs become runs")
+
+
+class SFTFinetuneConfig(CommonSections):
+    """Supervised fine-tuning on chat conversations (TRL SFTTrainer)."""
+
+    method: Literal["sft"] = "sft"
+    training_args: SFTTrainingArguments = Field(description="TRL SFTConfig arguments")
+    sft_args: SFTArguments = Field(default_factory=SFTArguments, description="SFT specific arguments")
+
+
+class DPOFinetuneConfig(CommonSections):
+    """Direct preference optimisation on chosen/rejected pairs (TRL DPOTrainer)."""
+
+    method: Literal["dpo"]
+    training_args: DPOTrainingArguments = Field(description="TRL DPOConfig arguments")
+    dpo_args: DPOArguments = Field(default_factory=DPOArguments, description="DPO specific arguments")
+    sft_args: None = Field(default=None, description="Not used by DPO (SiloGen configs write `sft_args: null`)")
+
+
+class GRPOFinetuneConfig(CommonSections):
+    """Group relative policy optimisation on prompts with reward functions (TRL GRPOTrainer)."""
+
+    method: Literal["grpo"]
+    training_args: GRPOTrainingArguments = Field(description="TRL GRPOConfig arguments")
+    grpo_args: GRPOArguments = Field(description="GRPO specific arguments")
+    sft_args: None = Field(default=None, description="Not used by GRPO")
+
+
+def method_of(value: Any) -> Any:
+    if isinstance(value, dict):
+        return value.get("method", "sft")
+    return getattr(value, "method", None)
+
+
+FinetuneConfig = Annotated[
+    Union[
+        Annotated[SFTFinetuneConfig, Tag("sft")],
+        Annotated[DPOFinetuneConfig, Tag("dpo")],
+        Annotated[GRPOFinetuneConfig, Tag("grpo")],
+    ],
+    Discriminator(method_of),
+]
+AnyFinetuneConfig = Union[SFTFinetuneConfig, DPOFinetuneConfig, GRPOFinetuneConfig]
+
+CONFIG_ADAPTER: TypeAdapter[AnyFinetuneConfig] = TypeAdapter(FinetuneConfig)
+DISCRIMINATOR_KEYS = {"method_of": "method", "sweep_strategy_of": "strategy"}

@@ -1,0 +1,123 @@
+"""Expansion of a knob tree into concrete configs: grid and random (successive halving samples randomly).
+
+Knobs are taken in sorted path order, so the same file with its keys in another order
+gives the same runs for the same seed. A knob's candidate may itself hold knobs (a
+`$list` of whole sub-configs); they are expanded after it is chosen.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from dataclasses import dataclass, field
+from typing import Any
+
+from finetune.config.knobs import LIST_KEY, ListKnob, dotted, iter_knobs, knob_kind, parse_knob, set_at
+
+MAX_DRAWS_PER_RUN = 200
+
+
+class ExpansionError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class Expansion:
+    """One concrete config and the knob choices that made it."""
+
+    config: dict[str, Any]
+    knobs: dict[str, Any] = field(default_factory=dict)
+    labels: dict[str, str] = field(default_factory=dict)
+
+    def key(self) -> str:
+        return canonical_json(self.config)
+
+
+def canonical_json(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def format_value(value: Any) -> str:
+    if isinstance(value, float):
+        return f"{value:.3g}"
+    if isinstance(value, (dict, list)):
+        text = canonical_json(value)
+        return text if len(text) <= 24 else text[:21] + "..."
+    return str(value)
+
+
+def _choose(expansion: Expansion, path: tuple, value: Any, label: str) -> Expansion:
+    name = dotted(path)
+    return Expansion(
+        config=set_at(expansion.config, path, value),
+        knobs={**expansion.knobs, name: value},
+        labels={**expansion.labels, name: label},
+    )
+
+
+def _list_label(knob: ListKnob, index: int) -> str:
+    value = knob.values[index]
+    return f"#{index}" if isinstance(value, (dict, list)) else format_value(value)
+
+
+def expand_grid(tree: dict[str, Any]) -> list[Expansion]:
+    """Every combination of every `$list` (nested ones included); a `$range` is an error."""
+    return _grid(Expansion(tree))
+
+
+def _grid(partial: Expansion) -> list[Expansion]:
+    first = next(iter_knobs(partial.config), None)
+    if first is None:
+        return [partial]
+    path, plain = first
+    if knob_kind(plain) != LIST_KEY:
+        raise ExpansionError(f"{dotted(path)}: grid search takes only $list knobs, not a $range")
+    knob = parse_knob(plain)
+    results: list[Expansion] = []
+    for index, value in enumerate(knob.values):
+        results.extend(_grid(_choose(partial, path, value, _list_label(knob, index))))
+    return results
+
+
+def grid_size(tree: dict[str, Any]) -> int | None:
+    """The number of distinct combinations, or None when a `$range` makes it unbounded."""
+    try:
+        return len({expansion.key() for expansion in expand_grid(tree)})
+    except ExpansionError:
+        return None
+
+
+def _sample(partial: Expansion, rng: random.Random) -> Expansion:
+    first = next(iter_knobs(partial.config), None)
+    if first is None:
+        return partial
+    path, plain = first
+    knob = parse_knob(plain)
+    if isinstance(knob, ListKnob):
+        index = rng.randrange(len(knob.values))
+        return _sample(_choose(partial, path, knob.values[index], _list_label(knob, index)), rng)
+    value = knob.sample(rng.random())
+    return _sample(_choose(partial, path, value, format_value(value)), rng)
+
+
+def expand_random(tree: dict[str, Any], num_runs: int, seed: int) -> list[Expansion]:
+    """`num_runs` distinct i.i.d. samples; a clear error when the space holds fewer."""
+    size = grid_size(tree)
+    if size is not None and size < num_runs:
+        raise ExpansionError(
+            f"sweep.num_runs is {num_runs} but the knobs allow only {size} distinct combination(s); "
+            f"lower num_runs to {size} or use strategy grid"
+        )
+    rng = random.Random(seed)
+    chosen: dict[str, Expansion] = {}
+    for _ in range(num_runs * MAX_DRAWS_PER_RUN):
+        if len(chosen) == num_runs:
+            break
+        expansion = _sample(Expansion(tree), rng)
+        chosen.setdefault(expansion.key(), expansion)
+    if len(chosen) < num_runs:
+        raise ExpansionError(
+            f"found only {len(chosen)} distinct combination(s) in {num_runs * MAX_DRAWS_PER_RUN} draws "
+            f"for sweep.num_runs {num_runs}; widen the knobs or lower num_runs"
+        )
+    return list(chosen.values())

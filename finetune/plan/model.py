@@ -1,0 +1,64 @@
+"""The run plan: plain, JSON-serialisable data; the contract between the config and the scheduler."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+class Derived(BaseModel):
+    """Values the tool computes for a run from its concrete config (SiloGen semantics)."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    num_processes: int
+    total_train_batch_size: int
+    per_device_train_batch_size: int
+    gradient_accumulation_steps: int
+    per_device_eval_batch_size: int
+    base_learning_rate: float
+    learning_rate: float = Field(description="after overrides.lr_multiplier and lr_batch_size_scaling")
+    num_train_epochs: float
+    train_examples: int | None = Field(description="before length filtering; None when not known yet")
+    steps_per_epoch: int | None
+    total_steps: int | None
+    chunk_steps: list[int] | None = Field(description="optimizer steps of each chunk; they add up to total_steps")
+
+    @property
+    def num_chunks(self) -> int | None:
+        return len(self.chunk_steps) if self.chunk_steps is not None else None
+
+
+class PlannedRun(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    run_id: str = Field(description="a short hash of the concrete config")
+    label: str = Field(description="human label built from the knob values")
+    group: int = 0
+    knobs: dict[str, Any] = Field(description="knob path -> chosen value")
+    config: dict[str, Any] = Field(description="the concrete config, knob-free")
+    derived: Derived
+    parent_run_id: str | None = Field(default=None, description="set for runs cloned from another run")
+
+
+class RunPlan(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    experiment: str
+    output_dir: str
+    source: str
+    num_chunks: int
+    sweeps: list[dict[str, Any]] = Field(description="the sweep section of each group")
+    runs: list[PlannedRun]
+
+    @property
+    def total_steps(self) -> int | None:
+        steps = [run.derived.total_steps for run in self.runs]
+        return None if any(step is None for step in steps) else sum(steps)  # type: ignore[arg-type]
+
+    def run(self, run_id: str) -> PlannedRun:
+        for run in self.runs:
+            if run.run_id == run_id:
+                return run
+        raise KeyError(run_id)

@@ -1,0 +1,51 @@
+"""Rich rendering of a run plan."""
+
+from __future__ import annotations
+
+from rich.table import Table
+
+from finetune.plan.build import short_knob_names
+from finetune.plan.expand import format_value
+from finetune.plan.model import RunPlan
+
+
+def plan_table(plan: RunPlan) -> Table:
+    knob_names = list(dict.fromkeys(name for run in plan.runs for name in run.knobs))
+    headers = short_knob_names(knob_names)
+    table = Table(title=f"{plan.experiment}: {len(plan.runs)} run(s) from {plan.source}", title_justify="left")
+    table.add_column("run", style="cyan", no_wrap=True)
+    table.add_column("group", justify="right")
+    for name in knob_names:
+        table.add_column(headers[name], overflow="fold")
+    for column in ("batch", "accum", "lr", "steps", "chunks"):
+        table.add_column(column, justify="right")
+    for run in plan.runs:
+        derived = run.derived
+        knob_cells = [_knob_cell(run.knobs.get(name, ""), name, run.label, headers) for name in knob_names]
+        table.add_row(
+            run.run_id,
+            str(run.group),
+            *knob_cells,
+            f"{derived.per_device_train_batch_size}x{derived.num_processes}",
+            str(derived.gradient_accumulation_steps),
+            f"{derived.learning_rate:.3g}",
+            str(derived.total_steps) if derived.total_steps is not None else "?",
+            "+".join(map(str, derived.chunk_steps)) if derived.chunk_steps else "?",
+        )
+    return table
+
+
+def plan_summary(plan: RunPlan) -> str:
+    total = plan.total_steps
+    steps = f"{total} optimizer steps in all" if total is not None else "steps unknown until the data exists"
+    strategies = ", ".join(sorted({sweep.get("strategy", "grid") for sweep in plan.sweeps}))
+    return f"{len(plan.runs)} run(s), {steps}, {plan.num_chunks} chunk(s) per run, strategy {strategies}"
+
+
+def _knob_cell(value: object, name: str, label: str, headers: dict[str, str]) -> str:
+    """The label's text for this knob (e.g. `#1` for a sub-config), else the formatted value."""
+    for part in label.split(","):
+        key, _, text = part.partition("=")
+        if key == headers[name]:
+            return text
+    return format_value(value)

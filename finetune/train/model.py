@@ -1,0 +1,81 @@
+"""Loading the tokenizer and the base model from `run_conf` and `quant_conf` (path or hub id)."""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Any
+
+
+class QuantizationUnavailable(RuntimeError):
+    pass
+
+
+def check_quantization(config: Any) -> None:
+    """Fail before any work when bitsandbytes quantization cannot run here."""
+    if config.quant_conf.quantization_type != "bits-and-bytes":
+        return
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA device")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install 'finetune[quantization]')")
+    if missing:
+        raise QuantizationUnavailable(
+            "quant_conf.quantization_type is bits-and-bytes, which needs " + " and ".join(missing)
+            + "; remove quant_conf to train unquantized"
+        )
+
+
+def load_tokenizer(config: Any) -> Any:
+    from transformers import AutoTokenizer
+
+    run_conf = config.run_conf
+    args = run_conf.model_args
+    return AutoTokenizer.from_pretrained(
+        run_conf.tokenizer or run_conf.model,
+        use_fast=run_conf.use_fast_tokenizer,
+        revision=args.revision,
+        trust_remote_code=args.trust_remote_code,
+        local_files_only=args.local_files_only,
+        cache_dir=args.cache_dir,
+        token=args.token,
+    )
+
+
+def model_kwargs(config: Any, device: str) -> dict[str, Any]:
+    """`from_pretrained` arguments: model_args (extra keys included) plus quantization and placement."""
+    import torch
+
+    model_args = config.run_conf.model_args
+    args = model_args.model_dump(exclude_unset=True, exclude_none=True)
+    args.pop("dtype", None)
+    dtype = model_args.dtype
+    kwargs: dict[str, Any] = {**args, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
+    if config.quant_conf.quantization_type == "bits-and-bytes":
+        from transformers import BitsAndBytesConfig
+
+        quant = config.quant_conf.model_dump(exclude={"quantization_type"})
+        kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
+    if "device_map" not in kwargs and device != "cpu":
+        kwargs["device_map"] = {"": device}
+    if config.training_args.gradient_checkpointing:
+        if "use_cache" in model_args.model_fields_set and model_args.use_cache:
+            raise ValueError(
+                "training_args.gradient_checkpointing and run_conf.model_args.use_cache are both true, "
+                "which exclude each other: set one of them to false"
+            )
+        kwargs["use_cache"] = False  # not set by the user; the KV cache is useless with checkpointing
+    return kwargs
+
+
+def load_base_model(config: Any, tokenizer_size: int, device: str = "cpu") -> Any:
+    """The base model, its embeddings grown (mean-initialised) when the template added tokens."""
+    from transformers import AutoModelForCausalLM
+
+    check_quantization(config)
+    model = AutoModelForCausalLM.from_pretrained(config.run_conf.model, **model_kwargs(config, device))
+    if tokenizer_size > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(tokenizer_size, mean_resizing=True)
+    return model

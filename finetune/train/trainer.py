@@ -1,0 +1,97 @@
+"""TRL's trainers used as libraries, built from a concrete config and its derived values.
+
+A chunk is trained by one `trainer.train()` call that resumes from the previous chunk's
+checkpoint (model or adapter, optimizer, scheduler, RNG state, data position: all HF's
+own checkpoint format) and stops at the chunk's last optimizer step, where it saves.
+The schedule (`max_steps`) always spans the whole run, so training a run chunk by chunk
+is the same computation as training it straight through.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.plan.model import Derived
+
+TRL_CONFIG_CLASSES = {"sft": "SFTConfig", "dpo": "DPOConfig", "grpo": "GRPOConfig"}
+TRL_TRAINER_CLASSES = {"sft": "SFTTrainer", "dpo": "DPOTrainer", "grpo": "GRPOTrainer"}
+
+
+def trl_arguments(config: Any, derived: Derived, output_dir: Path, device: str) -> Any:
+    """The TRL config object: the user's training_args plus what other sections and the plan decide."""
+    import trl
+
+    assert derived.total_steps is not None, "the data size must be known before training"
+    user = config.training_args.model_dump(exclude_unset=True)
+    user.pop("report_to", None)
+    values: dict[str, Any] = {
+        "seed": 42,
+        **user,
+        "output_dir": str(output_dir),
+        "per_device_train_batch_size": derived.per_device_train_batch_size,
+        "per_device_eval_batch_size": derived.per_device_eval_batch_size,
+        "gradient_accumulation_steps": derived.gradient_accumulation_steps,
+        "learning_rate": derived.learning_rate,
+        "num_train_epochs": derived.num_train_epochs,
+        "max_steps": derived.total_steps,
+        "save_strategy": "no",
+        "eval_strategy": "no",
+        "report_to": "none",
+        "disable_tqdm": True,
+        "use_cpu": device == "cpu",
+        "save_only_model": False,
+    }
+    if config.method == "sft":
+        values.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
+    elif config.method == "dpo":
+        values["max_length"] = config.dpo_args.max_seq_length
+    else:
+        values["max_prompt_length"] = config.grpo_args.max_prompt_length
+    return getattr(trl, TRL_CONFIG_CLASSES[config.method])(**values)
+
+
+def build_trainer(
+    config: Any,
+    derived: Derived,
+    model: Any,
+    tokenizer: Any,
+    train_dataset: Any,
+    eval_dataset: Any | None,
+    output_dir: Path,
+    device: str,
+    callbacks: list[Any],
+    input_pad_id: int | None = None,
+) -> Any:
+    import trl
+
+    args = trl_arguments(config, derived, output_dir, device)
+    trainer_cls = getattr(trl, TRL_TRAINER_CLASSES[config.method])
+    common: dict[str, Any] = {
+        "model": model,
+        "args": args,
+        "train_dataset": train_dataset,
+        "eval_dataset": eval_dataset,
+        "processing_class": tokenizer,
+        "callbacks": callbacks,
+    }
+    if config.method == "sft":
+        from finetune.data.collator import ChatCollator
+
+        pad_id = input_pad_id if input_pad_id is not None else tokenizer.pad_token_id
+        common["data_collator"] = ChatCollator(pad_id, config.data_conf.padding_side)
+    elif config.method == "dpo" and config.dpo_args.reference_model:
+        from transformers import AutoModelForCausalLM
+
+        common["ref_model"] = AutoModelForCausalLM.from_pretrained(config.dpo_args.reference_model)
+    elif config.method == "grpo":
+        from finetune.train.rewards import resolve_reward
+
+        common["reward_funcs"] = [resolve_reward(name) for name in config.grpo_args.reward_functions]
+        if eval_dataset is None:
+            common.pop("eval_dataset")
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer = trainer_cls(**common)
+    trainer.remove_callback(PrinterCallback)  # metrics go to the state store and MLflow instead
+    return trainer

@@ -38,12 +38,14 @@ docs: install
 snapshot: install
 	$(BIN)/python -m finetune.config.snapshot
 
+# The main job on the built-in offline demo: a tiny model and data built locally, then the
+# example sweep (4 LoRA runs, 4 chunks each) trained concurrently with the chunk scheduler.
 demo: install
-	for config in example_configs/*.yaml; do \
-	  case $$config in *helm*) key="--values-key finetuning";; *) key="";; esac; \
-	  $(BIN)/finetune validate $$config $$key || exit 1; \
-	done
+	$(BIN)/finetune demo init $(DEMO_DIR)
+	$(BIN)/finetune validate example_configs/sft-lora-grid.yaml
 	$(BIN)/finetune plan example_configs/sft-lora-grid.yaml
+	$(BIN)/finetune run example_configs/sft-lora-grid.yaml
+	$(BIN)/finetune report runs/sft-lora-grid
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DIR) .pytest_cache

@@ -104,6 +104,170 @@ def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None
     console.print(plan_summary(run_plan), highlight=False)
 
 
+ExperimentArg = Annotated[Path, typer.Argument(help="The experiment directory (experiment.output_dir/experiment.name)")]
+
+
+def _experiment_or_exit(experiment: Path) -> Path:
+    if not (experiment / "state.db").is_file():
+        errors.print(f"[red]error:[/] {experiment} is not an experiment directory (no state.db)")
+        raise typer.Exit(EXIT_UNUSABLE)
+    return experiment
+
+
+@app.command()
+def run(
+    config: Annotated[Optional[Path], typer.Argument(help="Config file; omit with --resume EXP")] = None,
+    values_key: ValuesKeyOpt = None,
+    set_: SetOpt = None,
+    resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the experiment in this directory")] = None,
+) -> None:
+    """Train every run of the plan with the chunk scheduler (running it again resumes)."""
+    from finetune.plan.model import RunPlan
+    from finetune.schedule.controller import ExperimentError
+    from finetune.schedule.experiment import run_experiment
+    from finetune.track.report import report_markdown
+
+    if resume is not None:
+        run_plan = RunPlan.model_validate_json((_experiment_or_exit(resume) / "plan.json").read_text())
+    elif config is not None:
+        run_plan = build_plan_or_exit(load_or_exit(config, values_key, set_, False), config, False)
+    else:
+        errors.print("[red]error:[/] give a CONFIG, or --resume EXPERIMENT_DIR")
+        raise typer.Exit(EXIT_UNUSABLE)
+    try:
+        root = run_experiment(run_plan, resume is not None, console)
+    except (ExperimentError, ValueError, RuntimeError) as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+    from rich.markdown import Markdown
+
+    console.print(Markdown(report_markdown(root)))
+    console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False)
+    console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False)
+
+
+@app.command()
+def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated[bool, typer.Option(help="Refresh until interrupted")] = False) -> None:
+    """The runs of an experiment: chunk progress, latest metrics and state."""
+    import time as _time
+
+    from finetune.schedule.display import runs_table
+    from finetune.schedule.store import StateStore
+
+    store = StateStore(_experiment_or_exit(experiment) / "state.db")
+    if as_json:
+        console.print_json(json.dumps([row.__dict__ for row in store.runs()]))
+        return
+    if not watch:
+        console.print(runs_table(store, str(experiment)))
+        return
+    from rich.live import Live
+
+    with Live(runs_table(store, str(experiment)), console=console, refresh_per_second=1) as live:
+        while True:
+            _time.sleep(1)
+            live.update(runs_table(store, str(experiment)))
+
+
+@app.command()
+def report(experiment: ExperimentArg) -> None:
+    """A comparison of the runs: a ranked Markdown table, learning-curve PNGs and the decisions."""
+    from rich.markdown import Markdown
+
+    from finetune.track.report import report_markdown, write_report
+
+    target, plots = write_report(_experiment_or_exit(experiment))
+    console.print(Markdown(report_markdown(experiment)))
+    console.print(f"wrote {target}" + "".join(f", {plot}" for plot in plots), highlight=False)
+
+
+ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True)
+app.add_typer(ctl_app, name="ctl")
+
+
+def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = None) -> None:
+    from finetune.schedule.store import StateStore
+
+    store = StateStore(_experiment_or_exit(experiment) / "state.db")
+    try:
+        store.run(run_id)
+    except KeyError:
+        errors.print(f"[red]error:[/] no run {run_id} in {experiment}")
+        raise typer.Exit(EXIT_INVALID) from None
+    request = store.request(kind, run_id, payload)
+    console.print(f"request {request}: {kind} {run_id}, applied at the next chunk boundary "
+                  "(run `finetune run --resume` if the experiment is not running)", highlight=False)
+
+
+RunIdArg = Annotated[str, typer.Argument(help="Run id (see `finetune status`)")]
+
+
+@ctl_app.command("stop")
+def ctl_stop(experiment: ExperimentArg, run_id: RunIdArg) -> None:
+    """Stop a run after its current chunk (resumable)."""
+    _control(experiment, "stop", run_id)
+
+
+@ctl_app.command("resume")
+def ctl_resume(experiment: ExperimentArg, run_id: RunIdArg) -> None:
+    """Resume a stopped run from its last chunk."""
+    _control(experiment, "resume", run_id)
+
+
+@ctl_app.command("delete")
+def ctl_delete(experiment: ExperimentArg, run_id: RunIdArg) -> None:
+    """Delete a run and its checkpoints."""
+    _control(experiment, "delete", run_id)
+
+
+@ctl_app.command("clone")
+def ctl_clone(
+    experiment: ExperimentArg,
+    run_id: RunIdArg,
+    set_: SetOpt = None,
+    warm_start: Annotated[bool, typer.Option("--warm-start", help="Start from the parent's latest adapter")] = False,
+) -> None:
+    """A new run from RUN with changed values (--set key=value)."""
+    _control(experiment, "clone", run_id, {"set": set_ or [], "warm_start": warm_start})
+
+
+demo_app = typer.Typer(help="The offline demo: a tiny model and data built locally.", no_args_is_help=True)
+app.add_typer(demo_app, name="demo")
+
+
+@demo_app.command("init")
+def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force: bool = False) -> None:
+    """Build a tiny Llama-shaped model, a tokenizer trained on the fly and chat datasets in DIRECTORY."""
+    from finetune.train.demo import init_demo
+
+    with console.status("building the demo model and data..."):
+        root = init_demo(directory, force=force)
+    console.print(f"demo model: {root / 'model'}\ndemo data: {root / 'data'}", highlight=False)
+
+
+data_app = typer.Typer(help="Look at the data as the model will see it.", no_args_is_help=True)
+app.add_typer(data_app, name="data")
+
+
+@data_app.command("preview")
+def data_preview(
+    config: ConfigArg,
+    n: Annotated[int, typer.Option("--n", help="How many examples to show")] = 3,
+    values_key: ValuesKeyOpt = None,
+    set_: SetOpt = None,
+) -> None:
+    """The first examples rendered with the chat template, loss-carrying tokens highlighted, and counts."""
+    from finetune.data.preview import preview
+
+    doc = load_or_exit(config, values_key, set_, False)
+    run_plan = build_plan_or_exit(doc, config, False)
+    try:
+        preview(run_plan.runs[0].config, n, console)
+    except ValueError as error:
+        errors.print(f"[red]error:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_INVALID) from None
+
+
 def _generated_files(generators: dict[Path, Callable[[], str]], check: bool) -> None:
     from finetune.io import write_text_atomic
 

@@ -1,0 +1,83 @@
+"""The scheduling policy: plain Python, no torch, testable alone.
+
+Like a Ray Tune scheduler it sees results and answers: which (run, chunk) a free worker
+takes next, and after each chunk's evaluation whether a run continues or stops
+(asynchronous successive halving, with rungs counted in chunks).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Literal
+
+Decision = Literal["continue", "stop"]
+
+
+@dataclass(frozen=True)
+class RunView:
+    """What the policy knows of a run."""
+
+    run_id: str
+    position: int
+    chunks_done: int
+    total_chunks: int
+    runnable: bool = True
+    base_key: str = ""
+    group: int = 0
+
+
+@dataclass(frozen=True)
+class Task:
+    run_id: str
+    chunk: int
+
+
+def next_task(runs: list[RunView], busy: set[str], resident_keys: set[str]) -> Task | None:
+    """Fewest chunks done first (fair turns); among equals, a run whose base model is already
+    loaded on this worker, then plan order."""
+    candidates = [
+        run for run in runs if run.runnable and run.run_id not in busy and run.chunks_done < run.total_chunks
+    ]
+    if not candidates:
+        return None
+    best = min(candidates, key=lambda run: (run.chunks_done, run.base_key not in resident_keys, run.position))
+    return Task(best.run_id, best.chunks_done)
+
+
+@dataclass
+class SuccessiveHalving:
+    """Asynchronous successive halving over chunks (ASHA, Li et al. 2018).
+
+    Rung k is reached after min_chunks * reduction_factor ** (k + min_early_stopping_rate) chunks.
+    A run that reaches a rung continues only if its metric is in the top 1/reduction_factor of the
+    runs that have reached that rung so far; at least one run always continues.
+    """
+
+    metric: str
+    direction: Literal["minimize", "maximize"]
+    min_chunks: int
+    max_chunks: int
+    reduction_factor: int = 2
+    min_early_stopping_rate: int = 0
+    rung_results: dict[int, dict[str, float]] = field(default_factory=dict)
+
+    def rungs(self) -> list[int]:
+        rungs = []
+        k = self.min_early_stopping_rate
+        while (milestone := self.min_chunks * self.reduction_factor**k) < self.max_chunks:
+            rungs.append(milestone)
+            k += 1
+        return rungs
+
+    def on_result(self, run_id: str, chunks_done: int, metrics: dict[str, float]) -> tuple[Decision, dict]:
+        if chunks_done not in self.rungs() or self.metric not in metrics:
+            return "continue", {}
+        value = metrics[self.metric]
+        rung = self.rung_results.setdefault(chunks_done, {})
+        rung[run_id] = value
+        ordered = sorted(rung.values(), reverse=self.direction == "maximize")
+        keep = max(1, len(ordered) // self.reduction_factor)
+        cutoff = ordered[keep - 1]
+        good = value <= cutoff if self.direction == "minimize" else value >= cutoff
+        detail = {"rung": chunks_done, "metric": self.metric, "value": value, "cutoff": cutoff, "seen": len(ordered)}
+        return ("continue" if good else "stop"), detail

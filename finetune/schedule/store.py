@@ -1,0 +1,174 @@
+"""The experiment's state store: SQLite in the experiment directory.
+
+Everything that must survive a crash lives here: runs, durable chunks, metrics, control
+requests and events. A chunk counts only once its checkpoint is on disk and its row is
+committed here.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Iterator
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY, label TEXT NOT NULL, position INTEGER NOT NULL,
+    state TEXT NOT NULL DEFAULT 'pending', total_chunks INTEGER NOT NULL,
+    parent_run_id TEXT, error TEXT, mlflow_run_id TEXT
+);
+CREATE TABLE IF NOT EXISTS chunks (
+    run_id TEXT NOT NULL, chunk INTEGER NOT NULL, global_step INTEGER NOT NULL,
+    checkpoint TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL, finished_at REAL NOT NULL,
+    PRIMARY KEY (run_id, chunk)
+);
+CREATE TABLE IF NOT EXISTS metrics (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS requests (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, run_id TEXT NOT NULL,
+    payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending', created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS events (
+    id INTEGER PRIMARY KEY AUTOINCREMENT, at REAL NOT NULL, run_id TEXT, kind TEXT NOT NULL, detail TEXT NOT NULL
+);
+"""
+
+ACTIVE_STATES = ("pending", "running")
+RUN_STATES = ("pending", "running", "stopped", "completed", "failed", "deleted")
+
+
+@dataclass(frozen=True)
+class RunRow:
+    run_id: str
+    label: str
+    position: int
+    state: str
+    total_chunks: int
+    chunks_done: int
+    last_checkpoint: str | None
+    latest_metrics: dict[str, float]
+    parent_run_id: str | None
+    error: str | None
+    mlflow_run_id: str | None
+
+
+class StateStore:
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._db.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._db
+            self._db.execute("COMMIT")
+        except BaseException:
+            self._db.execute("ROLLBACK")
+            raise
+
+    # ------------------------------------------------------------ runs
+
+    def add_run(self, run_id: str, label: str, total_chunks: int, parent_run_id: str | None = None) -> None:
+        with self.transaction() as db:
+            position = db.execute("SELECT COALESCE(MAX(position), -1) + 1 FROM runs").fetchone()[0]
+            db.execute(
+                "INSERT OR IGNORE INTO runs (run_id, label, position, total_chunks, parent_run_id) VALUES (?, ?, ?, ?, ?)",
+                (run_id, label, position, total_chunks, parent_run_id),
+            )
+
+    def set_state(self, run_id: str, state: str, error: str | None = None) -> None:
+        assert state in RUN_STATES, state
+        self._db.execute("UPDATE runs SET state = ?, error = COALESCE(?, error) WHERE run_id = ?", (state, error, run_id))
+
+    def set_mlflow_run(self, run_id: str, mlflow_run_id: str) -> None:
+        self._db.execute("UPDATE runs SET mlflow_run_id = ? WHERE run_id = ?", (mlflow_run_id, run_id))
+
+    def runs(self) -> list[RunRow]:
+        rows = self._db.execute(
+            "SELECT run_id, label, position, state, total_chunks, parent_run_id, error, mlflow_run_id FROM runs ORDER BY position"
+        ).fetchall()
+        result = []
+        for run_id, label, position, state, total, parent, error, mlflow_id in rows:
+            last = self._db.execute(
+                "SELECT chunk, checkpoint, metrics FROM chunks WHERE run_id = ? ORDER BY chunk DESC LIMIT 1", (run_id,)
+            ).fetchone()
+            done = self._db.execute("SELECT COUNT(*) FROM chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
+            result.append(
+                RunRow(run_id, label, position, state, total, done, last[1] if last else None,
+                       json.loads(last[2]) if last else {}, parent, error, mlflow_id)
+            )
+        return result
+
+    def run(self, run_id: str) -> RunRow:
+        for row in self.runs():
+            if row.run_id == run_id:
+                return row
+        raise KeyError(run_id)
+
+    # ------------------------------------------------------------ chunks and metrics
+
+    def record_chunk(self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float) -> None:
+        """Make a chunk durable; its checkpoint must already be complete on disk."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
+                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, time.time()),
+            )
+
+    def chunk_rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        query = "SELECT run_id, chunk, global_step, checkpoint, metrics, seconds, finished_at FROM chunks"
+        rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
+        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "finished_at")
+        return [dict(zip(keys, row)) | {"metrics": json.loads(row[4])} for row in rows]
+
+    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        self._db.executemany(
+            "INSERT INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
+        )
+
+    def metric_series(self, name: str) -> dict[str, list[tuple[int, float]]]:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for run_id, step, value in self._db.execute(
+            "SELECT run_id, step, value FROM metrics WHERE name = ? ORDER BY rowid", (name,)
+        ):
+            series.setdefault(run_id, []).append((step, value))
+        return series
+
+    # ------------------------------------------------------------ control requests and events
+
+    def request(self, kind: str, run_id: str, payload: dict[str, Any] | None = None) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO requests (kind, run_id, payload, created_at) VALUES (?, ?, ?, ?)",
+            (kind, run_id, json.dumps(payload or {}), time.time()),
+        )
+        return int(cursor.lastrowid)
+
+    def pending_requests(self) -> list[tuple[int, str, str, dict[str, Any]]]:
+        rows = self._db.execute("SELECT id, kind, run_id, payload FROM requests WHERE status = 'pending' ORDER BY id")
+        return [(row[0], row[1], row[2], json.loads(row[3])) for row in rows.fetchall()]
+
+    def finish_request(self, request_id: int, status: str) -> None:
+        self._db.execute("UPDATE requests SET status = ? WHERE id = ?", (status, request_id))
+
+    def event(self, kind: str, run_id: str | None = None, **detail: Any) -> None:
+        self._db.execute(
+            "INSERT INTO events (at, run_id, kind, detail) VALUES (?, ?, ?, ?)",
+            (time.time(), run_id, kind, json.dumps(detail, default=str)),
+        )
+
+    def events(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT at, run_id, kind, detail FROM events ORDER BY id").fetchall()
+        return [{"at": at, "run_id": run_id, "kind": kind, **json.loads(detail)} for at, run_id, kind, detail in rows]

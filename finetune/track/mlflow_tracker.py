@@ -1,0 +1,86 @@
+"""MLflow tracking: one parent run per experiment, one child run per config run.
+
+Uses `MlflowClient` with explicit run ids (no global active run), so one controller can log
+for many runs at once. Without a `tracking` section the store is a SQLite file in the
+experiment directory (or `MLFLOW_TRACKING_URI` when set, as the Helm chart does).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from finetune.plan.model import PlannedRun
+
+MAX_PARAM_LENGTH = 500
+
+
+def tracking_uri(tracking: Any, experiment_dir: Path) -> str:
+    if tracking is not None:
+        return tracking.mlflow_server_uri
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(experiment_dir / 'mlflow.db').resolve()}"
+
+
+def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
+    if isinstance(tree, dict):
+        items: dict[str, str] = {}
+        for key, value in tree.items():
+            items.update(flatten(value, f"{prefix}.{key}" if prefix else str(key)))
+        return items
+    return {prefix: str(tree)[:MAX_PARAM_LENGTH]}
+
+
+class Tracker:
+    def __init__(self, uri: str, experiment_name: str, artifact_dir: Path, parent_run_name: str | None = None) -> None:
+        from mlflow.tracking import MlflowClient
+
+        self.uri = uri
+        self.client = MlflowClient(tracking_uri=uri)
+        experiment = self.client.get_experiment_by_name(experiment_name)
+        if experiment is None:
+            location = artifact_dir.resolve().as_uri() if "://" not in uri or uri.startswith("sqlite") else None
+            self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
+        else:
+            self.experiment_id = experiment.experiment_id
+        self.parent_run_name = parent_run_name or experiment_name
+
+    def parent_run(self, existing: str | None) -> str:
+        if existing:
+            return existing
+        run = self.client.create_run(self.experiment_id, run_name=self.parent_run_name, tags={"finetune.role": "experiment"})
+        return run.info.run_id
+
+    def child_run(self, parent_id: str, run: PlannedRun) -> str:
+        from mlflow.entities import Param
+
+        child = self.client.create_run(
+            self.experiment_id,
+            run_name=f"{run.run_id} {run.label}",
+            tags={"mlflow.parentRunId": parent_id, "finetune.run_id": run.run_id, "finetune.label": run.label},
+        )
+        params = {f"knob.{k}": str(v)[:MAX_PARAM_LENGTH] for k, v in run.knobs.items()}
+        params.update(flatten(run.config, "config"))
+        params.update(flatten(run.derived.model_dump(), "derived"))
+        entries = [Param(key, value) for key, value in params.items()]
+        for start in range(0, len(entries), 100):
+            self.client.log_batch(child.info.run_id, params=entries[start : start + 100])
+        return child.info.run_id
+
+    def log_metrics(self, mlflow_run_id: str, step: int, metrics: dict[str, float]) -> None:
+        import time
+
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        batch = [Metric(name, value, now, step) for name, value in metrics.items()]
+        self.client.log_batch(mlflow_run_id, metrics=batch)
+
+    def tag(self, mlflow_run_id: str, key: str, value: str) -> None:
+        self.client.set_tag(mlflow_run_id, key, value)
+
+    def log_artifacts(self, mlflow_run_id: str, directory: str) -> None:
+        self.client.log_artifacts(mlflow_run_id, directory, artifact_path=Path(directory).name)
+
+    def finish(self, mlflow_run_id: str, status: str = "FINISHED") -> None:
+        self.client.set_terminated(mlflow_run_id, status=status)

@@ -1,0 +1,86 @@
+"""`finetune report`: a Markdown comparison of the runs, learning curves as PNG, and the SHA decisions."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from finetune.io import write_text_atomic
+from finetune.plan.model import RunPlan
+from finetune.schedule.store import StateStore
+
+
+def ranking_metric(plan: RunPlan) -> tuple[str, str]:
+    for sweep in plan.sweeps:
+        if sweep.get("strategy") == "successive_halving":
+            return sweep.get("metric", "eval_loss"), sweep.get("direction", "minimize")
+    return "eval_loss", "minimize"
+
+
+def report_markdown(root: Path) -> str:
+    plan = RunPlan.model_validate_json((root / "plan.json").read_text())
+    store = StateStore(root / "state.db")
+    metric, direction = ranking_metric(plan)
+    rows = store.runs()
+    missing = float("inf") if direction == "minimize" else float("-inf")
+    ranked = sorted(rows, key=lambda row: row.latest_metrics.get(metric, missing), reverse=direction == "maximize")
+    lines = [
+        f"# {plan.experiment}",
+        "",
+        f"Ranked by `{metric}` ({direction}), latest evaluation of each run.",
+        "",
+        f"| rank | run | label | state | chunks | {metric} |",
+        "|---|---|---|---|---|---|",
+    ]
+    for rank, row in enumerate(ranked, start=1):
+        value = row.latest_metrics.get(metric)
+        shown = f"{value:.4f}" if value is not None else ""
+        lines.append(f"| {rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
+    decisions = [event for event in store.events() if event["kind"].startswith("sha_") or event["kind"].startswith("ctl_")]
+    if decisions:
+        lines += ["", "## Decisions", "", "| run | decision | detail |", "|---|---|---|"]
+        for event in decisions:
+            detail = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("at", "run_id", "kind"))
+            lines.append(f"| `{event['run_id']}` | {event['kind']} | {detail} |")
+    store.close()
+    return "\n".join(lines) + "\n"
+
+
+def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss")) -> list[Path]:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    store = StateStore(root / "state.db")
+    labels = {row.run_id: row.label for row in store.runs()}
+    written = []
+    for name in names:
+        series = store.metric_series(name)
+        if not series:
+            continue
+        figure, axes = plt.subplots(figsize=(8, 5))
+        for run_id, points in series.items():
+            steps, values = zip(*points)
+            axes.plot(steps, values, marker="o" if name.startswith("eval") else None, label=f"{run_id} {labels.get(run_id, '')}")
+        axes.set_xlabel("optimizer step")
+        axes.set_ylabel(name)
+        axes.set_title(f"{root.name}: {name}")
+        axes.legend(fontsize="small")
+        target = root / f"{name}.png"
+        tmp = root / f".{name}.tmp.png"
+        figure.savefig(tmp, dpi=100)
+        plt.close(figure)
+        tmp.replace(target)
+        written.append(target)
+    store.close()
+    return written
+
+
+def write_report(root: Path) -> tuple[Path, list[Path]]:
+    target = root / "report.md"
+    text = report_markdown(root)
+    plots = plot_curves(root)
+    if plots:
+        text += "\n" + "\n".join(f"![{path.stem}]({path.name})" for path in plots) + "\n"
+    write_text_atomic(target, text)
+    return target, plots

@@ -27,3 +27,18 @@ BASE_SFT: dict[str, Any] = {
 @pytest.fixture
 def base_config() -> dict[str, Any]:
     return copy.deepcopy(BASE_SFT)
+
+
+@pytest.fixture(scope="session")
+def demo_dir(tmp_path_factory) -> Path:
+    """The offline demo (tiny model, tokenizer trained on the fly, chat data), built once per session."""
+    from finetune.train.demo import init_demo
+
+    return init_demo(tmp_path_factory.mktemp("demo"))
+
+
+@pytest.fixture
+def demo_tokenizer(demo_dir):
+    from transformers import AutoTokenizer
+
+    return AutoTokenizer.from_pretrained(demo_dir / "model")

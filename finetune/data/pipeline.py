@@ -236,9 +236,9 @@ def prepare_data(config: Any, tokenizer: Any, cache_dir: Path | None = None) -> 
     stats = DataStats()
     cached = cache_dir / f"data-{data_cache_key(config, tokenizer)}" if cache_dir else None
     if cached is not None and (cached / "stats.json").is_file():
-        loaded = datasets.load_from_disk(str(cached))
         stats = DataStats(**json.loads((cached / "stats.json").read_text()))
-        return PreparedData(loaded["train"], loaded["eval"] if len(loaded["eval"]) else None, stats)
+        evaluation = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").is_dir() else None
+        return PreparedData(datasets.load_from_disk(str(cached / "train")), evaluation, stats)
     train, evaluation = build_examples(config, tokenizer, stats)
     train_set = datasets.Dataset.from_list(train)
     eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
@@ -250,11 +250,10 @@ def prepare_data(config: Any, tokenizer: Any, cache_dir: Path | None = None) -> 
 def _save_atomically(target: Path, train: Any, evaluation: Any, stats: DataStats) -> None:
     import shutil
 
-    import datasets
-
     tmp = target.with_name(f".{target.name}.{random.getrandbits(32):08x}")
-    empty = train.select([])
-    datasets.DatasetDict({"train": train, "eval": evaluation if evaluation is not None else empty}).save_to_disk(str(tmp))
+    train.save_to_disk(str(tmp / "train"))
+    if evaluation is not None:
+        evaluation.save_to_disk(str(tmp / "eval"))
     (tmp / "stats.json").write_text(json.dumps(stats.__dict__))
     try:
         tmp.rename(target)

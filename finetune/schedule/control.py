@@ -63,6 +63,17 @@ def _with_parents(tree: dict[str, Any], path: tuple) -> dict[str, Any]:
     return tree
 
 
+def _keep_warm_start(root: Any, row: Any) -> str:
+    """Copy the parent's latest checkpoint where chunk clean-up will not delete it."""
+    target = (root / "warm-starts" / f"{row.run_id}-chunk{row.chunks_done}").resolve()
+    if not target.is_dir():
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        shutil.copytree(row.last_checkpoint, tmp)
+        tmp.rename(target)
+    return str(target)
+
+
 def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
     parent = controller._planned(row.run_id)
     warm = bool(payload.get("warm_start"))
@@ -70,8 +81,9 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
         return "rejected: warm start needs a finished chunk of the parent"
     if warm and parent.config.get("peft_conf", {}).get("peft_type") == "NO_PEFT":
         return "rejected: warm start copies an adapter; the parent has none"
+    warm_from = _keep_warm_start(controller.root, row) if warm else None
     try:
-        config = clone_config(parent, list(payload.get("set", [])), row.last_checkpoint if warm else None)
+        config = clone_config(parent, list(payload.get("set", [])), warm_from)
     except ConfigLoadError as error:
         return f"rejected: {error}"
     validated, issues = validate_concrete(config, lambda path: "--set")  # type: ignore[arg-type,return-value]

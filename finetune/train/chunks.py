@@ -133,8 +133,6 @@ def train_chunk(
         metrics: dict[str, float] = {}
         if evaluation is not None and config.method != "grpo":
             metrics = {k: float(v) for k, v in trainer.evaluate().items() if isinstance(v, (int, float))}
-            if sink is not None:
-                sink(run.run_id, stop_step, metrics)
         checkpoint = run_dir / f"checkpoint-{stop_step}"
         final = None
         if chunk == len(run.derived.chunk_steps or []) - 1:

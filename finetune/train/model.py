@@ -77,5 +77,11 @@ def load_base_model(config: Any, tokenizer_size: int, device: str = "cpu") -> An
     check_quantization(config)
     model = AutoModelForCausalLM.from_pretrained(config.run_conf.model, **model_kwargs(config, device))
     if tokenizer_size > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(tokenizer_size, mean_resizing=True)
+        import torch
+
+        # The new rows are sampled; a fixed seed gives every worker process the same base model,
+        # so a run resumed elsewhere (after a crash) continues on the same weights.
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(0)
+            model.resize_token_embeddings(tokenizer_size, mean_resizing=True)
     return model

@@ -46,8 +46,6 @@ def trl_arguments(config: Any, derived: Derived, output_dir: Path, device: str) 
         values.update(max_length=None, dataset_kwargs={"skip_prepare_dataset": True})
     elif config.method == "dpo":
         values["max_length"] = config.dpo_args.max_seq_length
-    else:
-        values["max_prompt_length"] = config.grpo_args.max_prompt_length
     return getattr(trl, TRL_CONFIG_CLASSES[config.method])(**values)
 
 

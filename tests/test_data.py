@@ -1,0 +1,184 @@
+"""The data pipeline on a tokenizer built locally: templates, masks, pad strategies, mixing, errors."""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from types import SimpleNamespace
+
+import pytest
+
+from finetune.data.collator import ChatCollator
+from finetune.data.mixing import auto_split_indices, weighted_mix_order
+from finetune.data.pipeline import IGNORE_INDEX, input_pad_token_id, prepare_tokenizer, tokenize_conversation
+from finetune.data.readers import DataError, read_records
+from finetune.data.templates import TemplateError, install_template, load_template
+
+CONVERSATION = [
+    {"role": "system", "content": "Be brief."},
+    {"role": "user", "content": "What is 2 plus 3?"},
+    {"role": "assistant", "content": "2 plus 3 is 5."},
+    {"role": "user", "content": "And 1 plus 1?"},
+    {"role": "assistant", "content": "2."},
+]
+
+EXPECTED = {
+    "chat-ml": (
+        "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nWhat is 2 plus 3?<|im_end|>\n"
+        "<|im_start|>assistant\n2 plus 3 is 5.<|im_end|>\n<|im_start|>user\nAnd 1 plus 1?<|im_end|>\n"
+        "<|im_start|>assistant\n2.<|im_end|>\n",
+        "2 plus 3 is 5.<|im_end|>2.<|im_end|>",
+    ),
+    "mistral-with-system": (
+        "<s><<SYS>>\nBe brief.\n<</SYS>>\n[INST] What is 2 plus 3? [/INST]2 plus 3 is 5.</s> [INST] And 1 plus 1? [/INST]2.</s> ",
+        "2 plus 3 is 5.</s>2.</s>",
+    ),
+    "poro": (
+        "<|system|>\nBe brief.</s><|user|>\nWhat is 2 plus 3?</s><|assistant|>\n2 plus 3 is 5.</s>"
+        "<|user|>\nAnd 1 plus 1?</s><|assistant|>\n2.</s>",
+        "2 plus 3 is 5.</s>2.</s>",
+    ),
+    "simplified-llama31": (
+        "<s><|start_header_id|>system<|end_header_id|>\n\nBe brief.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nWhat is 2 plus 3?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n2 plus 3 is 5.<|eot_id|>"
+        "<|start_header_id|>user<|end_header_id|>\n\nAnd 1 plus 1?<|eot_id|>"
+        "<|start_header_id|>assistant<|end_header_id|>\n\n2.<|eot_id|>",
+        "2 plus 3 is 5.<|eot_id|>2.<|eot_id|>",
+    ),
+}
+
+
+def data_conf(**values):
+    defaults = {"chat_template_name": "chat-ml", "missing_pad_token_strategy": "bos-repurpose", "padding_side": "right"}
+    return SimpleNamespace(**{**defaults, **values})
+
+
+@pytest.mark.parametrize("name", sorted(EXPECTED))
+def test_template_renders_and_masks_exactly(demo_tokenizer, name) -> None:
+    added = install_template(load_template(name, demo_tokenizer), demo_tokenizer)
+    text, loss_text = EXPECTED[name]
+    assert demo_tokenizer.apply_chat_template(CONVERSATION, tokenize=False) == text
+    example = tokenize_conversation(demo_tokenizer, CONVERSATION, completions_only=True)
+    kept = [token for token, label in zip(example["input_ids"], example["labels"]) if label != IGNORE_INDEX]
+    assert demo_tokenizer.decode(kept) == loss_text
+    masked = [label for label in example["labels"] if label == IGNORE_INDEX]
+    assert len(masked) + len(kept) == len(example["input_ids"])
+    assert all(token in demo_tokenizer.get_vocab() for token in load_template(name, demo_tokenizer).special_tokens)
+    assert added == len(load_template(name, demo_tokenizer).special_tokens)
+    assert demo_tokenizer.convert_tokens_to_ids("<s>") not in example["input_ids"][1:], "no double BOS"
+
+
+def test_without_completions_only_every_token_carries_loss(demo_tokenizer) -> None:
+    install_template(load_template("chat-ml", demo_tokenizer), demo_tokenizer)
+    example = tokenize_conversation(demo_tokenizer, CONVERSATION, completions_only=False)
+    assert example["labels"] == example["input_ids"]
+
+
+def test_keep_original_without_a_template_is_a_clear_error(demo_tokenizer) -> None:
+    demo_tokenizer.chat_template = None
+    with pytest.raises(TemplateError, match="has no chat template"):
+        load_template("keep-original", demo_tokenizer)
+
+
+@pytest.mark.parametrize(
+    "strategy,token",
+    [("eos-repurpose", "</s>"), ("bos-repurpose", "<s>"), ("unk-repurpose", "<unk>"), ("unk-convert-to-eos", "<unk>")],
+)
+def test_pad_strategies(demo_tokenizer, strategy, token) -> None:
+    assert demo_tokenizer.pad_token is None
+    prepare_tokenizer(demo_tokenizer, data_conf(missing_pad_token_strategy=strategy))
+    assert demo_tokenizer.pad_token == token
+    pad_in = input_pad_token_id(demo_tokenizer, data_conf(missing_pad_token_strategy=strategy))
+    expected_in = demo_tokenizer.eos_token_id if strategy == "unk-convert-to-eos" else demo_tokenizer.convert_tokens_to_ids(token)
+    assert pad_in == expected_in
+    batch = ChatCollator(pad_in, "right")([{"input_ids": [5, 6, 7], "labels": [-100, 6, 7]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, expected_in, expected_in]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+
+
+def test_left_padding(demo_tokenizer) -> None:
+    batch = ChatCollator(0, "left")([{"input_ids": [5, 6], "labels": [5, 6]}, {"input_ids": [8], "labels": [8]}])
+    assert batch["input_ids"].tolist() == [[5, 6], [0, 8]]
+    assert batch["labels"].tolist() == [[5, 6], [-100, 8]]
+
+
+def test_weighted_mix_draws_everything_and_follows_weights() -> None:
+    sizes, weights = [50, 400], [1.0, 3.0]
+    draws = weighted_mix_order(sizes, weights, seed=7)
+    for dataset, size in enumerate(sizes):
+        assert {index for d, index in draws if d == dataset} == set(range(size))
+    counts = Counter(dataset for dataset, _ in draws)
+    share = counts[1] / len(draws)
+    assert 0.70 < share < 0.80  # 3:1 weights -> 0.75
+    assert weighted_mix_order(sizes, weights, seed=7) == draws
+
+
+def test_equal_weights_alternate_and_zero_weight_is_skipped() -> None:
+    assert [d for d, _ in weighted_mix_order([2, 2], [1.0, 1.0], 1)] == [0, 1, 0, 1]
+    assert {d for d, _ in weighted_mix_order([3, 5], [1.0, 0.0], 1)} == {0}
+
+
+def test_auto_split_is_reproducible_and_disjoint() -> None:
+    train, valid = auto_split_indices(100, 0.2, seed=5)
+    assert (train, valid) == auto_split_indices(100, 0.2, seed=5)
+    assert len(valid) == 20 and not set(train) & set(valid) and set(train) | set(valid) == set(range(100))
+    assert auto_split_indices(100, 0.2, seed=6) != (train, valid)
+
+
+GOOD = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+MALFORMED = [
+    ("not json", "{not json", "not valid JSON"),
+    ("a list", "[1, 2]", "must be a JSON object"),
+    ("missing messages", json.dumps({"text": "x"}), "missing key 'messages'"),
+    ("messages not a list", json.dumps({"messages": "hi"}), "non-empty list"),
+    ("empty messages", json.dumps({"messages": []}), "non-empty list"),
+    ("bad role", json.dumps({"messages": [{"role": "bot", "content": "x"}]}), "role is 'bot'"),
+    ("empty content", json.dumps({"messages": [{"role": "user", "content": " "}, {"role": "assistant", "content": "x"}]}), "content is empty"),
+    ("content not text", json.dumps({"messages": [{"role": "user", "content": 3}]}), "must be a string"),
+    ("no assistant", json.dumps({"messages": [{"role": "user", "content": "x"}]}), "no assistant message"),
+    ("unknown message key", json.dumps({"messages": [{"role": "user", "content": "x", "name": "a"}]}), "unknown key"),
+    ("message not an object", json.dumps({"messages": ["hi"]}), "must be an object"),
+]
+
+
+@pytest.mark.parametrize("name,line,words", MALFORMED, ids=[case[0] for case in MALFORMED])
+def test_malformed_sft_line_names_file_and_line(tmp_path, name, line, words) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n\n" + json.dumps(GOOD) + "\n" + line + "\n")
+    with pytest.raises(DataError) as caught:
+        read_records(path, "sft")
+    assert caught.value.line == 4
+    assert str(caught.value).startswith(f"{path}:4:") and words in str(caught.value)
+
+
+@pytest.mark.parametrize(
+    "method,record,words",
+    [
+        ("dpo", {"prompt_messages": [{"role": "user", "content": "q"}], "chosen_messages": [{"role": "assistant", "content": "a"}]}, "rejected_messages"),
+        ("dpo", {"prompt_messages": [{"role": "assistant", "content": "q"}], "chosen_messages": [{"role": "assistant", "content": "a"}], "rejected_messages": [{"role": "assistant", "content": "b"}]}, "must be from the user"),
+        ("grpo", {"prompt_messages": [{"role": "user", "content": "q"}], "prompt": "x"}, "reserved"),
+        ("grpo", {"question": "q"}, "missing key 'prompt_messages'"),
+    ],
+)
+def test_malformed_preference_and_prompt_records(tmp_path, method, record, words) -> None:
+    path = tmp_path / "data.jsonl"
+    path.write_text(json.dumps(record) + "\n")
+    with pytest.raises(DataError, match=words):
+        read_records(path, method)
+
+
+def test_empty_and_missing_files(tmp_path) -> None:
+    (tmp_path / "empty.jsonl").write_text("\n")
+    with pytest.raises(DataError, match="empty"):
+        read_records(tmp_path / "empty.jsonl", "sft")
+    with pytest.raises(DataError, match="no such file"):
+        read_records(tmp_path / "nope.jsonl", "sft")
+
+
+def test_save_to_disk_directory_is_read_and_checked(tmp_path) -> None:
+    import datasets
+
+    datasets.Dataset.from_list([GOOD, GOOD]).save_to_disk(str(tmp_path / "saved"))
+    assert len(read_records(tmp_path / "saved", "sft")) == 2

@@ -1,0 +1,60 @@
+"""The scheduling policy alone: fairness, affinity, successive-halving rungs."""
+
+from __future__ import annotations
+
+from finetune.schedule.policy import RunView, SuccessiveHalving, next_task
+
+
+def views(done: list[int], total: int = 4, keys: list[str] | None = None) -> list[RunView]:
+    keys = keys or ["a"] * len(done)
+    return [RunView(f"r{i}", i, d, total, True, keys[i]) for i, d in enumerate(done)]
+
+
+def test_fewest_chunks_first_then_plan_order() -> None:
+    assert next_task(views([2, 1, 1, 3]), set(), {"a"}).run_id == "r1"
+    assert next_task(views([2, 1, 1, 3]), {"r1"}, {"a"}).run_id == "r2"
+
+
+def test_round_robin_gives_every_run_a_first_chunk_before_any_second() -> None:
+    done = [0, 0, 0, 0]
+    order = []
+    for _ in range(8):
+        task = next_task(views(done), set(), {"a"})
+        order.append(task.run_id)
+        done[int(task.run_id[1:])] += 1
+    assert order[:4] == ["r0", "r1", "r2", "r3"] and sorted(order[4:]) == ["r0", "r1", "r2", "r3"]
+
+
+def test_affinity_prefers_a_resident_base_among_equals() -> None:
+    runs = views([1, 1, 0], keys=["m1", "m2", "m2"])
+    assert next_task(runs, set(), {"m1"}).run_id == "r2"  # fewest chunks still wins
+    runs = views([1, 1], keys=["m1", "m2"])
+    assert next_task(runs, set(), {"m2"}).run_id == "r1"
+
+
+def test_stopped_busy_and_finished_runs_are_skipped() -> None:
+    runs = [RunView("a", 0, 0, 2, runnable=False), RunView("b", 1, 2, 2), RunView("c", 2, 1, 2)]
+    assert next_task(runs, {"c"}, set()) is None
+    assert next_task(runs, set(), set()).chunk == 1
+
+
+def test_rungs_by_hand() -> None:
+    assert SuccessiveHalving("m", "minimize", min_chunks=1, max_chunks=8).rungs() == [1, 2, 4]
+    assert SuccessiveHalving("m", "minimize", min_chunks=1, max_chunks=9, reduction_factor=3).rungs() == [1, 3]
+    assert SuccessiveHalving("m", "minimize", 1, 8, min_early_stopping_rate=1).rungs() == [2, 4]
+
+
+def test_asha_keeps_the_top_fraction_at_each_rung() -> None:
+    sha = SuccessiveHalving("eval_loss", "minimize", min_chunks=1, max_chunks=4)
+    decisions = [sha.on_result(run, 1, {"eval_loss": loss})[0] for run, loss in [("a", 3.0), ("b", 2.0), ("c", 4.0), ("d", 1.0)]]
+    # a: alone -> continue; b: best of 2 -> continue; c: 3 seen, keep 1 -> stop; d: best of 4 -> continue
+    assert decisions == ["continue", "continue", "stop", "continue"]
+    assert sha.on_result("a", 2, {"eval_loss": 1.5}) == ("continue", {"rung": 2, "metric": "eval_loss", "value": 1.5, "cutoff": 1.5, "seen": 1})
+    assert sha.on_result("b", 2, {"eval_loss": 1.7})[0] == "stop"
+    assert sha.on_result("b", 3, {"eval_loss": 9.0})[0] == "continue"  # not a rung
+
+
+def test_asha_maximize() -> None:
+    sha = SuccessiveHalving("reward", "maximize", min_chunks=1, max_chunks=2)
+    assert sha.on_result("a", 1, {"reward": 0.1})[0] == "continue"
+    assert sha.on_result("b", 1, {"reward": 0.0})[0] == "stop"

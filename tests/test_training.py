@@ -1,0 +1,219 @@
+"""Real training on the CPU with the demo model: sweeps, methods, tracking, chunk equivalence, crash-resume, control."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import EXAMPLES
+
+pytestmark = pytest.mark.slow
+FINETUNE = [sys.executable, "-m", "finetune.cli"]
+
+
+def demo_config(tmp_path: Path, demo_dir: Path, example: str, name: str) -> Path:
+    text = (EXAMPLES / example).read_text().replace("demo/", f"{demo_dir}/")
+    path = tmp_path / f"{name}.yaml"
+    path.write_text(text)
+    return path
+
+
+def finetune(tmp_path: Path, *args: str, check: bool = True) -> subprocess.CompletedProcess[str]:
+    result = subprocess.run([*FINETUNE, *args], cwd=tmp_path, capture_output=True, text=True, timeout=600)
+    if check:
+        assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    return result
+
+
+def small(name: str, steps: int = 8, chunks: int = 4) -> list[str]:
+    return ["--set", f"experiment.name={name}", "--set", f"training_args.max_steps={steps}", "--set", f"experiment.num_chunks={chunks}"]
+
+
+def chunk_rows(root: Path) -> list[tuple[str, int]]:
+    with sqlite3.connect(root / "state.db") as db:
+        return db.execute("SELECT run_id, chunk FROM chunks ORDER BY run_id, chunk").fetchall()
+
+
+def states(root: Path) -> dict[str, str]:
+    with sqlite3.connect(root / "state.db") as db:
+        return dict(db.execute("SELECT run_id, state FROM runs").fetchall())
+
+
+def generate_from(final: Path) -> str:
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(final)
+    loader = AutoPeftModelForCausalLM if (final / "adapter_config.json").is_file() else AutoModelForCausalLM
+    model = loader.from_pretrained(final)
+    prompt = tokenizer.apply_chat_template([{"role": "user", "content": "What is 1 plus 2?"}], tokenize=False, add_generation_prompt=True)
+    inputs = tokenizer(prompt, return_tensors="pt", add_special_tokens=False)
+    output = model.generate(**inputs, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    assert output.shape[1] > inputs["input_ids"].shape[1]
+    return tokenizer.decode(output[0])
+
+
+def test_sweep_trains_every_run_and_tracks_in_mlflow(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "grid")
+    result = finetune(tmp_path, "run", str(config), *small("grid"))
+    assert "Ranked by eval_loss" in result.stdout
+    root = tmp_path / "runs" / "grid"
+    assert set(states(root).values()) == {"completed"} and len(states(root)) == 4
+    assert len(chunk_rows(root)) == 16
+    finals = sorted(root.glob("runs/*/checkpoint-final"))
+    assert len(finals) == 4
+    generate_from(finals[0])
+    assert (finals[0].parent / "checkpoint-new-basemodel" / "config.json").is_file()
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{root / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("grid")
+    runs = client.search_runs([experiment.experiment_id])
+    parents = [run for run in runs if run.data.tags.get("finetune.role") == "experiment"]
+    children = [run for run in runs if run.data.tags.get("mlflow.parentRunId") == parents[0].info.run_id]
+    assert len(parents) == 1 and len(children) == 4
+    child = children[0]
+    assert "knob.peft_conf.peft_kwargs.r" in child.data.params and "config.training_args.learning_rate" in child.data.params
+    assert {"loss", "eval_loss"} <= set(child.data.metrics)
+    assert len(client.get_metric_history(child.info.run_id, "eval_loss")) == 4
+
+    report = finetune(tmp_path, "report", str(root))
+    assert (root / "report.md").is_file() and (root / "loss.png").is_file() and (root / "eval_loss.png").is_file()
+    status = finetune(tmp_path, "status", str(root))
+    assert "4/4" in status.stdout and "completed" in status.stdout
+
+
+@pytest.mark.parametrize(
+    "example,extra",
+    [
+        ("sft-lora-grid.yaml", ["--set", "peft_conf={peft_type: NO_PEFT}", "--set", "training_args.learning_rate=1e-3"]),
+        ("dpo.yaml", ["--set", "training_args.beta=0.1"]),
+        ("grpo.yaml", []),
+    ],
+    ids=["full-sft", "dpo", "grpo"],
+)
+def test_each_method_trains_and_its_checkpoint_generates(tmp_path, demo_dir, example, extra) -> None:
+    config = demo_config(tmp_path, demo_dir, example, "method")
+    finetune(tmp_path, "run", str(config), *small("method", steps=2, chunks=2), *extra)
+    finals = sorted((tmp_path / "runs" / "method").glob("runs/*/checkpoint-final"))
+    assert finals
+    generate_from(finals[0])
+
+
+def test_quantization_without_cuda_is_a_clear_error(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "quant")
+    result = finetune(tmp_path, "run", str(config), "--set", "quant_conf={quantization_type: bits-and-bytes, load_in_4bit: true}", check=False)
+    assert result.returncode == 1
+    assert "needs a CUDA device" in result.stderr
+    assert not (tmp_path / "runs" / "sft-lora-grid" / "state.db").exists()
+
+
+def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(tmp_path, demo_dir) -> None:
+    import torch
+    from safetensors.torch import load_file
+
+    from finetune.config.loading import load_document
+    from finetune.config.validation import CONFIG_ADAPTER
+    from finetune.plan.build import build_plan
+    from finetune.train.chunks import load_resident, train_chunk
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "eq")
+    plan = build_plan(load_document(config, overrides=["peft_conf.peft_kwargs.lora_dropout=0.1", "training_args.max_steps=12"]))
+    run, *others = plan.runs
+    resident = load_resident(CONFIG_ADAPTER.validate_python(run.config), "cpu")
+
+    def train(chunks: list[int], directory: str, interleave: bool) -> dict:
+        target = run.model_copy(deep=True)
+        target.derived.chunk_steps = chunks
+        resume, other_resume = None, [None] * len(others)
+        for chunk in range(len(chunks)):
+            resume = train_chunk(target, chunk, resume, resident, tmp_path / directory, tmp_path / "cache", "cpu", 8).checkpoint
+            for index, other in enumerate(others if interleave else []):
+                other = other.model_copy(deep=True)
+                other.derived.chunk_steps = [3, 3, 3, 3]
+                other_resume[index] = train_chunk(other, chunk, other_resume[index], resident, tmp_path / f"o{index}", tmp_path / "cache", "cpu", 8).checkpoint
+        return load_file(tmp_path / directory / "checkpoint-final" / "adapter_model.safetensors")
+
+    straight = train([12], "straight", interleave=False)
+    chunked = train([3, 3, 3, 3], "chunked", interleave=True)
+    assert straight.keys() == chunked.keys()
+    assert all(torch.equal(straight[key], chunked[key]) for key in straight)
+
+
+def _wait_for_chunks(root: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        if (root / "state.db").is_file():
+            try:
+                if len(chunk_rows(root)) >= count:
+                    return
+            except sqlite3.OperationalError:
+                pass
+        assert process.poll() is None, "the experiment ended before it could be interrupted"
+        time.sleep(0.2)
+    raise AssertionError("timed out waiting for chunks")
+
+
+def _adapters(root: Path) -> dict[str, dict[str, list]]:
+    """Final adapter weights by run label (run ids differ between experiments of other names)."""
+    from safetensors.torch import load_file
+
+    with sqlite3.connect(root / "state.db") as db:
+        labels = dict(db.execute("SELECT run_id, label FROM runs").fetchall())
+    return {labels[final.parent.name]: {k: v.tolist() for k, v in load_file(final / "adapter_model.safetensors").items()}
+            for final in sorted(root.glob("runs/*/checkpoint-final"))}
+
+
+def test_sigkill_of_the_controller_then_resume_loses_and_repeats_nothing(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "crash")
+    args = ["run", str(config), *small("crash", steps=16, chunks=4), "--set", "peft_conf.peft_kwargs.r=!list [4]"]
+    process = subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = tmp_path / "runs" / "crash"
+    _wait_for_chunks(root, 3, process)
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    before = chunk_rows(root)
+    assert 3 <= len(before) < 8
+    finetune(tmp_path, "run", "--resume", str(root))
+    after = chunk_rows(root)
+    assert after == sorted({(run, chunk) for run in states(root) for chunk in range(4)})
+    assert set(before) <= set(after)
+    assert set(states(root).values()) == {"completed"}
+
+    finetune(tmp_path, *[arg if arg != "experiment.name=crash" else "experiment.name=straight" for arg in args])
+    assert _adapters(root) == _adapters(tmp_path / "runs" / "straight")
+
+
+def test_interactive_control_on_a_live_experiment(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "ctl")
+    args = ["run", str(config), *small("ctl", steps=24, chunks=6), "--set", "training_args.learning_rate=!list [1e-3]"]
+    process = subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    root = tmp_path / "runs" / "ctl"
+    _wait_for_chunks(root, 1, process)
+    first, second = sorted(states(root))
+    finetune(tmp_path, "ctl", "stop", str(root), first)
+    finetune(tmp_path, "ctl", "clone", str(root), second, "--set", "training_args.learning_rate=0.002", "--warm-start")
+    assert process.wait(timeout=300) == 0
+    after = states(root)
+    assert after[first] == "stopped"
+    clones = [run for run in after if run not in (first, second)]
+    assert len(clones) == 1 and after[clones[0]] == "completed"
+    with sqlite3.connect(root / "state.db") as db:
+        parent = db.execute("SELECT parent_run_id FROM runs WHERE run_id = ?", (clones[0],)).fetchone()[0]
+        kinds = [row[0] for row in db.execute("SELECT kind FROM events")]
+    assert parent == second and "ctl_stop" in kinds and "ctl_clone" in kinds
+
+    finetune(tmp_path, "ctl", "resume", str(root), first)
+    finetune(tmp_path, "ctl", "delete", str(root), clones[0])
+    finetune(tmp_path, "run", "--resume", str(root))
+    final = states(root)
+    assert final[first] == "completed" and final[clones[0]] == "deleted"
+    assert not (root / "runs" / clones[0]).exists()

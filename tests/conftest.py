@@ -42,3 +42,17 @@ def demo_tokenizer(demo_dir):
     from transformers import AutoTokenizer
 
     return AutoTokenizer.from_pretrained(demo_dir / "model")
+
+
+def pytest_collection_modifyitems(config, items) -> None:
+    """Tests marked `gpu` run only where CUDA is available."""
+    if not any("gpu" in item.keywords for item in items):
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)

@@ -95,21 +95,56 @@ class WorkerHandle:
     resident_keys: set[str] = field(default_factory=set)
 
 
+class WorkerPool:
+    """One worker process per device, started early so that their imports overlap the controller's set-up."""
+
+    def __init__(self, devices: list[str], root: Path) -> None:
+        self.root = root
+        self.context = multiprocessing.get_context("spawn")
+        self.results = self.context.Queue()
+        self.workers = [self.spawn(device) for device in devices]
+
+    def spawn(self, device: str) -> WorkerHandle:
+        from finetune.schedule.worker import worker_main
+
+        tasks = self.context.Queue()
+        process = self.context.Process(target=worker_main, args=(device, str(self.root), tasks, self.results), daemon=True)
+        process.start()
+        return WorkerHandle(device, process, tasks)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.tasks.put(None)
+        for worker in self.workers:
+            worker.process.join(timeout=30)
+            if worker.process.is_alive():
+                worker.process.terminate()
+
+
 @dataclass
 class Controller:
     plan: RunPlan
     root: Path
     store: StateStore
     tracker: Any
+    pool: WorkerPool
     on_change: Callable[[], None] = lambda: None
-    workers: list[WorkerHandle] = field(default_factory=list)
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
     base_keys: dict[str, str] = field(default_factory=dict)
     parent_mlflow_id: str | None = None
 
     # ------------------------------------------------------------ set-up
 
-    def start(self, devices: list[str]) -> None:
+    @property
+    def workers(self) -> list[WorkerHandle]:
+        return self.pool.workers
+
+    @property
+    def results(self) -> Any:
+        return self.pool.results
+
+    def start(self) -> None:
         from finetune.train.chunks import base_key
 
         for row in self.store.runs():
@@ -120,18 +155,6 @@ class Controller:
             self.base_keys[run.run_id] = base_key(CONFIG_ADAPTER.validate_python(run.config))
         self._setup_sha()
         self._setup_tracking()
-        context = multiprocessing.get_context("spawn")
-        self.results = context.Queue()
-        for device in devices:
-            self.workers.append(self._spawn(context, device))
-
-    def _spawn(self, context: Any, device: str) -> WorkerHandle:
-        from finetune.schedule.worker import worker_main
-
-        tasks = context.Queue()
-        process = context.Process(target=worker_main, args=(device, str(self.root), tasks, self.results), daemon=True)
-        process.start()
-        return WorkerHandle(device, process, tasks)
 
     def _setup_sha(self) -> None:
         for group, sweep in enumerate(self.plan.sweeps):
@@ -169,17 +192,13 @@ class Controller:
     # ------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        try:
-            while True:
-                self._apply_requests()
-                self._dispatch()
-                if not any(worker.busy_with for worker in self.workers):
-                    if self._nothing_left():
-                        break
-                self._drain(block=True)
-                self._check_workers()
-        finally:
-            self.stop_workers()
+        while True:
+            self._apply_requests()
+            self._dispatch()
+            if not any(worker.busy_with for worker in self.workers) and self._nothing_left():
+                break
+            self._drain(block=True)
+            self._check_workers()
         self._finish_tracking()
 
     def _views(self) -> list[RunView]:
@@ -261,7 +280,9 @@ class Controller:
     def _chunk_done(self, message: dict[str, Any]) -> None:
         run_id, chunk = message["run_id"], message["chunk"]
         previous = self.store.run(run_id).last_checkpoint
-        self.store.record_chunk(run_id, chunk, message["global_step"], message["checkpoint"], message["metrics"], message["seconds"])
+        self.store.record_chunk(
+            run_id, chunk, message["global_step"], message["checkpoint"], message["metrics"], message["seconds"], message["step_seconds"]
+        )
         self._release(message["device"])
         self.store.event("chunk_done", run_id, chunk=chunk, step=message["global_step"], metrics=message["metrics"], seconds=message["seconds"])
         if previous and previous != message["checkpoint"]:
@@ -308,16 +329,7 @@ class Controller:
                 self.store.set_state(worker.busy_with, "failed", error)
                 self.store.event("run_failed", worker.busy_with, error=error)
                 self._end_mlflow(worker.busy_with, "FAILED")
-            self.workers[index] = self._spawn(multiprocessing.get_context("spawn"), worker.device)
-
-    def stop_workers(self) -> None:
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.tasks.put(None)
-        for worker in self.workers:
-            worker.process.join(timeout=30)
-            if worker.process.is_alive():
-                worker.process.terminate()
+            self.workers[index] = self.pool.spawn(worker.device)
 
     def _finish_tracking(self) -> None:
         if self.parent_mlflow_id:

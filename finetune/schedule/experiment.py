@@ -10,7 +10,7 @@ from rich.live import Live
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
-from finetune.schedule.controller import Controller, experiment_dir, load_or_create_plan, resolve_devices
+from finetune.schedule.controller import Controller, WorkerPool, experiment_dir, load_or_create_plan, resolve_devices
 from finetune.schedule.display import runs_table
 from finetune.schedule.store import StateStore
 
@@ -25,23 +25,28 @@ def run_experiment(plan: RunPlan, resume: bool, console: Console) -> Path:
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     for run in plan.runs:
         check_quantization(CONFIG_ADAPTER.validate_python(run.config))
-    with console.status("preparing data (tokenised once per data setting)..."):
-        plan = load_or_create_plan(plan, root, resume)
-    store = StateStore(root / "state.db")
-    tracking = first.tracking
-    tracker = Tracker(
-        tracking_uri(tracking, root),
-        tracking.experiment_name if tracking else plan.experiment,
-        root / "mlartifacts",
-        tracking.run_name if tracking else None,
-    )
-    devices = resolve_devices(first.experiment.devices)
     started = time.perf_counter()
-    title = f"{plan.experiment} on {', '.join(devices)}"
-    with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:
-        controller = Controller(plan, root, store, tracker, on_change=lambda: live.update(runs_table(store, title)))
-        controller.start(devices)
-        controller.run()
-        live.update(runs_table(store, f"{title}: done in {time.perf_counter() - started:.1f}s"))
-    store.close()
+    devices = resolve_devices(first.experiment.devices)
+    root.mkdir(parents=True, exist_ok=True)
+    pool = WorkerPool(devices, root)
+    try:
+        with console.status("preparing data (tokenised once per data setting)..."):
+            plan = load_or_create_plan(plan, root, resume)
+        store = StateStore(root / "state.db")
+        tracking = first.tracking
+        tracker = Tracker(
+            tracking_uri(tracking, root),
+            tracking.experiment_name if tracking else plan.experiment,
+            root / "mlartifacts",
+            tracking.run_name if tracking else None,
+        )
+        title = f"{plan.experiment} on {', '.join(devices)}"
+        with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:
+            controller = Controller(plan, root, store, tracker, pool, on_change=lambda: live.update(runs_table(store, title)))
+            controller.start()
+            controller.run()
+            live.update(runs_table(store, f"{title}: done in {time.perf_counter() - started:.1f}s"))
+        store.close()
+    finally:
+        pool.stop()
     return root

@@ -23,7 +23,8 @@ CREATE TABLE IF NOT EXISTS runs (
 );
 CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, chunk INTEGER NOT NULL, global_step INTEGER NOT NULL,
-    checkpoint TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL, finished_at REAL NOT NULL,
+    checkpoint TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL, step_seconds REAL NOT NULL,
+    finished_at REAL NOT NULL,
     PRIMARY KEY (run_id, chunk)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -120,18 +121,23 @@ class StateStore:
 
     # ------------------------------------------------------------ chunks and metrics
 
-    def record_chunk(self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float) -> None:
-        """Make a chunk durable; its checkpoint must already be complete on disk."""
+    def record_chunk(
+        self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float, step_seconds: float
+    ) -> None:
+        """Make a chunk durable; its checkpoint must already be complete on disk.
+
+        `seconds` is the chunk's wall time on its worker, `step_seconds` the part spent in optimizer steps.
+        """
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?)",
-                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, time.time()),
+                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time()),
             )
 
     def chunk_rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT run_id, chunk, global_step, checkpoint, metrics, seconds, finished_at FROM chunks"
+        query = "SELECT run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at FROM chunks"
         rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
-        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "finished_at")
+        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "step_seconds", "finished_at")
         return [dict(zip(keys, row)) | {"metrics": json.loads(row[4])} for row in rows]
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:

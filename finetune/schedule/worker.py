@@ -34,12 +34,32 @@ def quiet_libraries() -> None:
         pass
 
 
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now (libraries, resident models) out of the garbage collector's scans.
+
+    Trainers call `gc.collect()` after each `train()`, once per chunk; without this each call
+    rescans every object of torch, transformers and the loaded models.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()
+
+
 def worker_main(device: str, experiment_dir: str, tasks: Any, results: Any) -> None:
-    """Serve tasks until a None arrives. Each task: {run, chunk, resume_from, max_eval_samples}."""
+    """Serve tasks until a None arrives. Each task: {run, chunk, resume_from, max_eval_samples}.
+
+    The ML stack is imported first, while the controller is still preparing the plan.
+    """
     quiet_libraries()
+    import peft  # noqa: F401
+    import trl  # noqa: F401
+
     from finetune.config.validation import CONFIG_ADAPTER
     from finetune.plan.model import PlannedRun
     from finetune.train.chunks import base_key, load_resident, train_chunk
+
+    freeze_long_lived_objects()
 
     root = Path(experiment_dir)
     residents: OrderedDict[str, Any] = OrderedDict()
@@ -52,6 +72,7 @@ def worker_main(device: str, experiment_dir: str, tasks: Any, results: Any) -> N
                 while len(residents) >= MAX_RESIDENT_BASES:
                     residents.popitem(last=False)
                 residents[key] = load_resident(config, device)
+                freeze_long_lived_objects()
             residents.move_to_end(key)
 
             def sink(run_id: str, step: int, metrics: dict[str, float]) -> None:

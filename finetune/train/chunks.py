@@ -28,6 +28,7 @@ class ChunkOutcome:
     checkpoint: str
     metrics: dict[str, float]
     final_checkpoint: str | None = None
+    step_seconds: float = 0.0
 
 
 @dataclass
@@ -83,6 +84,31 @@ def _metrics_callback(run_id: str, sink: MetricsSink | None) -> Any:
     return _Forward()
 
 
+@dataclass
+class StepTimer:
+    """Wall time spent inside optimizer steps (forward, backward, update): a chunk's compute."""
+
+    seconds: float = 0.0
+
+    def as_callback(self) -> Any:
+        import time
+
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _Timer(TrainerCallback):
+            started = 0.0
+
+            def on_step_begin(self, args, state, control, **kwargs):  # noqa: ANN001
+                self.started = time.perf_counter()
+
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                timer.seconds += time.perf_counter() - self.started
+
+        return _Timer()
+
+
 def _stop_callback(stop_step: int) -> Any:
     from transformers import TrainerCallback
 
@@ -124,10 +150,11 @@ def train_chunk(
     attached = attach_adapter(base, config.peft_conf, resident.added_tokens, seed)
     stop_step = chunk_boundary(run, chunk)
     evaluation = eval_subset(data.eval, max_eval_samples)
+    timer = StepTimer()
     try:
         trainer = build_trainer(
             config, run.derived, attached.model, resident.tokenizer, data.train, evaluation, run_dir, device,
-            [_stop_callback(stop_step), _metrics_callback(run.run_id, sink)], resident.input_pad_id,
+            [timer.as_callback(), _stop_callback(stop_step), _metrics_callback(run.run_id, sink)], resident.input_pad_id,
         )
         trainer.train(resume_from_checkpoint=resume_from)
         metrics: dict[str, float] = {}
@@ -137,7 +164,7 @@ def train_chunk(
         final = None
         if chunk == len(run.derived.chunk_steps or []) - 1:
             final = str(save_final(config, trainer.model, resident.tokenizer, run_dir))
-        return ChunkOutcome(run.run_id, chunk, stop_step, str(checkpoint), metrics, final)
+        return ChunkOutcome(run.run_id, chunk, stop_step, str(checkpoint), metrics, final, timer.seconds)
     finally:
         if not full_finetune:
             detach_adapter(attached)

@@ -9,12 +9,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
 from rich.console import Console
 
 from finetune.config import ConfigLoadError, SourceDoc, load_document, validate_document
+
+if TYPE_CHECKING:
+    from finetune.plan.model import RunPlan
 
 app = typer.Typer(
     help="Declarative fine-tuning sweeps (SFT, DPO, GRPO) trained concurrently with a chunk scheduler.",
@@ -65,7 +68,7 @@ def validate(
         raise typer.Exit(EXIT_INVALID)
 
 
-def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool):  # -> RunPlan
+def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool) -> RunPlan:
     from finetune.config import ConfigInvalid
     from finetune.plan.build import PlanError, build_plan
 
@@ -135,7 +138,7 @@ def run(
         errors.print("[red]error:[/] give a CONFIG, or --resume EXPERIMENT_DIR")
         raise typer.Exit(EXIT_UNUSABLE)
     try:
-        root = run_experiment(run_plan, resume is not None, console)
+        root = run_experiment(run_plan, console, resume_dir=resume)
     except (ExperimentError, ValueError, RuntimeError) as error:
         errors.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None

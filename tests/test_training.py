@@ -148,6 +148,11 @@ def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(t
     assert all(torch.equal(straight[key], chunked[key]) for key in straight)
 
 
+def start_experiment(tmp_path: Path, args: list[str]) -> subprocess.Popen:
+    """`finetune run` in the background, in its own process group (so that it can be killed whole)."""
+    return subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+
+
 def _wait_for_chunks(root: Path, count: int, process: subprocess.Popen, timeout: float = 240) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
@@ -175,7 +180,7 @@ def _adapters(root: Path) -> dict[str, dict[str, list]]:
 def test_sigkill_of_the_controller_then_resume_loses_and_repeats_nothing(tmp_path, demo_dir) -> None:
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "crash")
     args = ["run", str(config), *small("crash", steps=16, chunks=4), "--set", "peft_conf.peft_kwargs.r=!list [4]"]
-    process = subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    process = start_experiment(tmp_path, args)
     root = tmp_path / "runs" / "crash"
     _wait_for_chunks(root, 3, process)
     os.killpg(process.pid, signal.SIGKILL)
@@ -194,10 +199,10 @@ def test_sigkill_of_the_controller_then_resume_loses_and_repeats_nothing(tmp_pat
 
 def test_interactive_control_on_a_live_experiment(tmp_path, demo_dir) -> None:
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "ctl")
-    args = ["run", str(config), *small("ctl", steps=24, chunks=6), "--set", "training_args.learning_rate=!list [1e-3]"]
-    process = subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    args = ["run", str(config), *small("ctl", steps=60, chunks=6), "--set", "training_args.learning_rate=!list [1e-3]"]
+    process = start_experiment(tmp_path, args)
     root = tmp_path / "runs" / "ctl"
-    _wait_for_chunks(root, 1, process)
+    _wait_for_chunks(root, 2, process)  # fewest chunks first: both runs have a durable chunk
     first, second = sorted(states(root))
     finetune(tmp_path, "ctl", "stop", str(root), first)
     finetune(tmp_path, "ctl", "clone", str(root), second, "--set", "training_args.learning_rate=0.002", "--warm-start")
@@ -217,3 +222,21 @@ def test_interactive_control_on_a_live_experiment(tmp_path, demo_dir) -> None:
     final = states(root)
     assert final[first] == "completed" and final[clones[0]] == "deleted"
     assert not (root / "runs" / clones[0]).exists()
+
+
+def test_successive_halving_records_its_decisions(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-successive-halving.yaml", "sha")
+    finetune(tmp_path, "run", str(config), *small("sha", steps=8, chunks=4), "--set", "sweep.num_runs=4")
+    root = tmp_path / "runs" / "sha"
+    with sqlite3.connect(root / "state.db") as db:
+        decisions = db.execute("SELECT run_id, kind, detail FROM events WHERE kind LIKE 'sha_%'").fetchall()
+        chunks_per_run = dict(db.execute("SELECT run_id, COUNT(*) FROM chunks GROUP BY run_id").fetchall())
+    assert decisions, "no rung decision was recorded"
+    assert {kind for _, kind, _ in decisions} <= {"sha_continue", "sha_stop"}
+    assert all('"metric": "eval_loss"' in detail and '"cutoff"' in detail for _, _, detail in decisions)
+    final = states(root)
+    for run_id, state in final.items():
+        stopped_here = any(run == run_id and kind == "sha_stop" for run, kind, _ in decisions)
+        assert (state == "stopped") == stopped_here
+        assert state == "stopped" or chunks_per_run[run_id] == 4
+    assert "sha_" in finetune(tmp_path, "report", str(root)).stdout

@@ -6,6 +6,7 @@ run from its last durable chunk, since a chunk counts only once the store has re
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import queue
 import shutil
@@ -177,8 +178,6 @@ class Controller:
 
     def _setup_tracking(self) -> None:
         state_file = self.root / "tracking.json"
-        import json
-
         known = json.loads(state_file.read_text()) if state_file.is_file() else {}
         self.parent_mlflow_id = self.tracker.parent_run(known.get("parent_run_id"))
         write_json_atomic(state_file, {"parent_run_id": self.parent_mlflow_id, "uri": self.tracker.uri})

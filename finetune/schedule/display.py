@@ -31,6 +31,6 @@ def runs_table(store: StateStore, title: str) -> Table:
 def _latest_train_metrics(store: StateStore) -> dict[str, dict[str, float]]:
     latest: dict[str, dict[str, float]] = {}
     for name in ("loss", "reward"):
-        for run_id, series in store.metric_series(name).items():
-            latest.setdefault(run_id, {})[name] = series[-1][1]
+        for run_id, value in store.latest_metric(name).items():
+            latest.setdefault(run_id, {})[name] = value
     return latest

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -15,13 +16,30 @@ from finetune.schedule.display import runs_table
 from finetune.schedule.store import StateStore
 
 
-def run_experiment(plan: RunPlan, resume: bool, console: Console) -> Path:
+REDRAW_SECONDS = 0.5
+
+
+class Throttled:
+    """Calls `action` at most once every `seconds` (the live table is rebuilt from the store)."""
+
+    def __init__(self, action: Callable[[], None], seconds: float) -> None:
+        self.action, self.seconds, self.last = action, seconds, 0.0
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now - self.last >= self.seconds:
+            self.last = now
+            self.action()
+
+
+def run_experiment(plan: RunPlan, console: Console, resume_dir: Path | None = None) -> Path:
+    """Train the plan in its experiment directory (or continue the one in `resume_dir`)."""
     from finetune.schedule.worker import quiet_libraries
     from finetune.track.mlflow_tracker import Tracker, tracking_uri
     from finetune.train.model import check_quantization
 
     quiet_libraries()
-    root = experiment_dir(plan)
+    root = resume_dir or experiment_dir(plan)
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     for run in plan.runs:
         check_quantization(CONFIG_ADAPTER.validate_python(run.config))
@@ -31,7 +49,7 @@ def run_experiment(plan: RunPlan, resume: bool, console: Console) -> Path:
     pool = WorkerPool(devices, root)
     try:
         with console.status("preparing data (tokenised once per data setting)..."):
-            plan = load_or_create_plan(plan, root, resume)
+            plan = load_or_create_plan(plan, root, resume=resume_dir is not None)
         store = StateStore(root / "state.db")
         tracking = first.tracking
         tracker = Tracker(
@@ -42,7 +60,8 @@ def run_experiment(plan: RunPlan, resume: bool, console: Console) -> Path:
         )
         title = f"{plan.experiment} on {', '.join(devices)}"
         with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:
-            controller = Controller(plan, root, store, tracker, pool, on_change=lambda: live.update(runs_table(store, title)))
+            redraw = Throttled(lambda: live.update(runs_table(store, title)), REDRAW_SECONDS)
+            controller = Controller(plan, root, store, tracker, pool, on_change=redraw)
             controller.start()
             controller.run()
             live.update(runs_table(store, f"{title}: done in {time.perf_counter() - started:.1f}s"))

@@ -30,6 +30,7 @@ CREATE TABLE IF NOT EXISTS chunks (
 CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL
 );
+CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (name, run_id);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, run_id TEXT NOT NULL,
     payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending', created_at REAL NOT NULL
@@ -98,20 +99,14 @@ class StateStore:
         self._db.execute("UPDATE runs SET mlflow_run_id = ? WHERE run_id = ?", (mlflow_run_id, run_id))
 
     def runs(self) -> list[RunRow]:
+        latest = "SELECT {} FROM chunks c WHERE c.run_id = r.run_id ORDER BY c.chunk DESC LIMIT 1"
         rows = self._db.execute(
-            "SELECT run_id, label, position, state, total_chunks, parent_run_id, error, mlflow_run_id FROM runs ORDER BY position"
+            "SELECT r.run_id, r.label, r.position, r.state, r.total_chunks, "
+            "(SELECT COUNT(*) FROM chunks c WHERE c.run_id = r.run_id), "
+            f"({latest.format('checkpoint')}), ({latest.format('metrics')}), "
+            "r.parent_run_id, r.error, r.mlflow_run_id FROM runs r ORDER BY r.position"
         ).fetchall()
-        result = []
-        for run_id, label, position, state, total, parent, error, mlflow_id in rows:
-            last = self._db.execute(
-                "SELECT chunk, checkpoint, metrics FROM chunks WHERE run_id = ? ORDER BY chunk DESC LIMIT 1", (run_id,)
-            ).fetchone()
-            done = self._db.execute("SELECT COUNT(*) FROM chunks WHERE run_id = ?", (run_id,)).fetchone()[0]
-            result.append(
-                RunRow(run_id, label, position, state, total, done, last[1] if last else None,
-                       json.loads(last[2]) if last else {}, parent, error, mlflow_id)
-            )
-        return result
+        return [RunRow(*row[:7], json.loads(row[7]) if row[7] else {}, *row[8:]) for row in rows]
 
     def run(self, run_id: str) -> RunRow:
         for row in self.runs():
@@ -144,6 +139,14 @@ class StateStore:
         self._db.executemany(
             "INSERT INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
         )
+
+    def latest_metric(self, name: str) -> dict[str, float]:
+        rows = self._db.execute(
+            "SELECT run_id, value FROM metrics WHERE rowid IN "
+            "(SELECT MAX(rowid) FROM metrics WHERE name = ? GROUP BY run_id)",
+            (name,),
+        )
+        return dict(rows.fetchall())
 
     def metric_series(self, name: str) -> dict[str, list[tuple[int, float]]]:
         series: dict[str, list[tuple[int, float]]] = {}

@@ -170,26 +170,25 @@ def train_chunk(
             detach_adapter(attached)
 
 
-def save_final(config: Any, model: Any, tokenizer: Any, run_dir: Path) -> Path:
-    """checkpoint-final (adapter or full model, with the tokenizer); the merged model when an adapter grew the vocabulary
-    or `save_name_if_new_basemodel` is wanted."""
-    from peft import PeftModel
-
-    final = run_dir / config.run_conf.final_checkpoint_name
-    tmp = run_dir / f".{final.name}.tmp"
+def _save_atomically(target: Path, model: Any, tokenizer: Any) -> None:
+    """Write model and tokenizer into a temporary directory, then rename it to `target`."""
+    tmp = target.with_name(f".{target.name}.tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
-    shutil.rmtree(final, ignore_errors=True)
-    tmp.rename(final)
+    shutil.rmtree(target, ignore_errors=True)
+    tmp.rename(target)
+
+
+def save_final(config: Any, model: Any, tokenizer: Any, run_dir: Path) -> Path:
+    """`checkpoint-final` (the adapter, or the full model, with the tokenizer); for adapter runs also the
+    adapter merged into the base model, under the method's `save_name_if_new_basemodel`."""
+    from peft import PeftModel
+
+    final = run_dir / config.run_conf.final_checkpoint_name
+    _save_atomically(final, model, tokenizer)
     method_args = {"sft": config.sft_args, "dpo": getattr(config, "dpo_args", None), "grpo": getattr(config, "grpo_args", None)}[config.method]
     if isinstance(model, PeftModel) and method_args is not None:
-        merged_dir = run_dir / method_args.save_name_if_new_basemodel
         merged = copy.deepcopy(model).merge_and_unload()
-        tmp = run_dir / f".{merged_dir.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        merged.save_pretrained(tmp)
-        tokenizer.save_pretrained(tmp)
-        shutil.rmtree(merged_dir, ignore_errors=True)
-        tmp.rename(merged_dir)
+        _save_atomically(run_dir / method_args.save_name_if_new_basemodel, merged, tokenizer)
     return final

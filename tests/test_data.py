@@ -182,3 +182,35 @@ def test_save_to_disk_directory_is_read_and_checked(tmp_path) -> None:
 
     datasets.Dataset.from_list([GOOD, GOOD]).save_to_disk(str(tmp_path / "saved"))
     assert len(read_records(tmp_path / "saved", "sft")) == 2
+
+
+def test_data_preview_shows_loss_tokens_and_counts(tmp_path, demo_dir) -> None:
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from tests.conftest import EXAMPLES
+
+    config = tmp_path / "c.yaml"
+    config.write_text((EXAMPLES / "sft-lora-grid.yaml").read_text().replace("demo/", f"{demo_dir}/"))
+    result = CliRunner().invoke(app, ["data", "preview", str(config), "--n", "2"])
+    assert result.exit_code == 0, result.output
+    text = " ".join(result.output.split())
+    assert "example 1" in text and "carry loss" in text
+    assert "training examples 256, validation 32" in text
+    assert "special tokens added by the template 2" in text
+
+
+def test_data_preview_names_a_bad_line(tmp_path, demo_dir) -> None:
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from tests.conftest import EXAMPLES
+
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text((demo_dir / "data" / "sft_train.jsonl").read_text() + '{"messages": [{"role": "robot", "content": "x"}]}\n')
+    config = tmp_path / "c.yaml"
+    text = (EXAMPLES / "sft-lora-grid.yaml").read_text().replace("demo/data/sft_train.jsonl", str(bad))
+    config.write_text(text.replace("demo/", f"{demo_dir}/"))
+    result = CliRunner().invoke(app, ["data", "preview", str(config)])
+    assert result.exit_code == 1
+    assert f"{bad}:257:" in result.output.replace("\n", "") and "robot" in result.output

@@ -94,7 +94,8 @@ def test_sweep_trains_every_run_and_tracks_in_mlflow(tmp_path, demo_dir) -> None
 @pytest.mark.parametrize(
     "example,extra",
     [
-        ("sft-lora-grid.yaml", ["--set", "peft_conf={peft_type: NO_PEFT}", "--set", "training_args.learning_rate=1e-3"]),
+        ("sft-lora-grid.yaml", ["--set", "peft_conf={peft_type: NO_PEFT}", "--set", "training_args.learning_rate=1e-3",
+                                "--set", "tracking={mlflow_server_uri: sqlite:///tracked.db, experiment_name: tracked, hf_mlflow_log_artifacts: 'True'}"]),
         ("dpo.yaml", ["--set", "training_args.beta=0.1"]),
         ("grpo.yaml", []),
     ],
@@ -106,6 +107,13 @@ def test_each_method_trains_and_its_checkpoint_generates(tmp_path, demo_dir, exa
     finals = sorted((tmp_path / "runs" / "method").glob("runs/*/checkpoint-final"))
     assert finals
     generate_from(finals[0])
+    if any("tracking=" in item for item in extra):
+        from mlflow.tracking import MlflowClient
+
+        client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'tracked.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("tracked").experiment_id])
+        child = next(run for run in runs if "mlflow.parentRunId" in run.data.tags)
+        assert [item.path for item in client.list_artifacts(child.info.run_id)] == ["checkpoint-final"]
 
 
 def test_quantization_without_cuda_is_a_clear_error(tmp_path, demo_dir) -> None:

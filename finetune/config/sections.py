@@ -250,8 +250,8 @@ class RunConfig(Strict):
     use_fast_tokenizer: bool = True
     resume_from_checkpoint: Union[bool, str] = Field(
         default=False,
-        description="'auto' continues if a checkpoint exists; true always continues; false never; "
-        "or a path to a specific checkpoint",
+        description="A path: the training checkpoint (HF format) each run's first chunk starts from. "
+        "auto, true and false change nothing: finetune always continues a run from its last durable chunk",
     )
     final_checkpoint_name: str = Field(default="checkpoint-final", description="Name of the final checkpoint")
 

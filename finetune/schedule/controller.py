@@ -66,6 +66,19 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
     return plan.model_copy(update={"runs": runs})
 
 
+def initial_checkpoint(config: Any) -> str | None:
+    """`run_conf.resume_from_checkpoint` as a path: the HF checkpoint a run's first chunk starts from.
+
+    `auto`, true and false need nothing here: every run always continues from its last durable chunk.
+    """
+    value = config.run_conf.resume_from_checkpoint
+    if not isinstance(value, str) or value.lower() in ("auto", "true", "false"):
+        return None
+    if not (Path(value) / "trainer_state.json").is_file():
+        raise ExperimentError(f"run_conf.resume_from_checkpoint: {value} is not a training checkpoint (no trainer_state.json)")
+    return value
+
+
 def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     saved = root / "plan.json"
     if saved.is_file():
@@ -237,9 +250,11 @@ class Controller:
             run = self._planned(task.run_id)
             assert run is not None
             row = self.store.run(task.run_id)
+            config = CONFIG_ADAPTER.validate_python(run.config)
             worker.tasks.put(
-                {"run": run.model_dump(mode="json"), "chunk": task.chunk, "resume_from": row.last_checkpoint,
-                 "max_eval_samples": CONFIG_ADAPTER.validate_python(run.config).experiment.max_eval_samples}
+                {"run": run.model_dump(mode="json"), "chunk": task.chunk,
+                 "resume_from": row.last_checkpoint or initial_checkpoint(config),
+                 "max_eval_samples": config.experiment.max_eval_samples}
             )
             worker.busy_with = task.run_id
             worker.resident_keys.add(self.base_keys[task.run_id])

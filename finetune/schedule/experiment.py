@@ -11,7 +11,14 @@ from rich.live import Live
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
-from finetune.schedule.controller import Controller, WorkerPool, experiment_dir, load_or_create_plan, resolve_devices
+from finetune.schedule.controller import (
+    Controller,
+    WorkerPool,
+    experiment_dir,
+    initial_checkpoint,
+    load_or_create_plan,
+    resolve_devices,
+)
 from finetune.schedule.display import runs_table
 from finetune.schedule.store import StateStore
 
@@ -42,7 +49,9 @@ def run_experiment(plan: RunPlan, console: Console, resume_dir: Path | None = No
     root = resume_dir or experiment_dir(plan)
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     for run in plan.runs:
-        check_quantization(CONFIG_ADAPTER.validate_python(run.config))
+        config = CONFIG_ADAPTER.validate_python(run.config)
+        check_quantization(config)
+        initial_checkpoint(config)
     started = time.perf_counter()
     devices = resolve_devices(first.experiment.devices)
     root.mkdir(parents=True, exist_ok=True)

@@ -50,13 +50,14 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
     """Prepare (and cache) each data setting once, then derive steps and chunks from the real sizes."""
     from finetune.data.pipeline import prepare_data, prepare_tokenizer
     from finetune.plan.derive import derive
+    from finetune.train.chunks import base_key
     from finetune.train.model import load_tokenizer
 
     tokenizers: dict[str, Any] = {}
     runs = []
     for run in plan.runs:
         config = CONFIG_ADAPTER.validate_python(run.config)
-        key = f"{config.run_conf.tokenizer or config.run_conf.model}|{config.data_conf.chat_template_name}|{config.data_conf.missing_pad_token_strategy}"
+        key = base_key(config)
         if key not in tokenizers:
             tokenizer = load_tokenizer(config)
             prepare_tokenizer(tokenizer, config.data_conf)

@@ -9,6 +9,7 @@ checkpoint, trains up to the chunk boundary, saves, evaluates and detaches again
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -43,8 +44,19 @@ class Resident:
 
 
 def base_key(config: Any) -> str:
-    """Runs with the same key share a loaded base model on a worker."""
-    return CONFIG_ADAPTER.dump_json(config, include={"run_conf", "quant_conf"}).decode() + config.data_conf.chat_template_name + config.data_conf.missing_pad_token_strategy
+    """Runs with the same key share a loaded base model (and tokenizer) on a worker."""
+    run_conf = config.run_conf
+    shaping = [
+        run_conf.model,
+        run_conf.tokenizer,
+        run_conf.use_fast_tokenizer,
+        run_conf.model_args.model_dump_json(),
+        config.quant_conf.model_dump_json(),
+        config.data_conf.chat_template_name,
+        config.data_conf.missing_pad_token_strategy,
+        config.data_conf.padding_side,
+    ]
+    return json.dumps(shaping, default=str)
 
 
 def load_resident(config: Any, device: str) -> Resident:

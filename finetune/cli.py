@@ -147,6 +147,20 @@ def run(
     console.print(Markdown(report_markdown(root)))
     console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False)
     console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False)
+    failed = _failed_runs(root)
+    if failed:
+        for run_id, error in failed:
+            errors.print(f"[red]run {run_id} failed:[/] {error}", highlight=False)
+        raise typer.Exit(EXIT_INVALID)
+
+
+def _failed_runs(root: Path) -> list[tuple[str, str]]:
+    from finetune.schedule.store import StateStore
+
+    store = StateStore(root / "state.db")
+    failed = [(row.run_id, row.error or "unknown error") for row in store.runs() if row.state == "failed"]
+    store.close()
+    return failed
 
 
 @app.command()

@@ -248,3 +248,38 @@ def test_successive_halving_records_its_decisions(tmp_path, demo_dir) -> None:
         assert (state == "stopped") == stopped_here
         assert state == "stopped" or chunks_per_run[run_id] == 4
     assert "sha_" in finetune(tmp_path, "report", str(root)).stdout
+
+
+def test_a_run_that_cannot_start_fails_alone(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "alone")
+    missing = tmp_path / "no-such-model"
+    result = subprocess.run(
+        [*FINETUNE, "run", str(config), *small("alone", steps=4, chunks=2),
+         "--set", "peft_conf.peft_kwargs.r=!list [4]", "--set", "training_args.learning_rate=!list [1e-3]",
+         "--set", f"run_conf.model=!list [{demo_dir}/model, {missing}]"],
+        cwd=tmp_path, capture_output=True, text=True, timeout=600, env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
+    assert result.returncode == 1
+    final = states(tmp_path / "runs" / "alone")
+    assert sorted(final.values()) == ["completed", "failed"]
+    assert "failed:" in result.stderr and "no-such-model" in result.stderr
+
+
+def test_a_worker_killed_mid_experiment_fails_only_its_run(tmp_path, demo_dir) -> None:
+    import psutil
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "oom")
+    process = start_experiment(tmp_path, ["run", str(config), *small("oom", steps=40, chunks=4)])
+    root = tmp_path / "runs" / "oom"
+    _wait_for_chunks(root, 2, process)
+    workers = [child for child in psutil.Process(process.pid).children(recursive=True) if "spawn" in " ".join(child.cmdline())]
+    assert workers, "no worker process found"
+    workers[0].kill()  # as the kernel's OOM killer would
+    process.wait(timeout=300)
+    final = states(root)
+    failed = [run for run, state in final.items() if state == "failed"]
+    assert len(failed) <= 1 and sum(state == "completed" for state in final.values()) >= 3
+    with sqlite3.connect(root / "state.db") as db:
+        errors = [row[0] for row in db.execute("SELECT error FROM runs WHERE state = 'failed'")]
+    assert all("died" in error for error in errors)
+    assert process.returncode == (1 if failed else 0)

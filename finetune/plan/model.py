@@ -51,6 +51,7 @@ class RunPlan(BaseModel):
     num_chunks: int
     sweeps: list[dict[str, Any]] = Field(description="the sweep section of each group")
     runs: list[PlannedRun]
+    failed: dict[str, str] = Field(default_factory=dict, description="runs whose model or data could not be prepared")
 
     @property
     def total_steps(self) -> int | None:

@@ -55,16 +55,21 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
 
     tokenizers: dict[str, Any] = {}
     runs = []
+    failed: dict[str, str] = {}
     for run in plan.runs:
         config = CONFIG_ADAPTER.validate_python(run.config)
         key = base_key(config)
-        if key not in tokenizers:
-            tokenizer = load_tokenizer(config)
-            prepare_tokenizer(tokenizer, config.data_conf)
-            tokenizers[key] = tokenizer
-        stats = prepare_data(config, tokenizers[key], root / "cache").stats
-        runs.append(run.model_copy(update={"derived": derive(config, stats.train_examples, run.derived.num_processes)}))
-    return plan.model_copy(update={"runs": runs})
+        try:
+            if key not in tokenizers:
+                tokenizer = load_tokenizer(config)
+                prepare_tokenizer(tokenizer, config.data_conf)
+                tokenizers[key] = tokenizer
+            stats = prepare_data(config, tokenizers[key], root / "cache").stats
+            run = run.model_copy(update={"derived": derive(config, stats.train_examples, run.derived.num_processes)})
+        except Exception as error:  # a run whose model or data cannot be prepared fails alone
+            failed[run.run_id] = f"{type(error).__name__}: {error}"
+        runs.append(run)
+    return plan.model_copy(update={"runs": runs, "failed": failed})
 
 
 def initial_checkpoint(config: Any) -> str | None:
@@ -168,6 +173,10 @@ class Controller:
         for run in self.plan.runs:
             self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
             self.base_keys[run.run_id] = base_key(CONFIG_ADAPTER.validate_python(run.config))
+        for run_id, error in self.plan.failed.items():
+            if self.store.run(run_id).state != "failed":
+                self.store.set_state(run_id, "failed", error)
+                self.store.event("run_failed", run_id, error=error, stage="preparing data")
         self._setup_sha()
         self._setup_tracking()
 

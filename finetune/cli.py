@@ -255,8 +255,10 @@ app.add_typer(demo_app, name="demo")
 @demo_app.command("init")
 def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force: bool = False) -> None:
     """Build a tiny Llama-shaped model, a tokenizer trained on the fly and chat datasets in DIRECTORY."""
+    from finetune.schedule.worker import quiet_libraries
     from finetune.train.demo import init_demo
 
+    quiet_libraries()
     with console.status("building the demo model and data..."):
         root = init_demo(directory, force=force)
     console.print(f"demo model: {root / 'model'}\ndemo data: {root / 'data'}", highlight=False)

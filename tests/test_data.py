@@ -214,3 +214,16 @@ def test_data_preview_names_a_bad_line(tmp_path, demo_dir) -> None:
     result = CliRunner().invoke(app, ["data", "preview", str(config)])
     assert result.exit_code == 1
     assert f"{bad}:257:" in result.output.replace("\n", "") and "robot" in result.output
+
+
+def test_completions_only_with_a_template_that_marks_no_turns_is_an_error(demo_tokenizer) -> None:
+    from finetune.data.pipeline import DataStats, build_examples
+
+    demo_tokenizer.chat_template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = SimpleNamespace(
+        method="sft",
+        data_conf=SimpleNamespace(chat_template_name="keep-original"),
+        sft_args=SimpleNamespace(train_on_completions_only=True, max_seq_length=64),
+    )
+    with pytest.raises(ValueError, match="marks assistant turns"):
+        build_examples(config, demo_tokenizer, DataStats())

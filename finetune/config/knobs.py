@@ -126,10 +126,6 @@ def iter_knobs(tree: Any, path: Path = ()) -> Iterator[tuple[Path, dict[str, Any
             yield from iter_knobs(item, (*path, index))
 
 
-def has_knobs(tree: Any) -> bool:
-    return next(iter_knobs(tree), None) is not None
-
-
 def set_at(tree: Any, path: Path, value: Any) -> Any:
     """A copy of `tree` with `value` at `path` (only the spine is copied)."""
     if not path:

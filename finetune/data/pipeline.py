@@ -208,7 +208,20 @@ def _file_digest(path: Path) -> str:
     return digest.hexdigest()
 
 
+def check_loss_masking(config: Any, tokenizer: Any) -> None:
+    """Completions-only loss needs assistant turns marked in the template, or no token would carry loss."""
+    if config.method != "sft" or not config.sft_args.train_on_completions_only:
+        return
+    if not load_template(config.data_conf.chat_template_name, tokenizer).marks_assistant_turns:
+        raise ValueError(
+            "sft_args.train_on_completions_only needs a chat template that marks assistant turns with "
+            "{% generation %} blocks; the tokenizer's own template (keep-original) does not, so no token "
+            "would carry loss. Choose chat-ml, mistral-with-system, poro or simplified-llama31, or set it to false"
+        )
+
+
 def build_examples(config: Any, tokenizer: Any, stats: DataStats) -> tuple[list[dict], list[dict]]:
+    check_loss_masking(config, tokenizer)
     train_records, eval_records = gather_records(config.data_conf, config.method, stats)
     max_length = _max_length(config)
     if config.method == "sft":

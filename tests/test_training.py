@@ -138,16 +138,19 @@ def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(t
     run, *others = plan.runs
     resident = load_resident(CONFIG_ADAPTER.validate_python(run.config), "cpu")
 
+    def config_of(planned):
+        return CONFIG_ADAPTER.validate_python(planned.config)
+
     def train(chunks: list[int], directory: str, interleave: bool) -> dict:
         target = run.model_copy(deep=True)
         target.derived.chunk_steps = chunks
         resume, other_resume = None, [None] * len(others)
         for chunk in range(len(chunks)):
-            resume = train_chunk(target, chunk, resume, resident, tmp_path / directory, tmp_path / "cache", "cpu", 8).checkpoint
+            resume = train_chunk(target, config_of(target), chunk, resume, resident, tmp_path / directory, tmp_path / "cache", "cpu", 8).checkpoint
             for index, other in enumerate(others if interleave else []):
                 other = other.model_copy(deep=True)
                 other.derived.chunk_steps = [3, 3, 3, 3]
-                other_resume[index] = train_chunk(other, chunk, other_resume[index], resident, tmp_path / f"o{index}", tmp_path / "cache", "cpu", 8).checkpoint
+                other_resume[index] = train_chunk(other, config_of(other), chunk, other_resume[index], resident, tmp_path / f"o{index}", tmp_path / "cache", "cpu", 8).checkpoint
         return load_file(tmp_path / directory / "checkpoint-final" / "adapter_model.safetensors")
 
     straight = train([12], "straight", interleave=False)

@@ -24,7 +24,7 @@ def split_batch_size(total: int, max_per_device: int, num_processes: int = 1) ->
         below = total - total % num_processes
         options = [value for value in (below, below + num_processes) if value > 0]
         raise DeriveError(
-            f"total_train_batch_size {total} cannot be split evenly over {num_processes} processes; "
+            f"batchsize_conf.total_train_batch_size {total} cannot be split evenly over {num_processes} processes; "
             f"totals that work: {', '.join(map(str, options))}"
         )
     share = total // num_processes

@@ -152,6 +152,7 @@ class Controller:
     on_change: Callable[[], None] = lambda: None
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
     base_keys: dict[str, str] = field(default_factory=dict)
+    configs: dict[str, Any] = field(default_factory=dict)
     parent_mlflow_id: str | None = None
 
     # ------------------------------------------------------------ set-up
@@ -165,20 +166,25 @@ class Controller:
         return self.pool.results
 
     def start(self) -> None:
-        from finetune.train.chunks import base_key
-
         for row in self.store.runs():
             if row.state == "running":
                 self.store.set_state(row.run_id, "pending")
         for run in self.plan.runs:
-            self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
-            self.base_keys[run.run_id] = base_key(CONFIG_ADAPTER.validate_python(run.config))
+            self._register(run)
         for run_id, error in self.plan.failed.items():
             if self.store.run(run_id).state != "failed":
                 self.store.set_state(run_id, "failed", error)
                 self.store.event("run_failed", run_id, error=error, stage="preparing data")
         self._setup_sha()
         self._setup_tracking()
+
+    def _register(self, run: PlannedRun) -> None:
+        """Add a run to the store, validating its config once for the whole experiment."""
+        from finetune.train.chunks import base_key
+
+        self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
+        self.configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
+        self.base_keys[run.run_id] = base_key(self.configs[run.run_id])
 
     def _setup_sha(self) -> None:
         for group, sweep in enumerate(self.plan.sweeps):
@@ -240,12 +246,9 @@ class Controller:
         return any(worker.busy_with == run_id for worker in self.workers)
 
     def add_run(self, run: PlannedRun) -> None:
-        from finetune.train.chunks import base_key
-
         self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
         write_json_atomic(self.root / "plan.json", self.plan.model_dump(mode="json"))
-        self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
-        self.base_keys[run.run_id] = base_key(CONFIG_ADAPTER.validate_python(run.config))
+        self._register(run)
         if self.parent_mlflow_id:
             self.store.set_mlflow_run(run.run_id, self.tracker.child_run(self.parent_mlflow_id, run))
 
@@ -260,7 +263,7 @@ class Controller:
             run = self._planned(task.run_id)
             assert run is not None
             row = self.store.run(task.run_id)
-            config = CONFIG_ADAPTER.validate_python(run.config)
+            config = self.configs[task.run_id]
             worker.tasks.put(
                 {"run": run.model_dump(mode="json"), "chunk": task.chunk,
                  "resume_from": row.last_checkpoint or initial_checkpoint(config),
@@ -339,7 +342,7 @@ class Controller:
         if row.mlflow_run_id:
             run = self._planned(run_id)
             if final_checkpoint and run is not None:
-                tracking = CONFIG_ADAPTER.validate_python(run.config).tracking
+                tracking = self.configs[run_id].tracking
                 if tracking is not None and tracking.log_artifacts:
                     self.tracker.log_artifacts(row.mlflow_run_id, final_checkpoint)
             self.tracker.finish(row.mlflow_run_id, status)

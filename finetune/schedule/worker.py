@@ -63,10 +63,13 @@ def worker_main(device: str, experiment_dir: str, tasks: Any, results: Any) -> N
 
     root = Path(experiment_dir)
     residents: OrderedDict[str, Any] = OrderedDict()
+    configs: dict[str, Any] = {}
     while (task := tasks.get()) is not None:
         run = PlannedRun.model_validate(task["run"])
         try:
-            config = CONFIG_ADAPTER.validate_python(run.config)
+            if run.run_id not in configs:
+                configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
+            config = configs[run.run_id]
             key = base_key(config)
             if key not in residents:
                 while len(residents) >= MAX_RESIDENT_BASES:
@@ -82,7 +85,7 @@ def worker_main(device: str, experiment_dir: str, tasks: Any, results: Any) -> N
 
             started = time.perf_counter()
             outcome = train_chunk(
-                run, task["chunk"], task["resume_from"], residents[key], root / "runs" / run.run_id,
+                run, config, task["chunk"], task["resume_from"], residents[key], root / "runs" / run.run_id,
                 root / "cache", device, task["max_eval_samples"], sink,
             )
             results.put({"type": "chunk_done", "device": device, "seconds": time.perf_counter() - started, **outcome.__dict__})

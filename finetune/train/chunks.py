@@ -15,7 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import PlannedRun
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]
@@ -41,6 +40,7 @@ class Resident:
     added_tokens: int
     input_pad_id: int
     data: dict[str, Any] = field(default_factory=dict)
+    data_keys: dict[str, str] = field(default_factory=dict)
 
 
 def base_key(config: Any) -> str:
@@ -69,10 +69,13 @@ def load_resident(config: Any, device: str) -> Resident:
     return Resident(tokenizer, model, added, input_pad_token_id(tokenizer, config.data_conf))
 
 
-def prepared_data(resident: Resident, config: Any, cache_dir: Path) -> Any:
+def prepared_data(resident: Resident, run_id: str, config: Any, cache_dir: Path) -> Any:
+    """The run's datasets; the content hash (which reads every data file) is computed once per run."""
     from finetune.data.pipeline import data_cache_key, prepare_data
 
-    key = data_cache_key(config, resident.tokenizer)
+    if run_id not in resident.data_keys:
+        resident.data_keys[run_id] = data_cache_key(config, resident.tokenizer)
+    key = resident.data_keys[run_id]
     if key not in resident.data:
         resident.data[key] = prepare_data(config, resident.tokenizer, cache_dir)
     return resident.data[key]
@@ -141,6 +144,7 @@ def chunk_boundary(run: PlannedRun, chunk: int) -> int:
 
 def train_chunk(
     run: PlannedRun,
+    config: Any,
     chunk: int,
     resume_from: str | None,
     resident: Resident,
@@ -150,12 +154,12 @@ def train_chunk(
     max_eval_samples: int | None,
     sink: MetricsSink | None = None,
 ) -> ChunkOutcome:
-    """Train chunk `chunk` of `run` (0-based) from `resume_from`, save at its boundary, evaluate."""
+    """Train chunk `chunk` of `run` (0-based; `config` is its validated config) from `resume_from`,
+    save at its boundary, evaluate."""
     from finetune.train.adapter import attach_adapter, detach_adapter
     from finetune.train.trainer import build_trainer
 
-    config = CONFIG_ADAPTER.validate_python(run.config)
-    data = prepared_data(resident, config, cache_dir)
+    data = prepared_data(resident, run.run_id, config, cache_dir)
     seed = int(run.config.get("training_args", {}).get("seed", 42))
     full_finetune = config.peft_conf.peft_type == "NO_PEFT"
     base = copy.deepcopy(resident.base_model) if full_finetune else resident.base_model

@@ -65,17 +65,15 @@ def with_finetune(demo: Path, work: Path, steps: int) -> dict[str, float]:
     total = time.time() - start
     db = sqlite3.connect(work / "runs" / "bench" / "state.db")
     firsts = [row[0] for row in db.execute("SELECT MIN(finished_at) FROM chunks GROUP BY run_id")]
-    chunks = db.execute("SELECT SUM(seconds), SUM(step_seconds), COUNT(*) FROM chunks").fetchone()
-    eval_time = db.execute("SELECT COALESCE(SUM(value), 0) FROM metrics WHERE name = 'eval_runtime'").fetchone()[0]
-    wall, steps, count = chunks
+    wall, steps, eval_time, count = db.execute("SELECT SUM(seconds), SUM(step_seconds), SUM(eval_seconds), COUNT(*) FROM chunks").fetchone()
     return {
         "first_comparison": max(firsts) - start,
         "total": total,
         "chunks": count,
         "chunk_compute": steps / count,
         "eval": eval_time / count,
-        # Everything a chunk costs beyond its optimizer steps and its evaluation: building the
-        # trainer, attaching the adapter, loading the last checkpoint, saving the new one.
+        # Everything a chunk costs beyond its optimizer steps and its evaluation: switching runs,
+        # the CPU snapshot for the durable checkpoint, and a run's one-off set-up at its first chunk.
         "switch_overhead": (wall - steps - eval_time) / count,
     }
 

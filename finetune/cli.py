@@ -126,8 +126,9 @@ def run(
 ) -> None:
     """Train every run of the plan with the chunk scheduler (running it again resumes)."""
     from finetune.plan.model import RunPlan
-    from finetune.schedule.controller import ExperimentError
     from finetune.schedule.experiment import run_experiment
+    from finetune.schedule.preparation import ExperimentError
+    from finetune.track.mlflow_tracker import tracker_for
     from finetune.track.report import report_markdown
 
     if resume is not None:
@@ -138,7 +139,7 @@ def run(
         errors.print("[red]error:[/] give a CONFIG, or --resume EXPERIMENT_DIR")
         raise typer.Exit(EXIT_UNUSABLE)
     try:
-        root = run_experiment(run_plan, console, resume_dir=resume)
+        root = run_experiment(run_plan, console, tracker_for, resume_dir=resume)
     except (ExperimentError, ValueError, RuntimeError) as error:
         errors.print(f"[red]error:[/] {error}", highlight=False)
         raise typer.Exit(EXIT_INVALID) from None
@@ -252,10 +253,50 @@ demo_app = typer.Typer(help="The offline demo: a tiny model and data built local
 app.add_typer(demo_app, name="demo")
 
 
+@app.command()
+def export(
+    experiment: ExperimentArg,
+    run_id: RunIdArg,
+    merged: Annotated[bool, typer.Option("--merged", help="Merge the adapter into its base model")] = False,
+    output: Annotated[Optional[Path], typer.Option(help="Where to write; default: the run's checkpoint-merged")] = None,
+) -> None:
+    """Write a completed run's model: the adapter merged into its base (--merged), or a copy of checkpoint-final."""
+    import shutil
+
+    from finetune.runtime import quiet_libraries
+
+    from finetune.plan.model import RunPlan
+
+    plan = RunPlan.model_validate_json((_experiment_or_exit(experiment) / "plan.json").read_text())
+    try:
+        name = plan.run(run_id).config.get("run_conf", {}).get("final_checkpoint_name", "checkpoint-final")
+    except KeyError:
+        errors.print(f"[red]error:[/] {experiment} has no run {run_id}")
+        raise typer.Exit(EXIT_UNUSABLE) from None
+    run_dir = experiment / "runs" / run_id
+    final = run_dir / name
+    if not final.is_dir():
+        errors.print(f"[red]error:[/] run {run_id} has no {name} yet (is it completed?)")
+        raise typer.Exit(EXIT_UNUSABLE)
+    if merged and not (final / "adapter_config.json").is_file():
+        errors.print(f"[red]error:[/] run {run_id} trained the full model: {final} is already a merged model")
+        raise typer.Exit(EXIT_UNUSABLE)
+    if merged:
+        quiet_libraries()
+        from finetune.train.export import export_merged
+
+        target = export_merged(final, output or run_dir / "checkpoint-merged")
+    elif output is not None:
+        target = Path(shutil.copytree(final, output))
+    else:
+        target = final
+    console.print(str(target), highlight=False, soft_wrap=True)
+
+
 @demo_app.command("init")
 def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force: bool = False) -> None:
     """Build a tiny Llama-shaped model, a tokenizer trained on the fly and chat datasets in DIRECTORY."""
-    from finetune.schedule.worker import quiet_libraries
+    from finetune.runtime import quiet_libraries
     from finetune.train.demo import init_demo
 
     quiet_libraries()

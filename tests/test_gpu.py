@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import sqlite3
 
 import pytest
@@ -30,3 +31,29 @@ def test_4bit_lora_on_gpu(tmp_path, demo_dir) -> None:
              "--set", "quant_conf={quantization_type: bits-and-bytes, load_in_4bit: true, bnb_4bit_quant_type: nf4}",
              "--set", "peft_conf.peft_kwargs.r=!list [8]", "--set", "training_args.learning_rate=!list [1e-3]")
     assert set(states(tmp_path / "runs" / "q4").values()) == {"completed"}
+
+
+@pytest.mark.parametrize("slots", ["2", "auto"])
+def test_several_runs_share_one_gpu(tmp_path, demo_dir, slots) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "slots")
+    finetune(tmp_path, "run", str(config), *small("slots", steps=16, chunks=4), "--set", "experiment.devices=[0]",
+             "--set", f"experiment.runs_per_device={slots}")
+    root = tmp_path / "runs" / "slots"
+    assert set(states(root).values()) == {"completed"}
+    with sqlite3.connect(root / "state.db") as db:
+        workers = {json.loads(row[0])["worker"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_started'")}
+    assert len(workers) >= 2, workers
+
+
+def test_resident_state_moves_between_gpu_and_cpu_memory_and_stays_exact(tmp_path, demo_dir) -> None:
+    """A GPU budget too small for more than the active run: the others wait in pinned CPU memory."""
+    from tests.test_training import _adapters
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "tiers")
+    common = [*small("tiers", steps=12, chunks=4), "--set", "experiment.devices=[0]", "--set", "peft_conf.peft_kwargs.r=!list [4, 8]",
+              "--set", "training_args.learning_rate=!list [1e-3]"]
+    finetune(tmp_path, "run", str(config), *common, "--set", "experiment.gpu_state_budget_gb=1e-9")
+    tight = tmp_path / "runs" / "tiers"
+    finetune(tmp_path, "run", str(config), *[a.replace("experiment.name=tiers", "experiment.name=roomy") for a in common])
+    roomy = tmp_path / "runs" / "roomy"
+    assert _adapters(tight) == _adapters(roomy)

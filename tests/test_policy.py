@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from finetune.schedule.policy import RunView, SuccessiveHalving, next_task
+from finetune.schedule.policy import RunView, SuccessiveHalving, next_task, slots_for
 
 
 def views(done: list[int], total: int = 4, keys: list[str] | None = None) -> list[RunView]:
@@ -11,15 +11,15 @@ def views(done: list[int], total: int = 4, keys: list[str] | None = None) -> lis
 
 
 def test_fewest_chunks_first_then_plan_order() -> None:
-    assert next_task(views([2, 1, 1, 3]), set(), {"a"}).run_id == "r1"
-    assert next_task(views([2, 1, 1, 3]), {"r1"}, {"a"}).run_id == "r2"
+    assert next_task(views([2, 1, 1, 3]), set(), "w0", {"a"}).run_id == "r1"
+    assert next_task(views([2, 1, 1, 3]), {"r1"}, "w0", {"a"}).run_id == "r2"
 
 
 def test_round_robin_gives_every_run_a_first_chunk_before_any_second() -> None:
     done = [0, 0, 0, 0]
     order = []
     for _ in range(8):
-        task = next_task(views(done), set(), {"a"})
+        task = next_task(views(done), set(), "w0", {"a"})
         order.append(task.run_id)
         done[int(task.run_id[1:])] += 1
     assert order[:4] == ["r0", "r1", "r2", "r3"] and sorted(order[4:]) == ["r0", "r1", "r2", "r3"]
@@ -27,15 +27,15 @@ def test_round_robin_gives_every_run_a_first_chunk_before_any_second() -> None:
 
 def test_affinity_prefers_a_resident_base_among_equals() -> None:
     runs = views([1, 1, 0], keys=["m1", "m2", "m2"])
-    assert next_task(runs, set(), {"m1"}).run_id == "r2"  # fewest chunks still wins
+    assert next_task(runs, set(), "w0", {"m1"}).run_id == "r2"  # fewest chunks still wins
     runs = views([1, 1], keys=["m1", "m2"])
-    assert next_task(runs, set(), {"m2"}).run_id == "r1"
+    assert next_task(runs, set(), "w0", {"m2"}).run_id == "r1"
 
 
 def test_stopped_busy_and_finished_runs_are_skipped() -> None:
     runs = [RunView("a", 0, 0, 2, runnable=False), RunView("b", 1, 2, 2), RunView("c", 2, 1, 2)]
-    assert next_task(runs, {"c"}, set()) is None
-    assert next_task(runs, set(), set()).chunk == 1
+    assert next_task(runs, {"c"}, "w0", set()) is None
+    assert next_task(runs, set(), "w0", set()).chunk == 1
 
 
 def test_rungs_by_hand() -> None:
@@ -58,3 +58,27 @@ def test_asha_maximize() -> None:
     sha = SuccessiveHalving("reward", "maximize", min_chunks=1, max_chunks=2)
     assert sha.on_result("a", 1, {"reward": 0.1})[0] == "continue"
     assert sha.on_result("b", 1, {"reward": 0.0})[0] == "stop"
+
+
+def test_a_run_stays_with_the_worker_that_holds_it_until_its_chunks_are_durable() -> None:
+    held = RunView("a", 0, 1, 4, home="w1", durable=False)
+    free = RunView("b", 1, 2, 4)
+    assert next_task([held, free], set(), "w0", set()).run_id == "b"  # w0 may not take "a" yet
+    assert next_task([held, free], set(), "w1", set()).run_id == "a"
+    durable = RunView("a", 0, 1, 4, home="w1", durable=True)
+    assert next_task([durable, free], set(), "w0", set()).run_id == "a"  # fewest chunks: taken over
+
+
+def test_among_equals_a_worker_prefers_the_runs_it_holds() -> None:
+    runs = [RunView("a", 0, 1, 4, home="w1"), RunView("b", 1, 1, 4, home="w0")]
+    assert next_task(runs, set(), "w0", set()).run_id == "b"
+    assert next_task(runs, set(), "w1", set()).run_id == "a"
+
+
+def test_slots_follow_the_measured_footprint() -> None:
+    gib = 1024**3
+    assert slots_for(80 * gib, 18 * gib, runnable=8) == 4  # 72 GiB usable / 18 GiB
+    assert slots_for(80 * gib, 18 * gib, runnable=2) == 2  # never more workers than runs to train
+    assert slots_for(80 * gib, 1 * gib, runnable=100) == 8  # capped
+    assert slots_for(80 * gib, 90 * gib, runnable=4) == 1  # at least one
+    assert slots_for(0, 0, runnable=4) == 1  # the CPU

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sqlite3
@@ -124,39 +125,106 @@ def test_quantization_without_cuda_is_a_clear_error(tmp_path, demo_dir) -> None:
     assert not (tmp_path / "runs" / "sft-lora-grid" / "state.db").exists()
 
 
-def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(tmp_path, demo_dir) -> None:
-    import torch
+def _final_weights(root: Path, run_id: str) -> dict:
     from safetensors.torch import load_file
+
+    final = root / "runs" / run_id / "checkpoint-final"
+    name = "adapter_model.safetensors" if (final / "adapter_model.safetensors").is_file() else "model.safetensors"
+    return load_file(final / name)
+
+
+def _bench(root: Path, cpu_budget_bytes: int | None = None):
+    from finetune.train.residency import Budgets
+    from finetune.train.workbench import Workbench
+
+    return Workbench(root, "cpu", Budgets(0, cpu_budget_bytes if cpu_budget_bytes is not None else 1 << 40))
+
+
+@pytest.mark.parametrize(
+    "example,overrides",
+    [
+        ("sft-lora-grid.yaml", ["peft_conf.peft_kwargs.lora_dropout=0.1"]),
+        ("sft-lora-grid.yaml", ["peft_conf={peft_type: NO_PEFT}", "training_args.learning_rate=!list [1e-4, 3e-4]"]),
+        ("dpo.yaml", ["peft_conf.peft_kwargs.lora_dropout=0.1"]),
+    ],
+    ids=["lora", "full", "dpo"],
+)
+def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(tmp_path, demo_dir, example, overrides) -> None:
+    """A run trained in 4 chunks, its turns interleaved with other runs' on one worker, and also one
+    resumed from disk at every boundary (no memory to keep runs resident), ends with exactly the
+    weights of the same run trained in one go."""
+    import torch
 
     from finetune.config.loading import load_document
     from finetune.config.validation import CONFIG_ADAPTER
     from finetune.plan.build import build_plan
-    from finetune.train.chunks import load_resident, train_chunk
 
-    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "eq")
-    plan = build_plan(load_document(config, overrides=["peft_conf.peft_kwargs.lora_dropout=0.1", "training_args.max_steps=12"]))
-    run, *others = plan.runs
-    resident = load_resident(CONFIG_ADAPTER.validate_python(run.config), "cpu")
+    config = demo_config(tmp_path, demo_dir, example, "eq")
+    plan = build_plan(load_document(config, overrides=[*overrides, "training_args.max_steps=12"]))
+    run, *others = plan.runs[:3]
 
-    def config_of(planned):
-        return CONFIG_ADAPTER.validate_python(planned.config)
+    def chunked(planned, steps: list[int]):
+        copy = planned.model_copy(deep=True)
+        copy.derived.chunk_steps = steps
+        return copy, CONFIG_ADAPTER.validate_python(copy.config)
 
-    def train(chunks: list[int], directory: str, interleave: bool) -> dict:
-        target = run.model_copy(deep=True)
-        target.derived.chunk_steps = chunks
-        resume, other_resume = None, [None] * len(others)
-        for chunk in range(len(chunks)):
-            resume = train_chunk(target, config_of(target), chunk, resume, resident, tmp_path / directory, tmp_path / "cache", "cpu", 8).checkpoint
-            for index, other in enumerate(others if interleave else []):
-                other = other.model_copy(deep=True)
-                other.derived.chunk_steps = [3, 3, 3, 3]
-                other_resume[index] = train_chunk(other, config_of(other), chunk, other_resume[index], resident, tmp_path / f"o{index}", tmp_path / "cache", "cpu", 8).checkpoint
-        return load_file(tmp_path / directory / "checkpoint-final" / "adapter_model.safetensors")
+    def train(directory: str, steps: list[int], interleave: bool, cpu_budget: int | None = None) -> dict:
+        root = tmp_path / directory
+        bench = _bench(root, cpu_budget)
+        target, target_config = chunked(run, steps)
+        rivals = [chunked(other, [3, 3, 3, 3]) for other in (others if interleave else [])]
+        resume: dict[str, str | None] = {}
+        for chunk in range(len(steps)):
+            for planned, planned_config in [(target, target_config), *rivals]:
+                outcome = bench.train_chunk(planned, planned_config, chunk, resume.get(planned.run_id), 8)
+                resume[planned.run_id] = outcome.checkpoint
+                bench.writer.wait_for()
+        bench.writer.close()
+        return _final_weights(root, run.run_id)
 
-    straight = train([12], "straight", interleave=False)
-    chunked = train([3, 3, 3, 3], "chunked", interleave=True)
-    assert straight.keys() == chunked.keys()
-    assert all(torch.equal(straight[key], chunked[key]) for key in straight)
+    straight = train("straight", [12], interleave=False)
+    interleaved = train("interleaved", [3, 3, 3, 3], interleave=True)
+    from_disk = train("from-disk", [3, 3, 3, 3], interleave=True, cpu_budget=0)
+    assert straight.keys() == interleaved.keys() == from_disk.keys()
+    assert all(torch.equal(straight[key], interleaved[key]) for key in straight)
+    assert all(torch.equal(straight[key], from_disk[key]) for key in straight)
+
+
+def test_lora_checkpoints_hold_the_adapter_new_token_rows_and_moments_only(tmp_path, demo_dir) -> None:
+    """The chat template adds tokens: a chunk checkpoint holds the adapter, the new rows (not the
+    whole embedding) and their optimizer moments; the grown base is written once per experiment."""
+    import torch
+    from safetensors.torch import load_file
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "small")
+    finetune(tmp_path, "run", str(config), *small("small", steps=8, chunks=2))
+    root = tmp_path / "runs" / "small"
+    model = json.loads((demo_dir / "model" / "config.json").read_text())
+    for run_dir in sorted((root / "runs").iterdir()):
+        chunk = run_dir / "chunk-1"
+        adapter = load_file(chunk / "adapter_model.safetensors")
+        assert any("trainable_tokens_delta" in name for name in adapter)
+        assert all(tensor.shape[0] < model["vocab_size"] for tensor in adapter.values()), "a whole embedding was saved"
+        trained = sum(tensor.numel() for tensor in adapter.values())
+        moments = torch.load(chunk / "optimizer.pt", weights_only=False)["state"]
+        assert sum(value.numel() for state in moments.values() for value in state.values() if value.dim()) == 2 * trained
+        assert sorted(path.name for path in chunk.iterdir()) == ["adapter_config.json", "adapter_model.safetensors", "optimizer.pt", "state.pt"]
+        assert (run_dir / "checkpoint-new-basemodel").resolve().parent == (root / "base-models").resolve()
+    assert len(list((root / "base-models").iterdir())) == 1
+
+
+def test_export_merges_an_adapter_into_its_base(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "export")
+    finetune(tmp_path, "run", str(config), *small("export", steps=4, chunks=2), "--set", "peft_conf.peft_kwargs.r=!list [4]",
+             "--set", "training_args.learning_rate=!list [1e-3]")
+    root = tmp_path / "runs" / "export"
+    (run_id,) = states(root)
+    assert not (root / "runs" / run_id / "checkpoint-merged").exists()
+    result = finetune(tmp_path, "export", str(root), run_id, "--merged")
+    merged = root / "runs" / run_id / "checkpoint-merged"
+    assert str(merged) in result.stdout
+    assert not (merged / "adapter_config.json").exists() and (merged / "config.json").is_file()
+    generate_from(merged)
 
 
 def start_experiment(tmp_path: Path, args: list[str]) -> subprocess.Popen:

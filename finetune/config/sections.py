@@ -250,7 +250,8 @@ class RunConfig(Strict):
     use_fast_tokenizer: bool = True
     resume_from_checkpoint: Union[bool, str] = Field(
         default=False,
-        description="A path: the training checkpoint (HF format) each run's first chunk starts from. "
+        description="A path: a checkpoint (HF format, or a finetune chunk-K) whose weights, and optimizer and scheduler "
+        "state where present, each run starts from. "
         "auto, true and false change nothing: finetune always continues a run from its last durable chunk",
     )
     final_checkpoint_name: str = Field(default="checkpoint-final", description="Name of the final checkpoint")
@@ -338,9 +339,41 @@ class ExperimentConfig(Strict):
     max_eval_samples: int | None = Field(
         default=None, gt=0, description="Evaluate on a fixed subset of at most this many validation examples"
     )
-    devices: Union[Literal["auto", "cpu"], list[int]] = Field(
-        default="auto", description="auto (every visible GPU, else the CPU), cpu, or a list of GPU ordinals"
+    devices: Union[Literal["auto", "cpu"], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, json_schema_extra={"uniqueItems": True})]] = Field(
+        default="auto", description="auto (every visible GPU, else the CPU), cpu, or a list of GPU ordinals, each once"
     )
+    runs_per_device: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
+        default=1,
+        description="Runs trained at once on each GPU, each in its own worker process; auto: as many as the GPU's "
+        "memory allows by the footprint measured on the first chunk (at most 8). Always 1 on the CPU",
+    )
+    gpu_state_budget_gb: float | None = Field(
+        default=None, gt=0,
+        description="GPU memory a worker keeps runs' state in between their chunks (adapters, optimizer moments); "
+        "beyond it state moves to pinned CPU memory. Default: a quarter of the GPU, shared by its workers",
+    )
+    cpu_state_budget_gb: float | None = Field(
+        default=None, gt=0,
+        description="CPU memory a worker keeps runs' state in; beyond it a run is read back from its last durable "
+        "checkpoint when its turn comes. Default: half the free memory, shared by the workers",
+    )
+    save_merged_model: bool = Field(
+        default=False,
+        description="Also write each adapter run's adapter merged into its base model (checkpoint-merged); "
+        "otherwise `finetune export EXP RUN --merged` does it on request",
+    )
+
+    @field_validator("devices")
+    @classmethod
+    def _each_device_once(cls, devices: Any) -> Any:
+        if isinstance(devices, list):
+            repeated = sorted({device for device in devices if devices.count(device) > 1})
+            if repeated:
+                raise ValueError(
+                    f"GPU {', '.join(map(str, repeated))} is listed more than once; list each GPU once and set "
+                    "experiment.runs_per_device to train several runs on one GPU"
+                )
+        return devices
 
 
 class GridSweep(Strict):

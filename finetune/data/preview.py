@@ -21,7 +21,7 @@ def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int]) -> Text
 
 
 def preview(config_tree: dict[str, Any], count: int, console: Console) -> None:
-    from finetune.schedule.worker import quiet_libraries
+    from finetune.runtime import quiet_libraries
     from finetune.train.model import load_tokenizer
 
     quiet_libraries()

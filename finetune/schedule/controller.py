@@ -1,145 +1,41 @@
 """The controller: owns the plan, the policy and the state store; feeds (run, chunk) tasks to workers.
 
-Kill it at any moment: `finetune run --resume` (or the same command again) continues every
-run from its last durable chunk, since a chunk counts only once the store has recorded it.
+A chunk has two moments. `chunk_done`: the worker trained and evaluated it and is free for the
+next task, so the policy decides at once. `chunk_durable`: its checkpoint is on disk, and only
+then does the state store record it. Kill the controller at any moment: `finetune run --resume`
+continues every run from its last durable chunk.
 """
 
 from __future__ import annotations
 
 import json
-import multiprocessing
 import queue
 import shutil
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Protocol
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.policy import RunView, SuccessiveHalving, next_task
+from finetune.schedule.policy import RunView, SuccessiveHalving, next_task, slots_for
+from finetune.schedule.pool import WorkerHandle, WorkerPool
+from finetune.schedule.preparation import initial_checkpoint
 from finetune.schedule.store import StateStore
 
 POLL_SECONDS = 0.2
 
 
-class ExperimentError(RuntimeError):
-    pass
+class Tracker(Protocol):
+    """What the controller needs of experiment tracking (`finetune.track.mlflow_tracker.Tracker`)."""
 
+    uri: str
 
-def experiment_dir(plan: RunPlan) -> Path:
-    return Path(plan.output_dir) / plan.experiment
-
-
-def resolve_devices(setting: Any) -> list[str]:
-    if setting == "cpu":
-        return ["cpu"]
-    import torch
-
-    if setting == "auto":
-        count = torch.cuda.device_count()
-        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
-    return [f"cuda:{index}" for index in setting]
-
-
-# ---------------------------------------------------------------- exact sizes before training
-
-
-def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
-    """Prepare (and cache) each data setting once, then derive steps and chunks from the real sizes."""
-    from finetune.data.pipeline import prepare_data, prepare_tokenizer
-    from finetune.plan.derive import derive
-    from finetune.train.chunks import base_key
-    from finetune.train.model import load_tokenizer
-
-    tokenizers: dict[str, Any] = {}
-    runs = []
-    failed: dict[str, str] = {}
-    for run in plan.runs:
-        config = CONFIG_ADAPTER.validate_python(run.config)
-        key = base_key(config)
-        try:
-            if key not in tokenizers:
-                tokenizer = load_tokenizer(config)
-                prepare_tokenizer(tokenizer, config.data_conf)
-                tokenizers[key] = tokenizer
-            stats = prepare_data(config, tokenizers[key], root / "cache").stats
-            run = run.model_copy(update={"derived": derive(config, stats.train_examples, run.derived.num_processes)})
-        except Exception as error:  # a run whose model or data cannot be prepared fails alone
-            failed[run.run_id] = f"{type(error).__name__}: {error}"
-        runs.append(run)
-    return plan.model_copy(update={"runs": runs, "failed": failed})
-
-
-def initial_checkpoint(config: Any) -> str | None:
-    """`run_conf.resume_from_checkpoint` as a path: the HF checkpoint a run's first chunk starts from.
-
-    `auto`, true and false need nothing here: every run always continues from its last durable chunk.
-    """
-    value = config.run_conf.resume_from_checkpoint
-    if not isinstance(value, str) or value.lower() in ("auto", "true", "false"):
-        return None
-    if not (Path(value) / "trainer_state.json").is_file():
-        raise ExperimentError(f"run_conf.resume_from_checkpoint: {value} is not a training checkpoint (no trainer_state.json)")
-    return value
-
-
-def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
-    saved = root / "plan.json"
-    if saved.is_file():
-        existing = RunPlan.model_validate_json(saved.read_text())
-        original = {run.run_id for run in existing.runs if run.parent_run_id is None}
-        if resume or original == {run.run_id for run in plan.runs}:
-            return existing
-        raise ExperimentError(
-            f"{root} already holds an experiment with other runs; use --resume to continue it, "
-            "or give experiment.name another value"
-        )
-    if resume:
-        raise ExperimentError(f"nothing to resume: {saved} does not exist")
-    final = finalize_plan(plan, root)
-    write_json_atomic(saved, final.model_dump(mode="json"))
-    return final
-
-
-# ---------------------------------------------------------------- the controller
-
-
-@dataclass
-class WorkerHandle:
-    device: str
-    process: Any
-    tasks: Any
-    busy_with: str | None = None
-    resident_keys: set[str] = field(default_factory=set)
-
-
-class WorkerPool:
-    """One worker process per device, started early so that their imports overlap the controller's set-up."""
-
-    def __init__(self, devices: list[str], root: Path) -> None:
-        self.root = root
-        self.context = multiprocessing.get_context("spawn")
-        self.results = self.context.Queue()
-        self.workers = [self.spawn(device) for device in devices]
-
-    def spawn(self, device: str) -> WorkerHandle:
-        from finetune.schedule.worker import worker_main
-
-        tasks = self.context.Queue()
-        process = self.context.Process(target=worker_main, args=(device, str(self.root), tasks, self.results), daemon=True)
-        process.start()
-        return WorkerHandle(device, process, tasks)
-
-    def stop(self) -> None:
-        for worker in self.workers:
-            if worker.process.is_alive():
-                worker.tasks.put(None)
-        for worker in self.workers:
-            worker.process.join(timeout=30)
-            if worker.process.is_alive():
-                worker.process.terminate()
+    def parent_run(self, known_id: str | None) -> str: ...
+    def child_run(self, parent_id: str, run: PlannedRun) -> str: ...
+    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
+    def log_artifacts(self, run_id: str, directory: str) -> None: ...
+    def finish(self, run_id: str, status: str) -> None: ...
 
 
 @dataclass
@@ -147,23 +43,23 @@ class Controller:
     plan: RunPlan
     root: Path
     store: StateStore
-    tracker: Any
+    tracker: Tracker
     pool: WorkerPool
     on_change: Callable[[], None] = lambda: None
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
     base_keys: dict[str, str] = field(default_factory=dict)
     configs: dict[str, Any] = field(default_factory=dict)
     parent_mlflow_id: str | None = None
+    trained: dict[str, int] = field(default_factory=dict)  # chunks trained per run, durable or not
+    homes: dict[str, str] = field(default_factory=dict)  # run -> worker holding its state
+    done_chunks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # awaiting durability
+    durable_first: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
 
     # ------------------------------------------------------------ set-up
 
     @property
     def workers(self) -> list[WorkerHandle]:
         return self.pool.workers
-
-    @property
-    def results(self) -> Any:
-        return self.pool.results
 
     def start(self) -> None:
         for row in self.store.runs():
@@ -180,18 +76,19 @@ class Controller:
 
     def _register(self, run: PlannedRun) -> None:
         """Add a run to the store, validating its config once for the whole experiment."""
-        from finetune.train.chunks import base_key
+        from finetune.train.workbench import base_key
 
         self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
         self.configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
         self.base_keys[run.run_id] = base_key(self.configs[run.run_id])
+        self.trained[run.run_id] = self.store.run(run.run_id).chunks_done
 
     def _setup_sha(self) -> None:
         for group, sweep in enumerate(self.plan.sweeps):
             if sweep.get("strategy") == "successive_halving":
                 self.sha[group] = SuccessiveHalving(
                     metric=sweep.get("metric", "eval_loss"),
-                    direction=sweep.get("direction", "minimize"),
+                    direction={"min": "minimize", "max": "maximize"}.get(sweep.get("direction", "minimize"), sweep.get("direction", "minimize")),
                     min_chunks=sweep.get("min_chunks", 1),
                     max_chunks=sweep.get("max_chunks") or self.plan.num_chunks,
                     reduction_factor=sweep.get("reduction_factor", 2),
@@ -223,27 +120,31 @@ class Controller:
         while True:
             self._apply_requests()
             self._dispatch()
-            if not any(worker.busy_with for worker in self.workers) and self._nothing_left():
+            if not any(worker.busy_with for worker in self.workers) and not self.done_chunks and self._nothing_left():
                 break
-            self._drain(block=True)
+            self._drain()
             self._check_workers()
         self._finish_tracking()
 
     def _views(self) -> list[RunView]:
         views = []
+        durable = {row.run_id: row.chunks_done for row in self.store.runs()}
         for row in self.store.runs():
             run = self._planned(row.run_id)
             if run is None:
                 continue
             runnable = row.state in ("pending", "running")
-            views.append(RunView(row.run_id, row.position, row.chunks_done, row.total_chunks, runnable, self.base_keys.get(row.run_id, ""), run.group))
+            trained = self.trained.get(row.run_id, row.chunks_done)
+            views.append(RunView(row.run_id, row.position, trained, row.total_chunks, runnable, self.base_keys.get(row.run_id, ""),
+                                 run.group, self.homes.get(row.run_id), trained == durable[row.run_id]))
         return views
 
     def _nothing_left(self) -> bool:
-        return next_task(self._views(), set(), set()) is None
+        return all(next_task(self._views(), set(), worker.worker_id, set()) is None for worker in self.workers[:1])
 
     def busy(self, run_id: str) -> bool:
-        return any(worker.busy_with == run_id for worker in self.workers)
+        """Training a chunk, or a trained chunk not yet durable."""
+        return any(worker.busy_with == run_id for worker in self.workers) or any(key[0] == run_id for key in self.done_chunks)
 
     def add_run(self, run: PlannedRun) -> None:
         self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
@@ -255,36 +156,40 @@ class Controller:
     def _dispatch(self) -> None:
         busy = {worker.busy_with for worker in self.workers if worker.busy_with}
         for worker in self.workers:
-            if worker.busy_with:
+            if worker.busy_with or not worker.process.is_alive():
                 continue
-            task = next_task(self._views(), busy, worker.resident_keys)
+            task = next_task(self._views(), busy, worker.worker_id, worker.resident_keys)
             if task is None:
-                return
+                continue
             run = self._planned(task.run_id)
             assert run is not None
             row = self.store.run(task.run_id)
             config = self.configs[task.run_id]
+            total = len(run.derived.chunk_steps or [])
+            every = config.experiment.eval_every_chunks
             worker.tasks.put(
                 {"run": run.model_dump(mode="json"), "chunk": task.chunk,
                  "resume_from": row.last_checkpoint or initial_checkpoint(config),
-                 "max_eval_samples": config.experiment.max_eval_samples}
+                 "max_eval_samples": config.experiment.max_eval_samples,
+                 "evaluate": (task.chunk + 1) % every == 0 or task.chunk == total - 1}
             )
             worker.busy_with = task.run_id
             worker.resident_keys.add(self.base_keys[task.run_id])
+            self.homes[task.run_id] = worker.worker_id
             busy.add(task.run_id)
             self.store.set_state(task.run_id, "running")
-            self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device)
+            self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id)
             self.on_change()
 
-    def _drain(self, block: bool) -> None:
+    def _drain(self) -> None:
         try:
-            message = self.results.get(timeout=POLL_SECONDS if block else 0)
+            message = self.pool.results.get(timeout=POLL_SECONDS)
         except queue.Empty:
             return
         while True:
             self._handle(message)
             try:
-                message = self.results.get_nowait()
+                message = self.pool.results.get_nowait()
             except queue.Empty:
                 return
 
@@ -297,57 +202,90 @@ class Controller:
                 self.tracker.log_metrics(mlflow_id, message["step"], message["metrics"])
         elif kind == "chunk_done":
             self._chunk_done(message)
-        elif kind == "failed":
-            self._release(message["device"])
-            self.store.set_state(message["run_id"], "failed", message["error"])
-            self.store.event("run_failed", message["run_id"], error=message["error"], traceback=message["traceback"])
-            self._end_mlflow(message["run_id"], "FAILED")
+        elif kind == "chunk_durable":
+            self._chunk_durable(message)
+        elif kind in ("failed", "write_failed"):
+            self._run_failed(message)
         self.on_change()
+
+    def _run_failed(self, message: dict[str, Any]) -> None:
+        run_id = message["run_id"]
+        if message["type"] == "failed":
+            self._release(message["worker"])
+        self.done_chunks = {key: value for key, value in self.done_chunks.items() if key[0] != run_id}
+        self.store.set_state(run_id, "failed", message["error"])
+        self.store.event("run_failed", run_id, error=message["error"], traceback=message.get("traceback"))
+        self._end_mlflow(run_id, "FAILED")
 
     def _chunk_done(self, message: dict[str, Any]) -> None:
         run_id, chunk = message["run_id"], message["chunk"]
-        previous = self.store.run(run_id).last_checkpoint
-        self.store.record_chunk(
-            run_id, chunk, message["global_step"], message["checkpoint"], message["metrics"], message["seconds"], message["step_seconds"]
-        )
-        self._release(message["device"])
-        self.store.event("chunk_done", run_id, chunk=chunk, step=message["global_step"], metrics=message["metrics"], seconds=message["seconds"])
-        if previous and previous != message["checkpoint"]:
-            shutil.rmtree(previous, ignore_errors=True)
+        self._release(message["worker"])
+        self.trained[run_id] = max(self.trained.get(run_id, 0), chunk + 1)
+        self.store.event("chunk_done", run_id, chunk=chunk, step=message["global_step"], metrics=message["metrics"],
+                         seconds=message["seconds"], step_seconds=message["step_seconds"], eval_seconds=message["eval_seconds"])
+        self._grow_slots(message)
+        self.done_chunks[(run_id, chunk)] = message
         row = self.store.run(run_id)
         if row.state == "running":
             self.store.set_state(run_id, "pending")
-        if row.chunks_done >= row.total_chunks:
-            self.store.set_state(run_id, "completed")
-            self.store.event("run_completed", run_id, final_checkpoint=message.get("final_checkpoint"))
-            self._end_mlflow(run_id, "FINISHED", message.get("final_checkpoint"))
-            return
         run = self._planned(run_id)
         policy = self.sha.get(run.group) if run else None
-        if policy is not None and row.state in ("pending", "running"):
-            decision, detail = policy.on_result(run_id, row.chunks_done, message["metrics"])
+        if policy is not None and row.state in ("pending", "running") and chunk + 1 < row.total_chunks:
+            decision, detail = policy.on_result(run_id, chunk + 1, message["metrics"])
             if detail:
                 self.store.event(f"sha_{decision}", run_id, **detail)
             if decision == "stop":
                 self.store.set_state(run_id, "stopped")
                 self._end_mlflow(run_id, "KILLED")
+        if (early := self.durable_first.pop((run_id, chunk), None)) is not None:
+            self._chunk_durable(early)
 
-    def _release(self, device: str) -> None:
+    def _chunk_durable(self, message: dict[str, Any]) -> None:
+        """Record a chunk whose checkpoint is on disk (its `chunk_done` may still be on its way)."""
+        run_id, chunk = message["run_id"], message["chunk"]
+        done = self.done_chunks.pop((run_id, chunk), None)
+        if done is None:
+            self.durable_first[(run_id, chunk)] = message
+            return
+        previous = self.store.run(run_id).last_checkpoint
+        self.store.record_chunk(run_id, chunk, done["global_step"], message["checkpoint"], done["metrics"], done["seconds"],
+                                done["step_seconds"], done["eval_seconds"])
+        if previous and previous != message["checkpoint"]:
+            shutil.rmtree(previous, ignore_errors=True)
+        self.store.event("chunk_durable", run_id, chunk=chunk, bytes=_directory_bytes(Path(message["checkpoint"])))
+        row = self.store.run(run_id)
+        if row.chunks_done >= row.total_chunks:
+            self.store.set_state(run_id, "completed")
+            self.store.event("run_completed", run_id, final_checkpoint=message.get("final_checkpoint"))
+            self._end_mlflow(run_id, "FINISHED", message.get("final_checkpoint"))
+
+    def _grow_slots(self, message: dict[str, Any]) -> None:
+        """`runs_per_device: auto`: after the first chunk on a GPU, add slots for what its memory allows."""
+        worker = self.pool.worker(message["worker"])
+        if not message.get("total_memory"):
+            return
+        runnable = sum(view.runnable and view.chunks_done < view.total_chunks for view in self._views())
+        slots = slots_for(message["total_memory"], message["peak_memory"], runnable)
+        for added in self.pool.grow(worker.device, slots):
+            self.store.event("slot_added", None, device=added.device, worker=added.worker_id, footprint=message["peak_memory"])
+
+    def _release(self, worker_id: str) -> None:
         for worker in self.workers:
-            if worker.device == device:
+            if worker.worker_id == worker_id:
                 worker.busy_with = None
 
     def _end_mlflow(self, run_id: str, status: str, final_checkpoint: str | None = None) -> None:
         row = self.store.run(run_id)
         if row.mlflow_run_id:
-            run = self._planned(run_id)
-            if final_checkpoint and run is not None:
+            if final_checkpoint and run_id in self.configs:
                 tracking = self.configs[run_id].tracking
                 if tracking is not None and tracking.log_artifacts:
                     self.tracker.log_artifacts(row.mlflow_run_id, final_checkpoint)
             self.tracker.finish(row.mlflow_run_id, status)
 
     def _check_workers(self) -> None:
+        """A dead worker (killed, out of memory) fails the run it was training; the runs it held in
+        memory continue elsewhere from their last durable chunk."""
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
@@ -356,7 +294,20 @@ class Controller:
                 self.store.set_state(worker.busy_with, "failed", error)
                 self.store.event("run_failed", worker.busy_with, error=error)
                 self._end_mlflow(worker.busy_with, "FAILED")
-            self.workers[index] = self.pool.spawn(worker.device)
+            for run_id in [run for run, home in self.homes.items() if home == worker.worker_id]:
+                self._forget_progress(run_id)
+            self.workers[index] = self.pool.spawn(worker.device, replacing=worker.worker_id)
+
+    def _forget_progress(self, run_id: str) -> None:
+        self.homes.pop(run_id, None)
+        self.done_chunks = {key: value for key, value in self.done_chunks.items() if key[0] != run_id}
+        row = self.store.run(run_id)
+        self.trained[run_id] = row.chunks_done
+        self.store.forget_metrics_after(run_id, self._durable_step(run_id, row.chunks_done))
+
+    def _durable_step(self, run_id: str, chunks: int) -> int:
+        run = self._planned(run_id)
+        return sum((run.derived.chunk_steps or [])[:chunks]) if run else 0
 
     def _finish_tracking(self) -> None:
         if self.parent_mlflow_id:
@@ -374,3 +325,7 @@ class Controller:
             self.store.finish_request(request_id, status)
             self.store.event(f"ctl_{kind}", run_id, status=status, **payload)
             self.on_change()
+
+
+def _directory_bytes(directory: Path) -> int:
+    return sum(path.stat().st_size for path in directory.iterdir() if path.is_file()) if directory.is_dir() else 0

@@ -11,19 +11,14 @@ from rich.live import Live
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
-from finetune.schedule.controller import (
-    Controller,
-    WorkerPool,
-    experiment_dir,
-    initial_checkpoint,
-    load_or_create_plan,
-    resolve_devices,
-)
+from finetune.schedule.controller import Controller, Tracker
 from finetune.schedule.display import runs_table
+from finetune.schedule.pool import MemorySettings, WorkerPool, resolve_devices
+from finetune.schedule.preparation import experiment_dir, initial_checkpoint, load_or_create_plan
 from finetune.schedule.store import StateStore
 
-
 REDRAW_SECONDS = 0.5
+TrackerFactory = Callable[[Path, RunPlan], Tracker]
 
 
 class Throttled:
@@ -39,10 +34,9 @@ class Throttled:
             self.action()
 
 
-def run_experiment(plan: RunPlan, console: Console, resume_dir: Path | None = None) -> Path:
+def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
     """Train the plan in its experiment directory (or continue the one in `resume_dir`)."""
-    from finetune.schedule.worker import quiet_libraries
-    from finetune.track.mlflow_tracker import Tracker, tracking_uri
+    from finetune.runtime import quiet_libraries
     from finetune.train.model import check_quantization
 
     quiet_libraries()
@@ -55,18 +49,13 @@ def run_experiment(plan: RunPlan, console: Console, resume_dir: Path | None = No
     started = time.perf_counter()
     devices = resolve_devices(first.experiment.devices)
     root.mkdir(parents=True, exist_ok=True)
-    pool = WorkerPool(devices, root)
+    settings = first.experiment
+    pool = WorkerPool(devices, settings.runs_per_device, root, MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb))
     try:
         with console.status("preparing data (tokenised once per data setting)..."):
             plan = load_or_create_plan(plan, root, resume=resume_dir is not None)
         store = StateStore(root / "state.db")
-        tracking = first.tracking
-        tracker = Tracker(
-            tracking_uri(tracking, root),
-            tracking.experiment_name if tracking else plan.experiment,
-            root / "mlartifacts",
-            tracking.run_name if tracking else None,
-        )
+        tracker = make_tracker(root, plan)
         title = f"{plan.experiment} on {', '.join(devices)}"
         with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:
             redraw = Throttled(lambda: live.update(runs_table(store, title)), REDRAW_SECONDS)

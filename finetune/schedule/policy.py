@@ -19,11 +19,13 @@ class RunView:
 
     run_id: str
     position: int
-    chunks_done: int
+    chunks_done: int  # trained, durable or not
     total_chunks: int
     runnable: bool = True
     base_key: str = ""
     group: int = 0
+    home: str | None = None  # the worker holding its state in memory
+    durable: bool = True  # every trained chunk is on disk, so another worker can take it up
 
 
 @dataclass(frozen=True)
@@ -32,16 +34,29 @@ class Task:
     chunk: int
 
 
-def next_task(runs: list[RunView], busy: set[str], resident_keys: set[str]) -> Task | None:
-    """Fewest chunks done first (fair turns); among equals, a run whose base model is already
-    loaded on this worker, then plan order."""
+def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
+    """What `worker` trains next: fewest chunks done first (fair turns); among equals a run already
+    resident on this worker, then one whose base model it has loaded, then plan order.
+
+    A run resident on another worker is taken over only once its chunks are durable there.
+    """
     candidates = [
-        run for run in runs if run.runnable and run.run_id not in busy and run.chunks_done < run.total_chunks
+        run for run in runs
+        if run.runnable and run.run_id not in busy and run.chunks_done < run.total_chunks
+        and (run.home in (None, worker) or run.durable)
     ]
     if not candidates:
         return None
-    best = min(candidates, key=lambda run: (run.chunks_done, run.base_key not in resident_keys, run.position))
+    best = min(candidates, key=lambda run: (run.chunks_done, run.home != worker, run.base_key not in resident_keys, run.position))
     return Task(best.run_id, best.chunks_done)
+
+
+def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: float = 0.9, most: int = 8) -> int:
+    """How many runs one GPU trains at once (`runs_per_device: auto`): as many as fit by the
+    footprint measured on the first chunk, at most one per runnable run and `most`."""
+    if total_bytes <= 0 or footprint_bytes <= 0:
+        return 1
+    return max(1, min(most, runnable, int(total_bytes * headroom // footprint_bytes)))
 
 
 @dataclass

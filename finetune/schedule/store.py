@@ -24,7 +24,7 @@ CREATE TABLE IF NOT EXISTS runs (
 CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, chunk INTEGER NOT NULL, global_step INTEGER NOT NULL,
     checkpoint TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL, step_seconds REAL NOT NULL,
-    finished_at REAL NOT NULL,
+    finished_at REAL NOT NULL, eval_seconds REAL NOT NULL DEFAULT 0,
     PRIMARY KEY (run_id, chunk)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -67,6 +67,9 @@ class StateStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
+        if "eval_seconds" not in columns:  # a state store written before evaluation was timed apart
+            self._db.execute("ALTER TABLE chunks ADD COLUMN eval_seconds REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._db.close()
@@ -117,28 +120,35 @@ class StateStore:
     # ------------------------------------------------------------ chunks and metrics
 
     def record_chunk(
-        self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float, step_seconds: float
+        self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float,
+        step_seconds: float, eval_seconds: float = 0.0,
     ) -> None:
         """Make a chunk durable; its checkpoint must already be complete on disk.
 
-        `seconds` is the chunk's wall time on its worker, `step_seconds` the part spent in optimizer steps.
+        `seconds` is the chunk's wall time on its worker, `step_seconds` the part spent in optimizer
+        steps and `eval_seconds` in evaluation; the rest is switching and bookkeeping.
         """
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO chunks VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time()),
+                "INSERT INTO chunks (run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at, eval_seconds) "
+                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time(), eval_seconds),
             )
 
     def chunk_rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        query = "SELECT run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at FROM chunks"
+        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "step_seconds", "finished_at", "eval_seconds")
+        query = f"SELECT {', '.join(keys)} FROM chunks"
         rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
-        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "step_seconds", "finished_at")
         return [dict(zip(keys, row)) | {"metrics": json.loads(row[4])} for row in rows]
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         self._db.executemany(
             "INSERT INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
         )
+
+    def forget_metrics_after(self, run_id: str, step: int) -> None:
+        """Drop metrics of steps that were lost with a worker; they are logged again when retrained."""
+        self._db.execute("DELETE FROM metrics WHERE run_id = ? AND step > ?", (run_id, step))
 
     def latest_metric(self, name: str) -> dict[str, float]:
         rows = self._db.execute(

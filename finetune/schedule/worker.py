@@ -1,95 +1,55 @@
-"""A worker process: one per device. It keeps base models resident and trains (run, chunk) tasks.
+"""A worker process: one per device slot. It keeps runs resident and trains (run, chunk) tasks.
 
 The transport is a pair of multiprocessing queues of plain dicts; a Ray actor per GPU would
-take the same messages (this is the seam for many machines).
+take the same messages (this is the seam for many machines). Messages out: `metrics`,
+`chunk_done` (trained and evaluated; the worker is free), `chunk_durable` (its checkpoint is on
+disk), `failed`, `write_failed`, `worker_exit`.
 """
 
 from __future__ import annotations
 
-import os
 import traceback
-from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
-MAX_RESIDENT_BASES = 2
 
-
-def quiet_libraries() -> None:
-    import logging
-    import warnings
-
-    warnings.filterwarnings("ignore")
-    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "mlflow", "alembic"):
-        logging.getLogger(name).setLevel(logging.ERROR)
-    try:
-        import datasets
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
-        datasets.disable_progress_bars()
-    except ImportError:
-        pass
-
-
-def freeze_long_lived_objects() -> None:
-    """Move every object alive now (libraries, resident models) out of the garbage collector's scans.
-
-    Trainers call `gc.collect()` after each `train()`, once per chunk; without this each call
-    rescans every object of torch, transformers and the loaded models.
-    """
-    import gc
-
-    gc.collect()
-    gc.freeze()
-
-
-def worker_main(device: str, experiment_dir: str, tasks: Any, results: Any) -> None:
-    """Serve tasks until a None arrives. Each task: {run, chunk, resume_from, max_eval_samples}.
+def worker_main(worker_id: str, device: str, experiment_dir: str, budgets: dict[str, int], tasks: Any, results: Any) -> None:
+    """Serve tasks until a None arrives. Each task: {run, chunk, resume_from, max_eval_samples, evaluate}.
 
     The ML stack is imported first, while the controller is still preparing the plan.
     """
+    from finetune.runtime import freeze_long_lived_objects, quiet_libraries
+
     quiet_libraries()
     import peft  # noqa: F401
     import trl  # noqa: F401
 
     from finetune.config.validation import CONFIG_ADAPTER
     from finetune.plan.model import PlannedRun
-    from finetune.train.chunks import base_key, load_resident, train_chunk
+    from finetune.train.residency import Budgets
+    from finetune.train.workbench import Workbench
 
     freeze_long_lived_objects()
 
-    root = Path(experiment_dir)
-    residents: OrderedDict[str, Any] = OrderedDict()
+    def sink(run_id: str, step: int, metrics: dict[str, float]) -> None:
+        results.put({"type": "metrics", "run_id": run_id, "step": step, "metrics": metrics})
+
+    def on_durable(message: dict[str, Any]) -> None:
+        results.put({**message, "worker": worker_id})
+
+    bench = Workbench(Path(experiment_dir), device, Budgets(**budgets), sink=sink, on_durable=on_durable)
     configs: dict[str, Any] = {}
     while (task := tasks.get()) is not None:
         run = PlannedRun.model_validate(task["run"])
         try:
             if run.run_id not in configs:
                 configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
-            config = configs[run.run_id]
-            key = base_key(config)
-            if key not in residents:
-                while len(residents) >= MAX_RESIDENT_BASES:
-                    residents.popitem(last=False)
-                residents[key] = load_resident(config, device)
-                freeze_long_lived_objects()
-            residents.move_to_end(key)
-
-            def sink(run_id: str, step: int, metrics: dict[str, float]) -> None:
-                results.put({"type": "metrics", "run_id": run_id, "step": step, "metrics": metrics})
-
-            import time
-
-            started = time.perf_counter()
-            outcome = train_chunk(
-                run, config, task["chunk"], task["resume_from"], residents[key], root / "runs" / run.run_id,
-                root / "cache", device, task["max_eval_samples"], sink,
-            )
-            results.put({"type": "chunk_done", "device": device, "seconds": time.perf_counter() - started, **outcome.__dict__})
+            outcome = bench.train_chunk(run, configs[run.run_id], task["chunk"], task["resume_from"],
+                                        task["max_eval_samples"], task.get("evaluate", True))
+            results.put({"type": "chunk_done", "worker": worker_id, **outcome.__dict__})
         except Exception as error:  # a bad run fails alone; the worker goes on
-            results.put({"type": "failed", "device": device, "run_id": run.run_id, "error": f"{type(error).__name__}: {error}",
-                         "traceback": traceback.format_exc()})
-    results.put({"type": "worker_exit", "device": device})
+            bench.close(run.run_id)
+            results.put({"type": "failed", "worker": worker_id, "run_id": run.run_id,
+                         "error": f"{type(error).__name__}: {error}", "traceback": traceback.format_exc()})
+    bench.writer.close()
+    results.put({"type": "worker_exit", "worker": worker_id})

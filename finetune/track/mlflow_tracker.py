@@ -84,3 +84,16 @@ class Tracker:
 
     def finish(self, mlflow_run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(mlflow_run_id, status=status)
+
+
+def tracker_for(root: Path, plan: Any) -> Tracker:
+    """The experiment's MLflow tracker, from the first run's `tracking` section (or the defaults)."""
+    from finetune.config.validation import CONFIG_ADAPTER
+
+    tracking = CONFIG_ADAPTER.validate_python(plan.runs[0].config).tracking
+    return Tracker(
+        tracking_uri(tracking, root),
+        tracking.experiment_name if tracking else plan.experiment,
+        root / "mlartifacts",
+        tracking.run_name if tracking else None,
+    )

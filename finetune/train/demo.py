@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import random
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -89,24 +90,39 @@ def build_tokenizer(texts: list[str], vocab_size: int = 512) -> Any:
     return PreTrainedTokenizerFast(tokenizer_object=backend, **SPECIAL)
 
 
-def build_model(tokenizer: Any, seed: int = 0) -> Any:
+@dataclass(frozen=True)
+class ModelShape:
+    """A Llama-shaped model's size: the demo's is tiny; the GPU benchmark's presets are ~0.7 B and ~3 B."""
+
+    hidden_size: int = 64
+    intermediate_size: int = 128
+    num_hidden_layers: int = 2
+    num_attention_heads: int = 4
+    num_key_value_heads: int = 2
+
+
+DEMO_SHAPE = ModelShape()
+
+
+def build_model(tokenizer: Any, seed: int = 0, shape: ModelShape = DEMO_SHAPE, dtype: str = "float32") -> Any:
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
     config = LlamaConfig(
         vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
+        hidden_size=shape.hidden_size,
+        intermediate_size=shape.intermediate_size,
+        num_hidden_layers=shape.num_hidden_layers,
+        num_attention_heads=shape.num_attention_heads,
+        num_key_value_heads=shape.num_key_value_heads,
+        max_position_embeddings=2048,
         bos_token_id=tokenizer.bos_token_id,
         eos_token_id=tokenizer.eos_token_id,
         tie_word_embeddings=False,
+        dtype=dtype,
     )
-    return LlamaForCausalLM(config)
+    return LlamaForCausalLM(config).to(getattr(torch, dtype))
 
 
 def write_jsonl(path: Path, records: list[dict[str, Any]]) -> None:

@@ -1,0 +1,188 @@
+"""4 LoRA configs on one GPU: hand-written TRL scripts one after another vs `finetune run`.
+
+No model hub: a Llama-shaped model with random weights is built locally at a preset size
+(`--preset 0.7b` or `3b`; `tiny` runs anywhere, `--device cpu` included), with long synthetic chat
+data (a few hundred tokens per example). Then the same 4 LoRA configs (r x learning rate) train
+(a) as the TRL script `plain_trl_sft.py`, one process after another (or, with `--extrapolate`, one
+measured run times 4), and (b) with `finetune run`, 8 chunks each, `runs_per_device` slots.
+
+Prints side by side: time until every config has its first evaluation (and the ratio to the ideal
+of one slot, 6.25x for 4 x 8 chunks), total time, per-chunk seconds of optimizer steps, evaluation
+and everything else, bytes written per chunk, and how busy the GPU was (nvidia-smi, sampled).
+
+Run on a GPU machine: python benchmarks/gpu_sweep.py --preset 0.7b --steps 400
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+CONFIGS = [(16, 1e-4), (16, 3e-4), (64, 1e-4), (64, 3e-4)]
+CHUNKS = 8
+PRESETS = {  # hidden, intermediate, layers, heads, kv heads
+    "tiny": (64, 128, 2, 4, 2),
+    "0.7b": (2048, 5632, 16, 16, 8),
+    "3b": (3072, 8192, 28, 24, 8),
+}
+
+CONFIG = """
+method: sft
+experiment: {{name: gpu-sweep, output_dir: {out}, num_chunks: {chunks}, max_eval_samples: 64, devices: {devices},
+             runs_per_device: {slots}}}
+data_conf:
+  training_data: {{type: CONCATENATION, datasets: [{{path: {train}}}]}}
+  validation_data: {{type: CONCATENATION, datasets: [{{path: {valid}}}]}}
+  chat_template_name: chat-ml
+  missing_pad_token_strategy: bos-repurpose
+training_args: {{learning_rate: !list {rates}, max_steps: {steps}, logging_steps: 10, seed: 42, bf16: {bf16}}}
+batchsize_conf: {{total_train_batch_size: {batch}, max_per_device_train_batch_size: {batch}}}
+peft_conf:
+  peft_type: LORA
+  peft_kwargs: {{r: !list {ranks}, lora_alpha: 16, target_modules: [q_proj, k_proj, v_proj, o_proj]}}
+run_conf: {{model: {model}, model_args: {{dtype: {dtype}}}}}
+sft_args: {{max_seq_length: {max_length}}}
+"""
+
+
+def build_inputs(work: Path, preset: str, dtype: str, examples: int) -> tuple[Path, Path, Path]:
+    """The model (random weights at the preset's shape) and long chat data, made locally."""
+    from finetune.train.demo import ModelShape, build_model, build_tokenizer, sft_records, write_jsonl
+
+    records = sft_records(examples * 20, seed=7)
+    conversations = []
+    for start in range(0, len(records), 20):  # 20 turns: a few hundred tokens
+        turns = [message for record in records[start : start + 20] for message in record["messages"] if message["role"] != "system"]
+        conversations.append({"messages": turns})
+    write_jsonl(work / "train.jsonl", conversations[: examples - 64])
+    write_jsonl(work / "valid.jsonl", conversations[examples - 64 :])
+    model_dir = work / f"model-{preset}"
+    if not (model_dir / "config.json").is_file():
+        tokenizer = build_tokenizer([m["content"] for c in conversations for m in c["messages"]])
+        model = build_model(tokenizer, shape=ModelShape(*PRESETS[preset]), dtype=dtype)
+        model.save_pretrained(model_dir)
+        tokenizer.save_pretrained(model_dir)
+        print(f"built a {sum(p.numel() for p in model.parameters()) / 1e9:.2f} B-parameter model in {model_dir}", flush=True)
+    return model_dir, work / "train.jsonl", work / "valid.jsonl"
+
+
+class GpuBusy:
+    """Samples nvidia-smi's utilization while a phase runs; None where there is no nvidia-smi."""
+
+    def __init__(self) -> None:
+        self.samples: list[float] = []
+        self.running = False
+        self.thread = threading.Thread(target=self._sample, daemon=True)
+
+    def _sample(self) -> None:
+        while self.running:
+            try:
+                out = subprocess.run(["nvidia-smi", "--query-gpu=utilization.gpu", "--format=csv,noheader,nounits", "-i", "0"],
+                                     capture_output=True, text=True, timeout=5).stdout
+                self.samples.append(float(out.strip().splitlines()[0]))
+            except (OSError, ValueError, IndexError, subprocess.TimeoutExpired):
+                return
+            time.sleep(0.5)
+
+    def __enter__(self) -> GpuBusy:
+        self.running = True
+        self.thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.running = False
+
+    @property
+    def percent(self) -> float | None:
+        return sum(self.samples) / len(self.samples) if self.samples else None
+
+
+def sequential(args: argparse.Namespace, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
+    measured = CONFIGS[:1] if args.extrapolate else CONFIGS
+    firsts, totals = [], []
+    for r, lr in measured:
+        start = time.time()
+        out = subprocess.run(
+            [sys.executable, str(HERE / "plain_trl_sft.py"), "--model", str(model), "--train", str(train), "--valid", str(valid),
+             "--r", str(r), "--lr", str(lr), "--steps", str(args.steps), "--eval-every", str(args.steps // CHUNKS),
+             "--batch", str(args.batch), "--max-length", str(args.max_length), "--device", args.device,
+             "--output", str(work / f"seq-{r}-{lr}")],
+            capture_output=True, text=True, check=True,
+        ).stdout
+        evals = [json.loads(line) for line in out.splitlines() if line.startswith('{"event": "eval"')]
+        firsts.append(evals[0]["time"] - start)
+        totals.append(time.time() - start)
+    if args.extrapolate:
+        firsts, totals = firsts * len(CONFIGS), totals * len(CONFIGS)
+    return {"first_comparison": sum(totals[:-1]) + firsts[-1], "total": sum(totals)}
+
+
+def with_finetune(args: argparse.Namespace, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
+    config = work / "sweep.yaml"
+    on_gpu = args.device == "cuda"
+    config.write_text(CONFIG.format(
+        out=work / "runs", chunks=CHUNKS, devices="[0]" if on_gpu else "cpu", slots=args.runs_per_device, train=train,
+        valid=valid, rates=sorted({lr for _, lr in CONFIGS}), ranks=sorted({r for r, _ in CONFIGS}), steps=args.steps,
+        bf16=str(on_gpu).lower(), batch=args.batch, model=model, dtype="bfloat16" if on_gpu else "float32", max_length=args.max_length,
+    ))
+    shutil.rmtree(work / "runs", ignore_errors=True)
+    start = time.time()
+    subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(config)], check=True, capture_output=True, cwd=work)
+    total = time.time() - start
+    db = sqlite3.connect(work / "runs" / "gpu-sweep" / "state.db")
+    firsts = [row[0] for row in db.execute("SELECT MIN(finished_at) FROM chunks GROUP BY run_id")]
+    wall, steps, evals, count = db.execute("SELECT SUM(seconds), SUM(step_seconds), SUM(eval_seconds), COUNT(*) FROM chunks").fetchone()
+    written = [json.loads(row[0])["bytes"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_durable'")]
+    slots = 1 + db.execute("SELECT COUNT(*) FROM events WHERE kind = 'slot_added'").fetchone()[0]
+    return {"first_comparison": max(firsts) - start, "total": total, "steps": steps / count, "eval": evals / count,
+            "rest": (wall - steps - evals) / count, "bytes": sum(written) / max(1, len(written)), "slots": slots}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", choices=sorted(PRESETS), default="0.7b")
+    parser.add_argument("--device", choices=["cuda", "cpu"], default="cuda")
+    parser.add_argument("--steps", type=int, default=400, help="optimizer steps per config")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=512)
+    parser.add_argument("--runs-per-device", default="auto", help="finetune's experiment.runs_per_device")
+    parser.add_argument("--extrapolate", action="store_true", help="time one sequential TRL run and count it 4 times")
+    parser.add_argument("--skip-sequential", action="store_true")
+    parser.add_argument("--work", type=Path, default=None)
+    args = parser.parse_args()
+    work = args.work or Path(tempfile.mkdtemp(prefix="finetune-gpu-sweep-"))
+    work.mkdir(parents=True, exist_ok=True)
+    inputs = build_inputs(work, args.preset, "bfloat16" if args.device == "cuda" else "float32", args.steps * args.batch + 64)
+    print(f"{len(CONFIGS)} LoRA configs, {args.steps} steps each, batch {args.batch} x <= {args.max_length} tokens, "
+          f"{CHUNKS} chunks; working in {work}", flush=True)
+    seq, seq_busy = None, None
+    if not args.skip_sequential:
+        with GpuBusy() as busy:
+            seq = sequential(args, *inputs, work)
+        seq_busy = busy.percent
+    with GpuBusy() as busy:
+        ft = with_finetune(args, *inputs, work)
+    ft_busy = busy.percent
+    print(f"\n{'':34}{'sequential TRL':>16}{'finetune':>12}{'ratio':>9}")
+    for key, label in (("first_comparison", "time to first comparison (s)"), ("total", "total time (s)")):
+        ratio = f"{seq[key] / ft[key]:8.2f}x" if seq else ""
+        print(f"{label:34}{(seq or {}).get(key, float('nan')):16.1f}{ft[key]:12.1f}{ratio}")
+    busy_text = lambda value: "n/a" if value is None else f"{value:.0f}%"  # noqa: E731
+    print(f"{'GPU busy':34}{busy_text(seq_busy):>16}{busy_text(ft_busy):>12}")
+    print(f"ideal first-comparison ratio with one slot for {len(CONFIGS)} x {CHUNKS} chunks: "
+          f"{(len(CONFIGS) - 1 + 1 / CHUNKS) / (len(CONFIGS) / CHUNKS):.2f}x; finetune ran {ft['slots']} slot(s)")
+    print(f"finetune per chunk: {ft['steps']:.3f}s optimizer steps, {ft['eval']:.3f}s evaluation, {ft['rest']:.3f}s else "
+          f"({100 * ft['rest'] / ft['steps']:.1f}% of step time); {ft['bytes'] / 1e6:.2f} MB written per chunk")
+
+
+if __name__ == "__main__":
+    main()

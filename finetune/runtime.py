@@ -1,0 +1,36 @@
+"""Process-wide set-up for commands and workers that load the ML stack."""
+
+from __future__ import annotations
+
+import os
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' own progress bars and warnings: `finetune` shows its own progress."""
+    import logging
+    import warnings
+
+    warnings.filterwarnings("ignore")
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "mlflow", "alembic"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+    try:
+        import datasets
+        import transformers
+
+        transformers.logging.set_verbosity_error()
+        transformers.logging.disable_progress_bar()
+        datasets.disable_progress_bars()
+    except ImportError:
+        pass
+
+
+def freeze_long_lived_objects() -> None:
+    """Move every object alive now (libraries, resident models) out of the garbage collector's scans.
+
+    Without this every collection rescans every object of torch, transformers and the loaded models.
+    """
+    import gc
+
+    gc.collect()
+    gc.freeze()

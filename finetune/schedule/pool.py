@@ -1,0 +1,107 @@
+"""Worker processes: one per device slot, `experiment.runs_per_device` slots on each GPU.
+
+Several workers on one GPU train several runs at once: a LoRA step of a small model leaves most
+of an H100 idle, and separate processes fill it without sharing a Python interpreter. With
+`runs_per_device: auto` each GPU starts with one slot and grows to what the memory footprint
+of the first chunk allows (`policy.slots_for`).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+
+
+def resolve_devices(setting: Any) -> list[str]:
+    if setting == "cpu":
+        return ["cpu"]
+    import torch
+
+    if setting == "auto":
+        count = torch.cuda.device_count()
+        return [f"cuda:{index}" for index in range(count)] or ["cpu"]
+    return [f"cuda:{index}" for index in setting]
+
+
+def initial_slots(setting: int | str, device: str) -> int:
+    if device == "cpu" or setting == "auto":
+        return 1
+    return int(setting)
+
+
+@dataclass
+class WorkerHandle:
+    worker_id: str
+    device: str
+    process: Any
+    tasks: Any
+    busy_with: str | None = None
+    resident_keys: set[str] = field(default_factory=set)
+
+
+@dataclass
+class MemorySettings:
+    gpu_gb: float | None = None
+    cpu_gb: float | None = None
+    workers_on_host: int = 1
+
+
+class WorkerPool:
+    """Worker processes, started early so that their imports overlap the controller's set-up."""
+
+    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None) -> None:
+        self.root = root
+        self.slots_setting = slots
+        self.memory = memory or MemorySettings()
+        self.context = multiprocessing.get_context("spawn")
+        self.results = self.context.Queue()
+        self.workers: list[WorkerHandle] = []
+        self.grown: set[str] = set()
+        self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
+        for device in devices:
+            for _ in range(initial_slots(slots, device)):
+                self.workers.append(self.spawn(device))
+
+    def slots_on(self, device: str) -> int:
+        return sum(worker.device == device for worker in self.workers)
+
+    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
+        from finetune.schedule.worker import worker_main
+        from finetune.train.residency import default_budgets
+
+        index = sum(worker.device == device for worker in self.workers)
+        worker_id = replacing or f"{device}/{index}"
+        gpu_share = max(1, self.slots_on(device) + (0 if replacing else 1))
+        budgets = default_budgets(device, gpu_share, self.memory.workers_on_host, self.memory.gpu_gb, self.memory.cpu_gb)
+        tasks = self.context.Queue()
+        process = self.context.Process(
+            target=worker_main,
+            args=(worker_id, device, str(self.root), {"gpu_bytes": budgets.gpu_bytes, "cpu_bytes": budgets.cpu_bytes}, tasks, self.results),
+            daemon=True,
+        )
+        process.start()
+        return WorkerHandle(worker_id, device, process, tasks)
+
+    def grow(self, device: str, slots: int) -> list[WorkerHandle]:
+        """Add workers on `device` up to `slots` (once per device, for `runs_per_device: auto`)."""
+        if self.slots_setting != "auto" or device in self.grown or device == "cpu":
+            return []
+        self.grown.add(device)
+        added = [self.spawn(device) for _ in range(slots - self.slots_on(device))]
+        self.workers.extend(added)
+        return added
+
+    def worker(self, worker_id: str) -> WorkerHandle:
+        return next(worker for worker in self.workers if worker.worker_id == worker_id)
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.tasks.put(None)
+        for worker in self.workers:
+            worker.process.join(timeout=60)
+            if worker.process.is_alive():
+                worker.process.terminate()

@@ -1,0 +1,82 @@
+"""Before training: the experiment directory, exact data sizes and the plan saved as `plan.json`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+from finetune.config.validation import CONFIG_ADAPTER
+from finetune.io import write_json_atomic
+from finetune.plan.model import RunPlan
+
+
+class ExperimentError(RuntimeError):
+    pass
+
+
+def experiment_dir(plan: RunPlan) -> Path:
+    return Path(plan.output_dir) / plan.experiment
+
+
+# ---------------------------------------------------------------- exact sizes before training
+
+
+def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
+    """Prepare (and cache) each data setting once, then derive steps and chunks from the real sizes."""
+    from finetune.data.pipeline import prepare_data, prepare_tokenizer
+    from finetune.plan.derive import derive
+    from finetune.train.workbench import base_key
+    from finetune.train.model import load_tokenizer
+
+    tokenizers: dict[str, Any] = {}
+    runs = []
+    failed: dict[str, str] = {}
+    for run in plan.runs:
+        config = CONFIG_ADAPTER.validate_python(run.config)
+        key = base_key(config)
+        try:
+            if key not in tokenizers:
+                tokenizer = load_tokenizer(config)
+                prepare_tokenizer(tokenizer, config.data_conf)
+                tokenizers[key] = tokenizer
+            stats = prepare_data(config, tokenizers[key], root / "cache").stats
+            run = run.model_copy(update={"derived": derive(config, stats.train_examples, run.derived.num_processes)})
+        except Exception as error:  # a run whose model or data cannot be prepared fails alone
+            failed[run.run_id] = f"{type(error).__name__}: {error}"
+        runs.append(run)
+    return plan.model_copy(update={"runs": runs, "failed": failed})
+
+
+def initial_checkpoint(config: Any) -> str | None:
+    """`run_conf.resume_from_checkpoint` as a path: the checkpoint (HF's or a finetune chunk) a run starts from.
+
+    `auto`, true and false need nothing here: every run always continues from its last durable chunk.
+    """
+    value = config.run_conf.resume_from_checkpoint
+    if not isinstance(value, str) or value.lower() in ("auto", "true", "false"):
+        return None
+    directory = Path(value)
+    if not any((directory / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors")):
+        raise ExperimentError(
+            f"run_conf.resume_from_checkpoint: {value} is not a training checkpoint "
+            "(no adapter_model.safetensors or model.safetensors in it)"
+        )
+    return value
+
+
+def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
+    saved = root / "plan.json"
+    if saved.is_file():
+        existing = RunPlan.model_validate_json(saved.read_text())
+        original = {run.run_id for run in existing.runs if run.parent_run_id is None}
+        if resume or original == {run.run_id for run in plan.runs}:
+            return existing
+        raise ExperimentError(
+            f"{root} already holds an experiment with other runs; use --resume to continue it, "
+            "or give experiment.name another value"
+        )
+    if resume:
+        raise ExperimentError(f"nothing to resume: {saved} does not exist")
+    final = finalize_plan(plan, root)
+    write_json_atomic(saved, final.model_dump(mode="json"))
+    return final

@@ -1,0 +1,93 @@
+"""What a run leaves behind: its final checkpoint, the base model it needs, and merged exports.
+
+A LoRA run's `checkpoint-final` is its adapter and the tokenizer; its `adapter_config.json` names
+the base model it belongs on. When the chat template added tokens, that base is the original
+model with grown embeddings, written once per experiment under `base-models/` (and linked from
+each run as `save_name_if_new_basemodel`), not once per run. A merged model is written only on
+request: `experiment.save_merged_model`, or `finetune export EXP RUN --merged`.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+from typing import Any
+
+from finetune.train.checkpoint import ADAPTER_WEIGHTS, FULL_WEIGHTS, publish, save_weights
+
+
+def save_base_once(model: Any, tokenizer: Any, target: Path) -> Path:
+    """The base model with its grown vocabulary, written unless already there (by any worker)."""
+    if (target / "config.json").is_file():
+        return target.resolve()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        publish(tmp, target)
+    except OSError:  # another worker published it first
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target.resolve()
+
+
+def method_args(config: Any) -> Any:
+    return {"sft": config.sft_args, "dpo": getattr(config, "dpo_args", None), "grpo": getattr(config, "grpo_args", None)}[config.method]
+
+
+def write_final(config: Any, run_id: str, root: Path, trainable: dict[str, Any], adapter_config: Any | None,
+                base: Any, full_model: Any | None) -> Path:
+    """`checkpoint-final`: the adapter (or the full model) with the tokenizer, loadable as it is."""
+    run_dir = root / "runs" / run_id
+    final = run_dir / config.run_conf.final_checkpoint_name
+    tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    if full_model is not None:
+        full_model.save_pretrained(tmp, state_dict=trainable)
+    else:
+        save_weights(tmp, trainable, adapter_config)
+    base.tokenizer.save_pretrained(tmp)
+    publish(tmp, final)
+    args = method_args(config)
+    if base.saved_as is not None and args is not None:
+        link = run_dir / args.save_name_if_new_basemodel
+        if not link.exists():
+            link.symlink_to(os.path.relpath(base.saved_as, run_dir), target_is_directory=True)
+    if adapter_config is not None and config.experiment.save_merged_model:
+        export_merged(final, run_dir / "checkpoint-merged")
+    return final
+
+
+def export_merged(adapter_dir: Path, target: Path) -> Path:
+    """The adapter merged into its base model: a plain transformers model directory."""
+    from peft import AutoPeftModelForCausalLM
+    from transformers import AutoTokenizer
+
+    model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).merge_and_unload()
+    tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp)
+    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    publish(tmp, target)
+    return target
+
+
+def load_initial_checkpoint(session: Any, checkpoint: str) -> None:
+    """`run_conf.resume_from_checkpoint` as a path: the weights a run starts from, and the optimizer
+    and scheduler state where the checkpoint (HF's format, or a finetune chunk) has them."""
+    import torch
+    from safetensors.torch import load_file
+
+    directory = Path(checkpoint)
+    if session.adapter_name is not None:
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(session.model, load_file(directory / ADAPTER_WEIGHTS), adapter_name=session.adapter_name)
+    else:
+        session.model.load_state_dict(load_file(directory / FULL_WEIGHTS), strict=False)
+    if (directory / "optimizer.pt").is_file():
+        session.trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+    if (directory / "scheduler.pt").is_file():
+        session.trainer.lr_scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))

@@ -1,0 +1,258 @@
+"""One run's training, resident on a worker from its first chunk to its last.
+
+A `RunSession` is built once per run on a worker: the run's adapter (or its own copy of the
+weights), its TRL trainer, optimizer and LR schedule, its RNG state and its position in the data.
+Training a chunk continues that state for some optimizer steps; nothing is rebuilt or read from
+disk at a chunk boundary, and switching runs swaps only the active adapter and the RNG state.
+
+Each optimizer step is TRL's own `training_step` (the method's loss, backward and metrics); around
+it this module does what `Trainer._inner_training_loop` does for a step: gradient accumulation,
+clipping, the optimizer and scheduler steps and logging, without the per-`train()` set-up.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
+
+MetricsSink = Callable[[str, int, dict[str, float]], None]
+
+
+@dataclass
+class RunState:
+    """What a durable checkpoint holds: CPU copies of everything a run needs to continue exactly."""
+
+    step: int
+    position: DataPosition
+    trainable: dict[str, Any]  # the adapter's state dict (PEFT names) or the full model's
+    optimizer: dict[str, Any]
+    scheduler: dict[str, Any]
+    rng: dict[str, Any]
+    counters: dict[str, float] = field(default_factory=dict)
+
+
+def capture_rng(device: str) -> dict[str, Any]:
+    import numpy
+    import torch
+
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": numpy.random.get_state(), "cpu": torch.get_rng_state()}
+    if device.startswith("cuda"):
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def restore_rng(state: dict[str, Any], device: str) -> None:
+    import numpy
+    import torch
+
+    random.setstate(state["python"])
+    numpy.random.set_state(state["numpy"])
+    torch.set_rng_state(state["cpu"])
+    if "cuda" in state and device.startswith("cuda"):
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def to_cpu(value: Any) -> Any:
+    """A deep copy with every tensor on the CPU (the device keeps training on the originals)."""
+    import torch
+
+    if isinstance(value, torch.Tensor):
+        return value.detach().to("cpu", copy=True)
+    if isinstance(value, dict):
+        return {key: to_cpu(item) for key, item in value.items()}
+    if isinstance(value, (list, tuple)):
+        return type(value)(to_cpu(item) for item in value)
+    return value
+
+
+class RunSession:
+    """A run's trainer and training state, kept between chunks."""
+
+    def __init__(self, run_id: str, trainer: Any, adapter_name: str | None, device: str, total_steps: int) -> None:
+        import torch
+
+        self.run_id, self.trainer, self.adapter_name, self.device = run_id, trainer, adapter_name, device
+        self.total_steps = total_steps
+        # As Trainer.train does: mixed-precision autocast around the forward. Accelerate marks the model,
+        # so a base shared by several runs is wrapped once and only registered by the others.
+        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+        self.model = trainer.model
+        self.params = [param for param in self.model.parameters() if param.requires_grad]
+        args = trainer.args
+        trainer.create_optimizer()
+        trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
+        trainer.create_scheduler(num_training_steps=total_steps, optimizer=trainer.optimizer)
+        trainer.state.max_steps = total_steps
+        loader = trainer.get_train_dataloader()
+        batch_size = getattr(loader, "total_batch_size", None) or loader.batch_size or args.per_device_train_batch_size
+        self.stream = BatchStream(
+            loader.dataset, loader.collate_fn, batch_size, args.dataloader_drop_last,
+            trainer_epoch_order(trainer, loader.dataset, args.seed), num_workers=args.dataloader_num_workers,
+        )
+        self.tr_loss = torch.zeros((), device=args.device)
+        self.last_logged = 0
+        self.logging_steps = _logging_steps(args, total_steps)
+        self.rng = capture_rng(device)
+
+    @property
+    def step(self) -> int:
+        return int(self.trainer.state.global_step)
+
+    # ------------------------------------------------------------ training
+
+    def activate(self) -> None:
+        """Make this run's adapter the one the shared model trains and evaluates."""
+        if self.adapter_name is not None and self.model.active_adapter != self.adapter_name:
+            self.model.set_adapter(self.adapter_name)
+
+    def train_until(self, stop_step: int) -> float:
+        """Optimizer steps up to `stop_step`; returns their wall time (device work included)."""
+        self.activate()
+        restore_rng(self.rng, self.device)
+        started = time.perf_counter()
+        self.trainer.accelerator.gradient_state._set_sync_gradients(True)
+        while self.step < stop_step:
+            self._optimizer_step()
+        _synchronize(self.device)
+        seconds = time.perf_counter() - started
+        self.rng = capture_rng(self.device)
+        return seconds
+
+    def _optimizer_step(self) -> None:
+        trainer, args = self.trainer, self.trainer.args
+        batches = self.stream.next_step(args.gradient_accumulation_steps)
+        trainer.current_gradient_accumulation_steps = len(batches)
+        items = trainer._get_num_items_in_batch(batches, args.device)
+        for inputs in batches:
+            self.tr_loss += trainer.training_step(self.model, inputs, items)
+        grad_norm = None
+        if args.max_grad_norm and args.max_grad_norm > 0:
+            grad_norm = trainer.accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
+        learning_rate = trainer.lr_scheduler.get_last_lr()[0]
+        trainer.optimizer.step()
+        if not trainer.accelerator.optimizer_step_was_skipped:
+            trainer.lr_scheduler.step()
+        trainer.optimizer.zero_grad(set_to_none=True)
+        trainer.state.global_step += 1
+        trainer.state.epoch = self.stream.epoch_progress()
+        if self._should_log():
+            self._log(grad_norm, learning_rate)
+
+    def _should_log(self) -> bool:
+        step, args = self.step, self.trainer.args
+        if step == 1 and args.logging_first_step:
+            return True
+        return args.logging_strategy == "steps" and self.logging_steps > 0 and step % self.logging_steps == 0
+
+    def _log(self, grad_norm: Any, learning_rate: float) -> None:
+        logs = {"loss": self.tr_loss.item() / (self.step - self.last_logged), "learning_rate": learning_rate}
+        if grad_norm is not None:
+            logs["grad_norm"] = float(grad_norm)
+        self.tr_loss.zero_()
+        self.last_logged = self.step
+        self.trainer.log(logs)
+
+    def evaluate(self) -> dict[str, float]:
+        self.activate()
+        metrics = self.trainer.evaluate()
+        return {key: float(value) for key, value in metrics.items() if isinstance(value, (int, float))}
+
+    # ------------------------------------------------------------ state
+
+    def trainable_state(self) -> dict[str, Any]:
+        """The weights this run trains, as live tensors (PEFT's names for an adapter)."""
+        if self.adapter_name is None:
+            return self.model.state_dict()
+        from peft import get_peft_model_state_dict
+
+        # The grown embeddings live in the base written once per experiment, not in every adapter.
+        return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name, save_embedding_layers=False)
+
+    def snapshot(self) -> RunState:
+        """A CPU copy of the run's state; the device goes on training while it is written."""
+        position = DataPosition(self.stream.position.epoch, self.stream.position.batch)
+        counters = {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
+                    "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
+        state = RunState(
+            self.step, position, to_cpu(self.trainable_state()), to_cpu(self.trainer.optimizer.state_dict()),
+            self.trainer.lr_scheduler.state_dict(), self.rng, counters,
+        )
+        _synchronize(self.device)
+        return state
+
+    def restore(self, state: RunState) -> None:
+        """Continue from a durable checkpoint (after a crash, or on another worker)."""
+        if self.adapter_name is None:
+            self.model.load_state_dict(state.trainable)
+        else:
+            from peft import set_peft_model_state_dict
+
+            set_peft_model_state_dict(self.model, state.trainable, adapter_name=self.adapter_name)
+        self.trainer.optimizer.load_state_dict(state.optimizer)
+        self.trainer.lr_scheduler.load_state_dict(state.scheduler)
+        self.rng = state.rng
+        self.stream.seek(state.position)
+        self.trainer.state.global_step = state.step
+        self.trainer.state.epoch = state.counters.get("epoch", 0.0)
+        self.tr_loss.fill_(state.counters.get("tr_loss", 0.0))
+        self.last_logged = int(state.counters.get("last_logged", state.step))
+        if hasattr(self.trainer, "_step"):
+            self.trainer._step = int(state.counters.get("grpo_step", 0))
+
+    # ------------------------------------------------------------ memory placement
+
+    def state_tensors(self) -> list[Any]:
+        """The run's own tensors: trainable parameters and optimizer moments."""
+        import torch
+
+        tensors = list(self.params)
+        for per_param in self.trainer.optimizer.state.values():
+            tensors.extend(value for value in per_param.values() if isinstance(value, torch.Tensor) and value.dim() > 0)
+        return tensors
+
+    def resident_bytes(self, device_type: str) -> int:
+        """Bytes of the run's own state now on `device_type` ('cuda' or 'cpu')."""
+        return sum(t.numel() * t.element_size() for t in self.state_tensors() if t.device.type == device_type)
+
+    def move_state(self, target: str) -> None:
+        """Move the run's own tensors to `target`: pinned CPU memory to free the GPU, or back."""
+        import torch
+
+        pin = target == "cpu" and torch.cuda.is_available()
+        for param in self.params:
+            param.data = _moved(param.data, target, pin)
+        for per_param in self.trainer.optimizer.state.values():
+            for key, value in per_param.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0:
+                    per_param[key] = _moved(value, target, pin)
+        _synchronize(self.device)
+
+
+def _moved(tensor: Any, target: str, pin: bool) -> Any:
+    import torch
+
+    if tensor.device.type == torch.device(target).type:
+        return tensor
+    if target != "cpu":
+        return tensor.to(target, non_blocking=True)
+    copy = torch.empty(tensor.shape, dtype=tensor.dtype, device="cpu", pin_memory=pin)
+    copy.copy_(tensor, non_blocking=pin)
+    return copy
+
+
+def _synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+def _logging_steps(args: Any, total_steps: int) -> int:
+    import math
+
+    steps = args.logging_steps
+    return int(math.ceil(total_steps * steps)) if 0 < steps < 1 else int(steps)

@@ -1,0 +1,33 @@
+"""The benchmark scripts run and print their figures (what they measure is not asserted: no timed tests)."""
+
+from __future__ import annotations
+
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+pytestmark = pytest.mark.slow
+BENCHMARKS = Path(__file__).resolve().parent.parent / "benchmarks"
+
+
+def run(script: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, str(BENCHMARKS / script), *args], capture_output=True, text=True, timeout=900, cwd=cwd)
+    assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
+    return result.stdout
+
+
+def test_chunk_overhead_reports_ratios_of_step_time(tmp_path) -> None:
+    out = run("chunk_overhead.py", "--work", str(tmp_path), "--examples", "2000", cwd=tmp_path)
+    assert len(re.findall(r"= \d+\.\d% of step time", out)) == 2
+    assert "first chunk" in out and "last chunk" in out
+
+
+def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
+    """The GPU benchmark with the same code on the CPU: a tiny preset, one sequential run extrapolated."""
+    out = run("gpu_sweep.py", "--preset", "tiny", "--device", "cpu", "--steps", "16", "--batch", "4", "--max-length", "256",
+              "--extrapolate", "--runs-per-device", "1", "--work", str(tmp_path), cwd=tmp_path)
+    assert re.search(r"time to first comparison \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out), out
+    assert "MB written per chunk" in out and "GPU busy" in out

@@ -58,8 +58,10 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune-overhead-"))
     work.mkdir(parents=True, exist_ok=True)
+    from finetune.runtime import quiet_libraries
     from finetune.train.demo import init_demo
 
+    quiet_libraries()
     demo = init_demo(work / "demo")
     grid = run_experiment(work, demo, "grid", ["training_args.max_steps=32", "experiment.num_chunks=4"])
     data = big_dataset(demo, work / "big.jsonl", args.examples)

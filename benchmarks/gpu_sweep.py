@@ -58,10 +58,10 @@ def build_inputs(work: Path, preset: str, dtype: str, examples: int) -> tuple[Pa
     """The model (random weights at the preset's shape) and long chat data, made locally."""
     from finetune.train.demo import ModelShape, build_model, build_tokenizer, sft_records, write_jsonl
 
-    records = sft_records(examples * 20, seed=7)
+    records = sft_records(examples * 16, seed=7)
     conversations = []
-    for start in range(0, len(records), 20):  # 20 turns: a few hundred tokens
-        turns = [message for record in records[start : start + 20] for message in record["messages"] if message["role"] != "system"]
+    for start in range(0, len(records), 16):  # 16 exchanges: about 300 tokens with the template
+        turns = [message for record in records[start : start + 16] for message in record["messages"] if message["role"] != "system"]
         conversations.append({"messages": turns})
     write_jsonl(work / "train.jsonl", conversations[: examples - 64])
     write_jsonl(work / "valid.jsonl", conversations[examples - 64 :])
@@ -161,6 +161,9 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune-gpu-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
+    from finetune.runtime import quiet_libraries
+
+    quiet_libraries()
     inputs = build_inputs(work, args.preset, "bfloat16" if args.device == "cuda" else "float32", args.steps * args.batch + 64)
     print(f"{len(CONFIGS)} LoRA configs, {args.steps} steps each, batch {args.batch} x <= {args.max_length} tokens, "
           f"{CHUNKS} chunks; working in {work}", flush=True)

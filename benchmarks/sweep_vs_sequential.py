@@ -85,8 +85,10 @@ def main() -> None:
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune-bench-"))
     work.mkdir(parents=True, exist_ok=True)
+    from finetune.runtime import quiet_libraries
     from finetune.train.demo import init_demo
 
+    quiet_libraries()
     demo = init_demo(work / "demo")
     configs = len(RANKS) * len(RATES)
     print(f"{configs} LoRA configs of the demo model, {args.steps} steps each, {CHUNKS} chunks; working in {work}")

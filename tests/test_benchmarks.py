@@ -27,7 +27,7 @@ def test_chunk_overhead_reports_ratios_of_step_time(tmp_path) -> None:
 
 def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
     """The GPU benchmark with the same code on the CPU: a tiny preset, one sequential run extrapolated."""
-    out = run("gpu_sweep.py", "--preset", "tiny", "--device", "cpu", "--steps", "16", "--batch", "4", "--max-length", "256",
+    out = run("gpu_sweep.py", "--preset", "tiny", "--device", "cpu", "--steps", "16", "--batch", "4", "--max-length", "512",
               "--extrapolate", "--runs-per-device", "1", "--work", str(tmp_path), cwd=tmp_path)
     assert re.search(r"time to first comparison \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out), out
     assert "MB written per chunk" in out and "GPU busy" in out

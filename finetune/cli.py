@@ -44,14 +44,19 @@ CheckOpt = Annotated[bool, typer.Option("--check", help="Fail if the committed f
 
 
 def load_or_exit(config: Path, values_key: str | None, overrides: list[str] | None, as_json: bool) -> SourceDoc:
+    """The loaded config; legacy keys read under their new names are noted on stderr (not with --json)."""
     try:
-        return load_document(config, values_key=values_key, overrides=overrides)
+        doc = load_document(config, values_key=values_key, overrides=overrides)
     except ConfigLoadError as error:
         if as_json:
             console.print_json(json.dumps({"valid": False, "usable": False, "error": str(error)}))
         else:
-            errors.print(f"[red]error:[/] {error}", highlight=False)
+            errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
         raise typer.Exit(EXIT_UNUSABLE) from None
+    if not as_json:
+        for notice in doc.notices:
+            errors.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
+    return doc
 
 
 @app.command()
@@ -61,7 +66,7 @@ def validate(
     """Check a config, knobs and all. Exit 0 valid, 1 invalid, 2 unusable call."""
     doc = load_or_exit(config, values_key, set_, as_json)
     issues = validate_document(doc)
-    report_issues(config, issues, as_json)
+    report_issues(config, issues, as_json, doc.notices)
     if not issues and not as_json:
         console.print(f"[green]✓[/] {config} is valid", highlight=False)
     if issues:
@@ -84,13 +89,13 @@ def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool) -> RunPlan:
     raise typer.Exit(EXIT_INVALID)
 
 
-def report_issues(config: Path, issues: list, as_json: bool) -> None:
+def report_issues(config: Path, issues: list, as_json: bool, notices: list[str] | None = None) -> None:
     if as_json:
-        console.print_json(json.dumps({"valid": not issues, "errors": [issue.as_dict() for issue in issues]}))
+        console.print_json(json.dumps({"valid": not issues, "errors": [issue.as_dict() for issue in issues], "notices": notices or []}))
     elif issues:
-        errors.print(f"[red]✗ {len(issues)} problem(s) in {config}[/]", highlight=False)
+        errors.print(f"[red]✗ {len(issues)} problem(s) in {config}[/]", highlight=False, soft_wrap=True)
         for issue in issues:
-            errors.print(str(issue), highlight=False, markup=False)
+            errors.print(str(issue), highlight=False, markup=False, soft_wrap=True)
 
 
 @app.command()
@@ -376,10 +381,11 @@ def schema_docs(
     out: Annotated[Path, typer.Option(help="The Markdown reference")] = Path("docs/config-reference.md"),
     check: CheckOpt = False,
 ) -> None:
-    """Write the Markdown config reference generated from the models."""
+    """Write the Markdown config reference generated from the models, and the compatibility table."""
+    from finetune.config.compat import compatibility_markdown
     from finetune.config.reference_docs import reference_markdown
 
-    _generated_files({out: reference_markdown}, check)
+    _generated_files({out: reference_markdown, out.with_name("compatibility.md"): compatibility_markdown}, check)
 
 
 def main() -> None:

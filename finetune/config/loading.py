@@ -42,6 +42,7 @@ class SourceDoc:
     tree: Any
     source: str
     positions: dict[Path, Location] = field(default_factory=dict)
+    notices: list[str] = field(default_factory=list)  # legacy keys read under their new names
 
     def locate(self, path: Path) -> Location:
         """The position of `path`, or of its nearest ancestor that exists in the file."""
@@ -157,7 +158,20 @@ def load_document(
         raise ConfigLoadError(f"{doc.locate(())}: a config must be a mapping of sections, got {type(doc.tree).__name__}")
     for override in overrides or []:
         apply_override(doc, override)
+    translate_legacy_keys(doc)
     return doc
+
+
+def translate_legacy_keys(doc: SourceDoc) -> None:
+    """Keys of older transformers/TRL and SiloGen read under their new names (`finetune.config.compat`)."""
+    from finetune.config.compat import translate_document
+
+    for translation in translate_document(doc.tree):
+        doc.notices.append(f"{doc.locate(translation.old)}: {translation.notice}")
+        for known in [path for path in doc.positions if path[: len(translation.old)] == translation.old]:
+            location = doc.positions.pop(known)
+            if translation.new is not None:
+                doc.positions[(*translation.new, *known[len(translation.old) :])] = location
 
 
 def select_key(doc: SourceDoc, values_key: str) -> SourceDoc:

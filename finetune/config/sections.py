@@ -120,8 +120,8 @@ class ChatTrainValidConfig(Strict):
 class Overrides(Strict):
     """Override options that allow simple interfaces for charts using these configs."""
 
-    num_train_epochs: Union[int, float, None] = Field(
-        default=None, gt=0, description="Overrides the number of epochs in the training_args"
+    num_train_epochs: Annotated[float, Field(gt=0)] | None = Field(
+        default=None, description="Overrides the number of epochs in the training_args"
     )
     lr_multiplier: float = Field(default=1.0, gt=0, description="Multiplier applied to the learning rate")
     lr_batch_size_scaling: Literal["none", "sqrt", "linear"] = Field(
@@ -202,6 +202,15 @@ QuantConfig = Annotated[Union[NoQuantizationConfig, BnBQuantizationConfig], Fiel
 # ---------------------------------------------------------------- run_conf
 
 
+DIRECTIONS = {"min": "minimize", "max": "maximize"}
+
+
+def _legacy_dtype_in_schema(schema: dict[str, Any]) -> None:
+    """`torch_dtype` (the legacy name of `dtype`) gets the same schema, so editors and helm lint check it too."""
+    schema["properties"]["torch_dtype"] = {**schema["properties"]["dtype"], "description": "Legacy name of dtype"}
+    schema["properties"]["torch_dtype"].pop("default", None)
+
+
 class ModelArguments(BaseModel):
     """Arguments passed to `AutoModelForCausalLM.from_pretrained`.
 
@@ -209,7 +218,7 @@ class ModelArguments(BaseModel):
     The quantization config is not set here but in `quant_conf`.
     """
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, json_schema_extra=_legacy_dtype_in_schema)
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
@@ -397,11 +406,18 @@ class SuccessiveHalvingSweep(Strict):
     num_runs: int = Field(ge=2)
     seed: int = 42
     metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
-    direction: Literal["minimize", "maximize"] = "minimize"
+    direction: Literal["minimize", "maximize", "min", "max"] = Field(
+        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
+    )
     min_chunks: int = Field(default=1, ge=1, description="Chunks a run trains before its first rung")
     max_chunks: int | None = Field(default=None, ge=1, description="Default: experiment.num_chunks")
     reduction_factor: int = Field(default=2, ge=2, description="Keep the best 1/reduction_factor at each rung")
     min_early_stopping_rate: int = Field(default=0, ge=0, description="Skip this many lowest rungs")
+
+    @field_validator("direction")
+    @classmethod
+    def _long_direction(cls, value: str) -> str:
+        return DIRECTIONS.get(value, value)
 
     @model_validator(mode="after")
     def _rungs(self) -> SuccessiveHalvingSweep:

@@ -28,8 +28,62 @@ def load_snapshot(which: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def annotation_for(entry: dict[str, Any]) -> Any:
-    """The Python annotation for one snapshot field entry."""
+MINUS_ONE_OR_POSITIVE = "-1 or >= 1"
+
+# Bounds on numeric values, by field name, for every snapshot model that has the field (TRL's
+# training arguments, PEFT's adapter kwargs). They become pydantic constraints, and so also
+# bounds in the generated JSON Schemas.
+BOUNDS: dict[str, dict[str, float] | str] = {
+    "learning_rate": {"gt": 0},
+    "num_train_epochs": {"gt": 0},
+    "max_steps": MINUS_ONE_OR_POSITIVE,
+    "warmup_steps": {"ge": 0},
+    "weight_decay": {"ge": 0},
+    "max_grad_norm": {"ge": 0},
+    "adam_beta1": {"ge": 0, "lt": 1},
+    "adam_beta2": {"ge": 0, "lt": 1},
+    "adam_epsilon": {"gt": 0},
+    "logging_steps": {"gt": 0},
+    "eval_steps": {"gt": 0},
+    "save_steps": {"gt": 0},
+    "eval_delay": {"ge": 0},
+    "save_total_limit": {"ge": 1},
+    "eval_accumulation_steps": {"ge": 1},
+    "torch_empty_cache_steps": {"ge": 1},
+    "seed": {"ge": 0},
+    "data_seed": {"ge": 0},
+    "dataloader_num_workers": {"ge": 0},
+    "dataloader_prefetch_factor": {"ge": 1},
+    "label_smoothing_factor": {"ge": 0, "lt": 1},
+    "beta": {"ge": 0},
+    "epsilon": {"ge": 0},
+    "num_generations": {"ge": 2},
+    "num_iterations": {"ge": 1},
+    "steps_per_generation": {"ge": 1},
+    "generation_batch_size": {"ge": 1},
+    "max_completion_length": {"ge": 1},
+    "temperature": {"gt": 0},
+    "top_p": {"gt": 0, "le": 1},
+    "top_k": {"ge": 0},
+    "r": {"ge": 1},
+    "lora_alpha": {"gt": 0},
+    "lora_dropout": {"ge": 0, "lt": 1},
+    "rank_dropout": {"ge": 0, "lt": 1},
+    "module_dropout": {"ge": 0, "lt": 1},
+}
+
+
+def _bounded(kind: str, bounds: dict[str, float] | str | None) -> Any:
+    base = _KIND_TYPES[kind]
+    if bounds is None or kind not in ("integer", "number"):
+        return base
+    if bounds == MINUS_ONE_OR_POSITIVE:
+        return Union[Literal[-1], Annotated[base, Field(ge=1)]]
+    return Annotated[base, Field(**bounds)]  # type: ignore[arg-type]
+
+
+def annotation_for(entry: dict[str, Any], name: str | None = None) -> Any:
+    """The Python annotation for one snapshot field entry, with the bounds of `BOUNDS[name]`."""
     kinds: list[str] = entry["kinds"]
     if kinds == ["any"]:
         return Any
@@ -40,7 +94,7 @@ def annotation_for(entry: dict[str, Any]) -> Any:
     for kind in kinds:
         if choices and kind in ("string", "integer"):
             continue
-        parts.append(_KIND_TYPES[kind])
+        parts.append(_bounded(kind, BOUNDS.get(name or "")))
     return parts[0] if len(parts) == 1 else Union[tuple(parts)]
 
 
@@ -61,7 +115,7 @@ def model_from_snapshot(
             continue
         description = entry.get("help")
         default = entry.get("default")
-        definitions[field_name] = (annotation_for(entry), Field(default=default, description=description))
+        definitions[field_name] = (annotation_for(entry, field_name), Field(default=default, description=description))
     for field_name, owner in (owned or {}).items():
         rejected = SkipJsonSchema[Annotated[Optional[Any], _reject(owner)]]
         definitions[field_name] = (rejected, Field(default=None, exclude=True))

@@ -16,6 +16,7 @@ from typing import Any, Callable
 
 from pydantic import BaseModel, ValidationError
 
+from finetune.config.compat import legacy_message
 from finetune.config.knobs import (
     LIST_KEY,
     RANGE_KEY,
@@ -168,6 +169,8 @@ def _issue_parts(error: dict[str, Any], loc_model: tuple[Any, ...], path: Path) 
     given = None if kind in ("missing", "union_tag_not_found") else _short(error.get("input"))
     if kind == "extra_forbidden":
         key = str(path[-1]) if path else "?"
+        if "training_args" in path and (replaced := legacy_message(key)) is not None:
+            return path, replaced, None, None
         allowed = allowed_keys_at(loc_model[:-1] if loc_model and loc_model[-1] == key else loc_model)
         hint = difflib.get_close_matches(key, allowed, n=1, cutoff=0.6)
         message = f"unknown key '{key}'" + (f"; did you mean '{hint[0]}'?" if hint else "")

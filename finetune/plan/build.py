@@ -8,6 +8,7 @@ from typing import Any, Callable
 from finetune.config.knobs import dotted
 from finetune.config.loading import SourceDoc
 from finetune.config.models import AnyFinetuneConfig
+from finetune.config.sections import DIRECTIONS
 from finetune.config.validation import (
     ConfigInvalid,
     ConfigIssue,
@@ -116,7 +117,10 @@ def build_plan(
                     derived=derived,
                 )
             )
-        sweeps.append(tree.get("sweep") or {"strategy": "grid"})
+        sweep = dict(tree.get("sweep") or {"strategy": "grid"})
+        if "direction" in sweep:
+            sweep["direction"] = DIRECTIONS.get(sweep["direction"], sweep["direction"])
+        sweeps.append(sweep)
     assert experiment_config is not None
     return RunPlan(
         experiment=experiment_config.name,

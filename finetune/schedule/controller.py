@@ -88,7 +88,7 @@ class Controller:
             if sweep.get("strategy") == "successive_halving":
                 self.sha[group] = SuccessiveHalving(
                     metric=sweep.get("metric", "eval_loss"),
-                    direction={"min": "minimize", "max": "maximize"}.get(sweep.get("direction", "minimize"), sweep.get("direction", "minimize")),
+                    direction=sweep.get("direction", "minimize"),
                     min_chunks=sweep.get("min_chunks", 1),
                     max_chunks=sweep.get("max_chunks") or self.plan.num_chunks,
                     reduction_factor=sweep.get("reduction_factor", 2),

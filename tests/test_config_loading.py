@@ -126,3 +126,44 @@ def test_mutated_configs_exit_0_or_1_with_a_message(tmp_path, tree) -> None:
     assert result.exception is None or isinstance(result.exception, SystemExit), result.exception
     assert result.exit_code in (0, 1), result.output
     assert result.output.strip()
+
+
+def _write(tmp_path, name: str, text: str):
+    path = tmp_path / name
+    path.write_text(text)
+    return path
+
+
+def test_a_yaml_alias_bomb_is_refused_quickly(tmp_path) -> None:
+    import time
+
+    levels = ['a0: &a0 ["x","x","x","x","x","x","x","x","x"]']
+    levels += [f"a{i}: &a{i} [{','.join([f'*a{i - 1}'] * 9)}]" for i in range(1, 8)]
+    path = _write(tmp_path, "bomb.yaml", "\n".join(levels) + "\n")
+    started = time.perf_counter()
+    with pytest.raises(ConfigLoadError, match="expands to more than"):
+        load_document(path)
+    assert time.perf_counter() - started < 5  # generous: the point is that it ends at all
+
+
+@pytest.mark.parametrize("name,text", [
+    ("deep-flow.yaml", "a: " + "[" * 5000 + "]" * 5000 + "\n"),
+    ("deep.json", '{"a": ' + "[" * 100 + "]" * 100 + "}"),
+    ("deep-block.yaml", "\n".join(" " * i + "k:" for i in range(100)) + " v\n"),
+])
+def test_deep_nesting_is_refused_naming_the_limit(tmp_path, name, text) -> None:
+    with pytest.raises(ConfigLoadError, match="nested more than 64 levels"):
+        load_document(_write(tmp_path, name, text))
+
+
+def test_an_oversized_config_is_refused_unread(tmp_path, monkeypatch) -> None:
+    from finetune.config import loading
+
+    monkeypatch.setattr(loading, "MAX_DOCUMENT_BYTES", 1000)
+    with pytest.raises(ConfigLoadError, match="over the limit of 1000"):
+        load_document(_write(tmp_path, "big.yaml", "a: " + "x" * 2000 + "\n"))
+
+
+def test_brackets_inside_strings_and_comments_do_not_count_as_nesting(tmp_path) -> None:
+    text = "a: '" + "[" * 200 + "'\nb: \"" + "{" * 200 + "\"  # " + "[" * 200 + "\n"
+    assert load_document(_write(tmp_path, "fine.yaml", text)).tree["a"] == "[" * 200

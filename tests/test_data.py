@@ -7,6 +7,8 @@ from collections import Counter
 from types import SimpleNamespace
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from finetune.data.collator import ChatCollator
 from finetune.data.mixing import auto_split_indices, weighted_mix_order
@@ -227,3 +229,44 @@ def test_completions_only_with_a_template_that_marks_no_turns_is_an_error(demo_t
     )
     with pytest.raises(ValueError, match="marks assistant turns"):
         build_examples(config, demo_tokenizer, DataStats())
+
+
+def test_a_line_that_is_not_utf8_names_its_line_and_byte(tmp_path) -> None:
+    path = tmp_path / "train.jsonl"
+    path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')
+    with pytest.raises(DataError) as caught:
+        read_records(path, "sft")
+    assert caught.value.line == 2 and "not UTF-8" in str(caught.value) and "0xe9" in str(caught.value)
+
+
+def test_an_over_long_line_is_refused_without_reading_it_whole(tmp_path, monkeypatch) -> None:
+    from finetune.data import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 1024)
+    path = tmp_path / "train.jsonl"
+    path.write_text(json.dumps(GOOD) + "\n" + json.dumps({"messages": [{"role": "user", "content": "x" * 5000}]}) + "\n")
+    with pytest.raises(DataError) as caught:
+        read_records(path, "sft")
+    assert caught.value.line == 2 and "longer than 1024 bytes" in str(caught.value)
+
+
+def test_a_file_of_one_gigantic_line_is_a_clear_error(tmp_path, monkeypatch) -> None:
+    from finetune.data import readers
+
+    monkeypatch.setattr(readers, "MAX_LINE_BYTES", 4096)
+    path = tmp_path / "train.jsonl"
+    path.write_text("[" * 100_000)  # no newline at all
+    with pytest.raises(DataError) as caught:
+        read_records(path, "sft")
+    assert str(caught.value).startswith(f"{path}:1:") and "longer than" in str(caught.value)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.binary(max_size=400))
+def test_any_bytes_are_records_or_a_data_error_with_a_line(tmp_path_factory, data) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "train.jsonl"
+    path.write_bytes(data)
+    try:
+        read_records(path, "sft")
+    except DataError as error:
+        assert error.line is None or 1 <= error.line <= data.count(b"\n") + 1

@@ -53,11 +53,19 @@ class SourceDoc:
         return Location(self.source)
 
 
+# Limits that keep a small hostile file (a YAML alias bomb, a deeply nested document) from
+# exhausting the machine: far above any real config.
+MAX_DOCUMENT_BYTES = 4 * 1024 * 1024
+MAX_VALUES = 20_000
+MAX_DEPTH = 64
+
+
 class _NodeReader:
     def __init__(self, source: str) -> None:
         self.source = source
         self.positions: dict[Path, Location] = {}
         self._constructor = YAML(typ="safe", pure=True).constructor
+        self._values = 0
 
     def at(self, node: Node) -> Location:
         return Location(self.source, node.start_mark.line + 1, node.start_mark.column + 1)
@@ -66,6 +74,12 @@ class _NodeReader:
         return ConfigLoadError(f"{self.at(node)}: {message}")
 
     def read(self, node: Node, path: Path) -> Any:
+        self._values += 1
+        if self._values > MAX_VALUES:
+            raise self.fail(node, f"the document expands to more than {MAX_VALUES} values (through YAML aliases?); "
+                                  "a config is far smaller, so it is refused")
+        if len(path) > MAX_DEPTH:
+            raise self.fail(node, f"values are nested more than {MAX_DEPTH} levels deep; a config is far shallower")
         self.positions[path] = self.at(node)
         if node.tag == "!list":
             if not isinstance(node, SequenceNode):
@@ -124,6 +138,11 @@ class _NodeReader:
 
 
 def parse_yaml_text(text: str, source: str) -> SourceDoc:
+    """YAML (or JSON) text to a tree with positions, within the limits above."""
+    if len(text) > MAX_DOCUMENT_BYTES:
+        raise ConfigLoadError(f"{source}: {len(text)} characters is over the limit of {MAX_DOCUMENT_BYTES} for a config")
+    if _flow_depth(text) > MAX_DEPTH:
+        raise ConfigLoadError(f"{source}: brackets are nested more than {MAX_DEPTH} levels deep; a config is far shallower")
     yaml = YAML(typ="safe", pure=True)
     try:
         nodes = list(yaml.compose_all(text))
@@ -133,11 +152,38 @@ def parse_yaml_text(text: str, source: str) -> SourceDoc:
         raise ConfigLoadError(f"{where}: not valid YAML: {error.problem}") from None
     except YAMLError as error:
         raise ConfigLoadError(f"{source}: not valid YAML: {error}") from None
+    except RecursionError:
+        raise ConfigLoadError(f"{source}: values are nested too deeply to read; a config is far shallower") from None
     if len(nodes) != 1 or nodes[0] is None:
         raise ConfigLoadError(f"{source}: expected exactly one YAML document, found {len(nodes)}")
     reader = _NodeReader(source)
     tree = reader.read(nodes[0], ())
     return SourceDoc(tree=tree, source=source, positions=reader.positions)
+
+
+def _flow_depth(text: str) -> int:
+    """The deepest nesting of [ ] and { } outside quotes and comments, found in one pass.
+
+    The YAML scanner slows down badly on thousands of nested brackets, so they are refused first.
+    """
+    depth = deepest = 0
+    quote = None
+    comment = False
+    for char in text:
+        if comment:
+            comment = char != "\n"
+        elif quote:
+            quote = None if char == quote else quote
+        elif char in "\"'":
+            quote = char
+        elif char == "#":
+            comment = True
+        elif char in "[{":
+            depth += 1
+            deepest = max(deepest, depth)
+        elif char in "]}":
+            depth = max(0, depth - 1)
+    return deepest
 
 
 def load_document(
@@ -147,6 +193,8 @@ def load_document(
     file_path = FilePath(path)
     if not file_path.is_file():
         raise ConfigLoadError(f"{file_path}: no such file")
+    if file_path.stat().st_size > MAX_DOCUMENT_BYTES:
+        raise ConfigLoadError(f"{file_path}: {file_path.stat().st_size} bytes is over the limit of {MAX_DOCUMENT_BYTES} for a config")
     try:
         text = file_path.read_text(encoding="utf-8")
     except (OSError, UnicodeDecodeError) as error:

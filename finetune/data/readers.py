@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 ROLES = ("system", "user", "assistant")
 
@@ -78,22 +78,41 @@ def check_grpo(record: dict[str, Any]) -> str | None:
 CHECKS: dict[str, Callable[[dict[str, Any]], str | None]] = {"sft": check_sft, "dpo": check_dpo, "grpo": check_grpo}
 
 
+MAX_LINE_BYTES = 8 * 1024 * 1024  # far above a 128k-token conversation; a line beyond it is refused unread
+
+
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, text) of a JSONL file, read in bounded pieces: an over-long line or one that is
+    not UTF-8 is an error naming its line, and the rest of a gigantic line is never read."""
+    with path.open("rb") as stream:
+        number = 0
+        while raw := stream.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(raw) > MAX_LINE_BYTES and not raw.endswith(b"\n"):
+                raise DataError(path, number, f"the line is longer than {MAX_LINE_BYTES} bytes (the limit for one record)")
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                raise DataError(path, number, f"not UTF-8 text: byte {error.start + 1} of the line is {raw[error.start]:#04x}") from None
+
+
 def read_jsonl(path: Path, check: Callable[[dict[str, Any]], str | None]) -> list[dict[str, Any]]:
     records = []
-    with path.open(encoding="utf-8") as stream:
-        for number, line in enumerate(stream, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as error:
-                raise DataError(path, number, f"not valid JSON: {error.msg} (column {error.colno})") from None
-            if not isinstance(record, dict):
-                raise DataError(path, number, f"each line must be a JSON object, got {type(record).__name__}")
-            problem = check(record)
-            if problem:
-                raise DataError(path, number, problem)
-            records.append(record)
+    for number, line in _lines(path):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as error:
+            raise DataError(path, number, f"not valid JSON: {error.msg} (column {error.colno})") from None
+        except RecursionError:
+            raise DataError(path, number, "not valid JSON for a record: nested too deeply") from None
+        if not isinstance(record, dict):
+            raise DataError(path, number, f"each line must be a JSON object, got {type(record).__name__}")
+        problem = check(record)
+        if problem:
+            raise DataError(path, number, problem)
+        records.append(record)
     if not records:
         raise DataError(path, None, "no records: the file is empty")
     return records

@@ -146,7 +146,7 @@ def run(
     try:
         root = run_experiment(run_plan, console, tracker_for, resume_dir=resume)
     except (ExperimentError, ValueError, RuntimeError) as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False)
+        errors.print(f"[red]error:[/] {error}", highlight=False, markup=False, soft_wrap=True)
         raise typer.Exit(EXIT_INVALID) from None
     from rich.markdown import Markdown
 

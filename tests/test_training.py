@@ -321,9 +321,26 @@ def test_successive_halving_records_its_decisions(tmp_path, demo_dir) -> None:
     assert "sha_" in finetune(tmp_path, "report", str(root)).stdout
 
 
+def test_problems_known_before_training_are_all_reported_at_once_and_nothing_starts(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "preflight")
+    result = finetune(tmp_path, "run", str(config), *small("preflight"), "--set", "peft_conf.peft_kwargs.r=!list [4]",
+                      "--set", f"run_conf.model=!list [{demo_dir}/model, {tmp_path}/no-such-model]",
+                      "--set", "run_conf.model_args.attn_implementation=flash_attention_2",
+                      "--set", "data_conf.chat_template_name=keep-original", check=False)
+    assert result.returncode == 1
+    lines = [line for line in result.stderr.splitlines() if line.startswith("run ")]
+    assert sum("run_conf.model: " in line and "no-such-model does not exist" in line for line in lines) == 2
+    assert sum("attn_implementation: flash_attention_2 needs the flash_attn package" in line for line in lines) == 4
+    assert sum("keep-original, but the tokenizer" in line for line in lines) == 2
+    assert not (tmp_path / "runs" / "preflight").exists()
+
+
 def test_a_run_that_cannot_start_fails_alone(tmp_path, demo_dir) -> None:
+    """A model that exists but cannot be loaded is only found when loading: that run fails, the others train."""
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "alone")
     missing = tmp_path / "no-such-model"
+    missing.mkdir()
+    (missing / "config.json").write_text("{not json")
     result = subprocess.run(
         [*FINETUNE, "run", str(config), *small("alone", steps=4, chunks=2),
          "--set", "peft_conf.peft_kwargs.r=!list [4]", "--set", "training_args.learning_rate=!list [1e-3]",

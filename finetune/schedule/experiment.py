@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Callable
+from typing import Any, Callable
 
 from rich.console import Console
 from rich.live import Live
@@ -14,7 +14,7 @@ from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller, Tracker
 from finetune.schedule.display import runs_table
 from finetune.schedule.pool import MemorySettings, WorkerPool, resolve_devices
-from finetune.schedule.preparation import experiment_dir, initial_checkpoint, load_or_create_plan
+from finetune.schedule.preparation import ExperimentError, experiment_dir, initial_checkpoint, load_or_create_plan
 from finetune.schedule.store import StateStore
 
 REDRAW_SECONDS = 0.5
@@ -34,20 +34,42 @@ class Throttled:
             self.action()
 
 
+def check_before_any_work(plan: RunPlan, devices: list[str]) -> None:
+    """Every problem of every run that can be known now, at once, before data, workers or MLflow."""
+    from finetune.train.model import load_tokenizer
+    from finetune.train.preflight import preflight
+
+    tokenizers: dict[str, Any] = {}
+
+    def tokenizer_of(config: Any) -> Any:
+        source = config.run_conf.tokenizer or config.run_conf.model
+        if source not in tokenizers:
+            tokenizers[source] = load_tokenizer(config)
+        return tokenizers[source]
+
+    lines = []
+    for run in plan.runs:
+        config = CONFIG_ADAPTER.validate_python(run.config)
+        problems = preflight(config, devices, tokenizer_of)
+        try:
+            initial_checkpoint(config)
+        except ExperimentError as error:
+            problems.append(("run_conf.resume_from_checkpoint", str(error).partition(": ")[2]))
+        lines += [f"run {run.run_id} ({run.label or 'the only run'}): {path}: {problem}" for path, problem in problems]
+    if lines:
+        raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
+
+
 def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
     """Train the plan in its experiment directory (or continue the one in `resume_dir`)."""
     from finetune.runtime import quiet_libraries
-    from finetune.train.model import check_quantization
 
     quiet_libraries()
     root = resume_dir or experiment_dir(plan)
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
-    for run in plan.runs:
-        config = CONFIG_ADAPTER.validate_python(run.config)
-        check_quantization(config)
-        initial_checkpoint(config)
     started = time.perf_counter()
     devices = resolve_devices(first.experiment.devices)
+    check_before_any_work(plan, devices)
     root.mkdir(parents=True, exist_ok=True)
     settings = first.experiment
     pool = WorkerPool(devices, settings.runs_per_device, root, MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb))

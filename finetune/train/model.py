@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 from typing import Any
 
 
@@ -12,20 +11,10 @@ class QuantizationUnavailable(RuntimeError):
 
 def check_quantization(config: Any) -> None:
     """Fail before any work when bitsandbytes quantization cannot run here."""
-    if config.quant_conf.quantization_type != "bits-and-bytes":
-        return
-    import torch
+    from finetune.train.preflight import check_quantization as quantization_problems
 
-    missing = []
-    if not torch.cuda.is_available():
-        missing.append("a CUDA device")
-    if importlib.util.find_spec("bitsandbytes") is None:
-        missing.append("the bitsandbytes package (pip install 'finetune[quantization]')")
-    if missing:
-        raise QuantizationUnavailable(
-            "quant_conf.quantization_type is bits-and-bytes, which needs " + " and ".join(missing)
-            + "; remove quant_conf to train unquantized"
-        )
+    for path, problem in quantization_problems(config):
+        raise QuantizationUnavailable(f"{path}: {problem}")
 
 
 def load_tokenizer(config: Any) -> Any:

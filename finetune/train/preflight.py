@@ -1,0 +1,94 @@
+"""What can be known about a run before any work: checked by `finetune run` for every run at once,
+before data preparation, workers or MLflow start, so a typo costs seconds, not a failed night.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from pathlib import Path
+from typing import Any, Callable
+
+HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+Problem = tuple[str, str]  # (config key path, what is wrong and what to do)
+
+
+def _looks_like_a_path(name: str) -> bool:
+    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or not HUB_ID.match(name)
+
+
+def check_model_source(config: Any) -> list[Problem]:
+    problems = []
+    for key, name in (("run_conf.model", config.run_conf.model), ("run_conf.tokenizer", config.run_conf.tokenizer)):
+        if name and not Path(name).expanduser().exists() and _looks_like_a_path(name):
+            problems.append((key, f"{name} does not exist, and is no hub id (organisation/name)"))
+    return problems
+
+
+def check_attention(config: Any, devices: list[str]) -> list[Problem]:
+    implementation = config.run_conf.model_args.attn_implementation
+    package = ATTENTION_PACKAGES.get(implementation or "")
+    if package is None:
+        return []
+    key = "run_conf.model_args.attn_implementation"
+    if importlib.util.find_spec(package) is None:
+        return [(key, f"{implementation} needs the {package} package, which is not installed; use sdpa, or install it")]
+    if not any(device.startswith("cuda") for device in devices):
+        return [(key, f"{implementation} runs on CUDA devices only; these runs train on {', '.join(devices)}")]
+    return []
+
+
+def check_precision(config: Any, devices: list[str]) -> list[Problem]:
+    args = config.training_args
+    if getattr(args, "fp16", False) and all(device == "cpu" for device in devices):
+        return [("training_args.fp16", "fp16 mixed precision needs a GPU; on the CPU use bf16 or neither")]
+    if getattr(args, "bf16", False) and any(device.startswith("cuda") for device in devices):
+        import torch
+
+        if not torch.cuda.is_bf16_supported():
+            return [("training_args.bf16", f"{torch.cuda.get_device_name(0)} has no bfloat16 support; use fp16: true, bf16: false")]
+    return []
+
+
+def check_quantization(config: Any) -> list[Problem]:
+    if config.quant_conf.quantization_type != "bits-and-bytes":
+        return []
+    import torch
+
+    missing = []
+    if not torch.cuda.is_available():
+        missing.append("a CUDA device")
+    if importlib.util.find_spec("bitsandbytes") is None:
+        missing.append("the bitsandbytes package (pip install 'finetune[quantization]')")
+    if not missing:
+        return []
+    return [("quant_conf.quantization_type", f"bits-and-bytes needs {' and '.join(missing)}; remove quant_conf to train unquantized")]
+
+
+def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
+    """`keep-original` needs a chat template in the tokenizer (checked where the tokenizer is local)."""
+    from finetune.data.templates import KEEP_ORIGINAL
+
+    if config.data_conf.chat_template_name != KEEP_ORIGINAL:
+        return []
+    source = config.run_conf.tokenizer or config.run_conf.model
+    if not Path(source).expanduser().is_dir():
+        return []
+    if not getattr(load_tokenizer(config), "chat_template", None):
+        return [("data_conf.chat_template_name", f"keep-original, but the tokenizer of {source} has no chat template; "
+                 "choose one of finetune's templates (chat-ml, for example)")]
+    return []
+
+
+def preflight(config: Any, devices: list[str], load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
+    """Every problem this run would hit at start-up, found now."""
+    model_problems = check_model_source(config)
+    return [
+        *model_problems,
+        *check_quantization(config),
+        *check_attention(config, devices),
+        *check_precision(config, devices),
+        *([] if model_problems else check_chat_template(config, load_tokenizer)),
+    ]

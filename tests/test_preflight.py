@@ -1,0 +1,47 @@
+"""Checks before any work, alone: each names the config key and what to do."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+
+from finetune.config.validation import CONFIG_ADAPTER
+from finetune.train.preflight import check_attention, check_model_source, check_precision
+from tests.conftest import BASE_SFT
+
+
+def config_with(**sections):
+    tree = copy.deepcopy(BASE_SFT)
+    for section, values in sections.items():
+        tree.setdefault(section, {}).update(values)
+    return CONFIG_ADAPTER.validate_python(tree)
+
+
+@pytest.mark.parametrize("model,problem", [
+    ("meta-llama/Llama-3.2-1B", False),  # a hub id: cannot be checked offline, so it is not refused
+    ("gpt2", False),
+    ("/no/such/dir", True),
+    ("./missing-model", True),
+    ("models/a/b", True),
+    ("bad id with spaces", True),
+])
+def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_refused(model, problem) -> None:
+    found = check_model_source(config_with(run_conf={"model": model}))
+    assert bool(found) == problem and all(path == "run_conf.model" for path, _ in found)
+
+
+def test_an_existing_directory_is_fine(tmp_path) -> None:
+    assert check_model_source(config_with(run_conf={"model": str(tmp_path)})) == []
+
+
+def test_flash_attention_needs_its_package_and_a_gpu() -> None:
+    (problem,) = check_attention(config_with(run_conf={"model": "m", "model_args": {"attn_implementation": "flash_attention_2"}}), ["cpu"])
+    assert problem[0] == "run_conf.model_args.attn_implementation" and "flash_attn" in problem[1]
+    assert check_attention(config_with(run_conf={"model": "m", "model_args": {"attn_implementation": "sdpa"}}), ["cpu"]) == []
+
+
+def test_fp16_on_the_cpu_is_refused_bf16_is_not() -> None:
+    (problem,) = check_precision(config_with(training_args={"fp16": True, "bf16": False}), ["cpu"])
+    assert problem[0] == "training_args.fp16"
+    assert check_precision(config_with(training_args={"bf16": True}), ["cpu"]) == []

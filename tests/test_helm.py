@@ -63,7 +63,7 @@ def test_values_round_trip_through_helm() -> None:
     "override,words",
     [
         ("finetuning.training_args.lerning_rate=1", "lerning_rate"),
-        ("finetuning.peft_conf.peft_kwargs.r=abc", "r"),
+        ("finetuning.training_args.num_train_epochs=-3", "num_train_epochs"),
         ("finetuning.data_conf.chat_template_name=chatml", "chat_template_name"),
         ("finetuning.method=ppo", "method"),
     ],
@@ -95,3 +95,36 @@ def test_chart_schema_is_generated_from_the_models() -> None:
     from finetune.config.schema import helm_values_schema, render_json
 
     assert (CHART / "values.schema.json").read_text() == render_json(helm_values_schema())
+
+
+UNION_OVERRIDES = {
+    "no validation data": {"finetuning": {"data_conf": {"validation_data": {"type": "NONE"}}}},
+    "validation files": {"finetuning": {"data_conf": {"validation_data": {"type": "CONCATENATION", "datasets": [{"path": "/data/v.jsonl"}]}}}},
+    "full fine-tuning": {"finetuning": {"peft_conf": {"peft_type": "NO_PEFT"}}},
+    "a pretrained adapter": {"finetuning": {"peft_conf": {"peft_type": "PRETRAINED_PEFT", "name_or_path": "/adapters/a"}}},
+    "4-bit quantization": {"finetuning": {"quant_conf": {"quantization_type": "bits-and-bytes", "load_in_4bit": True}}},
+}
+
+
+@pytest.mark.parametrize("name", sorted(UNION_OVERRIDES))
+def test_overriding_a_section_that_comes_in_kinds_gives_what_was_written(tmp_path, name) -> None:
+    """Helm deep-merges values: a kind the user writes must not be mixed with the chart's default kind."""
+    import json
+
+    values = tmp_path / "my-values.yaml"
+    values.write_text(json.dumps(UNION_OVERRIDES[name]))
+    lint = helm("lint", str(CHART), "--strict", "-f", str(values))
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    rendered = parse_yaml_text(rendered_config("-f", str(values)), "rendered").tree
+    section = UNION_OVERRIDES[name]["finetuning"]
+    written = section.get("peft_conf") or section.get("quant_conf") or section["data_conf"]["validation_data"]
+    assert written in (rendered.get("peft_conf"), rendered.get("quant_conf"), rendered["data_conf"]["validation_data"])
+    config = tmp_path / "config.yaml"
+    config.write_text(json.dumps(rendered))
+    assert validate_document(load_document(config)) == []
+
+
+def test_values_key_reads_what_the_chart_renders_with_its_defaults() -> None:
+    """`finetune validate values.yaml --values-key finetuning` fills the sections from finetuningDefaults as the chart does."""
+    extracted = load_document(CHART / "values.yaml", values_key="finetuning").tree
+    assert extracted["peft_conf"]["peft_type"] == "LORA" and extracted["data_conf"]["validation_data"]["type"] == "AUTO_SPLIT"

@@ -8,6 +8,8 @@ file. `!list` and `!range` tags become the plain knob forms `{"$list": ...}` and
 
 from __future__ import annotations
 
+import copy
+
 from dataclasses import dataclass, field
 from pathlib import Path as FilePath
 from typing import Any
@@ -232,9 +234,33 @@ def select_key(doc: SourceDoc, values_key: str) -> SourceDoc:
                 f"{doc.source}: no key '{'.'.join(prefix[: depth + 1])}' in the values file"
                 + (f" (keys there: {', '.join(map(str, here))})" if here else "")
             )
-        node = node[key]
+        parent, node = node, node[key]
     positions = {path[len(prefix) :]: loc for path, loc in doc.positions.items() if path[: len(prefix)] == prefix}
-    return SourceDoc(tree=node, source=doc.source, positions=positions)
+    selected = SourceDoc(tree=node, source=doc.source, positions=positions)
+    defaults_key = f"{prefix[-1]}Defaults"
+    if isinstance(parent.get(defaults_key), dict) and isinstance(node, dict):
+        _fill_union_sections(selected, parent[defaults_key], doc.positions, (*prefix[:-1], defaults_key))
+    return selected
+
+
+# Where each section that comes in kinds lives in a config, for the chart's `finetuningDefaults`.
+UNION_SECTION_PATHS: dict[str, Path] = {"validation_data": ("data_conf", "validation_data"), "peft_conf": ("peft_conf",),
+                                        "quant_conf": ("quant_conf",)}
+
+
+def _fill_union_sections(doc: SourceDoc, defaults: dict[str, Any], positions: dict[Path, Location], defaults_path: Path) -> None:
+    """As the chart's template does: a section from `<key>Defaults` only where the config has none."""
+    for name, path in UNION_SECTION_PATHS.items():
+        node = doc.tree
+        for part in path[:-1]:
+            node = node.setdefault(part, {}) if isinstance(node, dict) else None
+        if name not in defaults or not isinstance(node, dict) or path[-1] in node:
+            continue
+        node[path[-1]] = copy.deepcopy(defaults[name])
+        source = (*defaults_path, name)
+        for known, location in positions.items():
+            if known[: len(source)] == source:
+                doc.positions[(*path, *known[len(source) :])] = location
 
 
 def parse_override(override: str) -> tuple[Path, Any]:

@@ -96,6 +96,24 @@ def render_json(schema: dict[str, Any]) -> str:
 
 
 HELM_CONFIG_KEY = "finetuning"
+HELM_DEFAULTS_KEY = "finetuningDefaults"
+# Sections that come in kinds (a discriminated union), by the key of the model that holds them.
+UNION_SECTIONS = {"validation_data": "training_data", "peft_conf": "method", "quant_conf": "method"}
+
+
+def _union_sections_optional(definitions: dict[str, Any]) -> dict[str, Any]:
+    """In the chart, the union sections may be left out of `finetuning` (the chart's defaults fill
+    them in); returns each one's schema, for `finetuningDefaults`."""
+    sections: dict[str, Any] = {}
+    for definition in definitions.values():
+        properties = definition.get("properties", {})
+        for section, sibling in UNION_SECTIONS.items():
+            if section in properties and sibling in properties:
+                sections.setdefault(section, properties[section])
+                for requirement in [definition, *definition.get("anyOf", [])]:
+                    if "required" in requirement:
+                        requirement["required"] = [key for key in requirement["required"] if key != section]
+    return sections
 
 
 def helm_values_schema() -> dict[str, Any]:
@@ -106,6 +124,7 @@ def helm_values_schema() -> dict[str, Any]:
     sweep = sweep_schema()
     definitions = sweep.pop("$defs")
     definitions["FinetuneConfig"] = {key: value for key, value in sweep.items() if key not in ("$schema",)}
+    union_sections = _union_sections_optional(definitions)
     string = {"type": "string"}
     return {
         "$schema": "http://json-schema.org/draft-07/schema#",
@@ -114,6 +133,12 @@ def helm_values_schema() -> dict[str, Any]:
         "required": [HELM_CONFIG_KEY],
         "properties": {
             HELM_CONFIG_KEY: {"$ref": "#/$defs/FinetuneConfig"},
+            HELM_DEFAULTS_KEY: {
+                "type": "object",
+                "additionalProperties": False,
+                "description": f"Sections that come in kinds, used only where {HELM_CONFIG_KEY} has none",
+                "properties": union_sections,
+            },
             "image": {
                 "type": "object",
                 "additionalProperties": False,

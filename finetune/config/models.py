@@ -10,20 +10,17 @@ from finetune.config.sections import (
     BatchsizeConfig,
     ChatTrainValidConfig,
     DPOArguments,
-    ExperimentConfig,
     FinetuningTrackingConfig,
     GRPOArguments,
-    GridSweep,
     NoQuantizationConfig,
     Overrides,
     PeftConfig,
     QuantConfig,
-    RandomSweep,
     RunConfig,
     SFTArguments,
     Strict,
-    SuccessiveHalvingSweep,
 )
+from finetune.config.scheduling import ExperimentConfig, GridSweep, RandomSweep, SuccessiveHalvingSweep
 from finetune.config.training_args import DPOTrainingArguments, GRPOTrainingArguments, SFTTrainingArguments
 
 METHODS = ("sft", "dpo", "grpo")

@@ -202,9 +202,6 @@ QuantConfig = Annotated[Union[NoQuantizationConfig, BnBQuantizationConfig], Fiel
 # ---------------------------------------------------------------- run_conf
 
 
-DIRECTIONS = {"min": "minimize", "max": "maximize"}
-
-
 def _legacy_dtype_in_schema(schema: dict[str, Any]) -> None:
     """`torch_dtype` (the legacy name of `dtype`) gets the same schema, so editors and helm lint check it too."""
     schema["properties"]["torch_dtype"] = {**schema["properties"]["dtype"], "description": "Legacy name of dtype"}
@@ -333,96 +330,3 @@ class GRPOArguments(Strict):
                     "or an importable 'module:function'"
                 )
         return names
-
-
-# ---------------------------------------------------------------- experiment and sweep
-
-
-class ExperimentConfig(Strict):
-    """Where an experiment lives and how its runs are cut into chunks and scheduled."""
-
-    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Experiment name")
-    output_dir: str = Field(default="runs", description="The experiment directory is output_dir/name")
-    num_chunks: int = Field(default=4, ge=1, description="Each run's training is cut into this many chunks")
-    eval_every_chunks: int = Field(default=1, ge=1, description="Evaluate after every N chunks (and after the last)")
-    max_eval_samples: int | None = Field(
-        default=None, gt=0, description="Evaluate on a fixed subset of at most this many validation examples"
-    )
-    devices: Union[Literal["auto", "cpu"], Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1, json_schema_extra={"uniqueItems": True})]] = Field(
-        default="auto", description="auto (every visible GPU, else the CPU), cpu, or a list of GPU ordinals, each once"
-    )
-    runs_per_device: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
-        default=1,
-        description="Runs trained at once on each GPU, each in its own worker process; auto: as many as the GPU's "
-        "memory allows by the footprint measured on the first chunk (at most 8). Always 1 on the CPU",
-    )
-    gpu_state_budget_gb: float | None = Field(
-        default=None, gt=0,
-        description="GPU memory a worker keeps runs' state in between their chunks (adapters, optimizer moments); "
-        "beyond it state moves to pinned CPU memory. Default: a quarter of the GPU, shared by its workers",
-    )
-    cpu_state_budget_gb: float | None = Field(
-        default=None, gt=0,
-        description="CPU memory a worker keeps runs' state in; beyond it a run is read back from its last durable "
-        "checkpoint when its turn comes. Default: half the free memory, shared by the workers",
-    )
-    save_merged_model: bool = Field(
-        default=False,
-        description="Also write each adapter run's adapter merged into its base model (checkpoint-merged); "
-        "otherwise `finetune export EXP RUN --merged` does it on request",
-    )
-
-    @field_validator("devices")
-    @classmethod
-    def _each_device_once(cls, devices: Any) -> Any:
-        if isinstance(devices, list):
-            repeated = sorted({device for device in devices if devices.count(device) > 1})
-            if repeated:
-                raise ValueError(
-                    f"GPU {', '.join(map(str, repeated))} is listed more than once; list each GPU once and set "
-                    "experiment.runs_per_device to train several runs on one GPU"
-                )
-        return devices
-
-
-class GridSweep(Strict):
-    """Every combination of the `$list` knobs."""
-
-    strategy: Literal["grid"] = "grid"
-
-
-class RandomSweep(Strict):
-    """`num_runs` distinct i.i.d. samples of every `$list` and `$range` knob."""
-
-    strategy: Literal["random"]
-    num_runs: int = Field(ge=1)
-    seed: int = 42
-
-
-class SuccessiveHalvingSweep(Strict):
-    """A random sample whose runs are halved at rungs, in chunk units (asynchronous successive halving)."""
-
-    strategy: Literal["successive_halving"]
-    num_runs: int = Field(ge=2)
-    seed: int = 42
-    metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
-    direction: Literal["minimize", "maximize", "min", "max"] = Field(
-        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
-    )
-    min_chunks: int = Field(default=1, ge=1, description="Chunks a run trains before its first rung")
-    max_chunks: int | None = Field(default=None, ge=1, description="Default: experiment.num_chunks")
-    reduction_factor: int = Field(default=2, ge=2, description="Keep the best 1/reduction_factor at each rung")
-    min_early_stopping_rate: int = Field(default=0, ge=0, description="Skip this many lowest rungs")
-
-    @field_validator("direction")
-    @classmethod
-    def _long_direction(cls, value: str) -> str:
-        return DIRECTIONS.get(value, value)
-
-    @model_validator(mode="after")
-    def _rungs(self) -> SuccessiveHalvingSweep:
-        if self.max_chunks is not None and self.max_chunks < self.min_chunks:
-            raise ValueError(f"max_chunks ({self.max_chunks}) must be at least min_chunks ({self.min_chunks})")
-        return self
-
-

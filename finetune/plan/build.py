@@ -8,7 +8,7 @@ from typing import Any, Callable
 from finetune.config.knobs import dotted
 from finetune.config.loading import SourceDoc
 from finetune.config.models import AnyFinetuneConfig
-from finetune.config.sections import DIRECTIONS
+from finetune.config.scheduling import DIRECTIONS
 from finetune.config.validation import (
     ConfigInvalid,
     ConfigIssue,

@@ -46,6 +46,7 @@ demo: install
 	$(BIN)/finetune plan example_configs/sft-lora-grid.yaml
 	$(BIN)/finetune run example_configs/sft-lora-grid.yaml
 	$(BIN)/finetune report runs/sft-lora-grid
+	@echo "Open the dashboard (runs, curves, stop/resume/delete/clone): $(BIN)/finetune dashboard runs/sft-lora-grid"
 
 clean:
 	rm -rf $(VENV) runs $(DEMO_DIR) .pytest_cache

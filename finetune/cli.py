@@ -151,8 +151,9 @@ def run(
     from rich.markdown import Markdown
 
     console.print(Markdown(report_markdown(root)))
-    console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False)
-    console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False)
+    console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False, soft_wrap=True)
+    console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False, soft_wrap=True)
+    console.print(f"dashboard: finetune dashboard {root}", highlight=False, soft_wrap=True)
     failed = _failed_runs(root)
     if failed:
         for run_id, error in failed:
@@ -256,6 +257,19 @@ def ctl_clone(
 
 demo_app = typer.Typer(help="The offline demo: a tiny model and data built locally.", no_args_is_help=True)
 app.add_typer(demo_app, name="demo")
+
+
+@app.command()
+def dashboard(
+    experiment: ExperimentArg,
+    host: Annotated[str, typer.Option(help="Address to bind; anything but loopback makes reads need the token too")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="Port; 0 picks a free one")] = 8765,
+) -> None:
+    """Serve a live web page of the experiment: runs, curves, decisions, and stop/resume/delete/clone."""
+    from finetune.dashboard.server import serve
+
+    root = _experiment_or_exit(experiment)
+    serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True))
 
 
 @app.command()

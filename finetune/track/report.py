@@ -7,34 +7,26 @@ from pathlib import Path
 from finetune.io import write_text_atomic
 from finetune.plan.model import RunPlan
 from finetune.schedule.store import StateStore
-
-
-def ranking_metric(plan: RunPlan) -> tuple[str, str]:
-    for sweep in plan.sweeps:
-        if sweep.get("strategy") == "successive_halving":
-            return sweep.get("metric", "eval_loss"), sweep.get("direction", "minimize")
-    return "eval_loss", "minimize"
+from finetune.track.ranking import ranked_runs, ranking_metric
 
 
 def report_markdown(root: Path) -> str:
     plan = RunPlan.model_validate_json((root / "plan.json").read_text())
     store = StateStore(root / "state.db")
     metric, direction = ranking_metric(plan)
-    rows = store.runs()
-    missing = float("inf") if direction == "minimize" else float("-inf")
-    ranked = sorted(rows, key=lambda row: row.latest_metrics.get(metric, missing), reverse=direction == "maximize")
+    ranked = ranked_runs(store, plan)
     lines = [
         f"# {plan.experiment}",
         "",
-        f"Ranked by `{metric}` ({direction}), latest evaluation of each run.",
+        f"Ranked by `{metric}` ({direction}), latest value of each run.",
         "",
         f"| rank | run | label | state | chunks | {metric} |",
         "|---|---|---|---|---|---|",
     ]
-    for rank, row in enumerate(ranked, start=1):
-        value = row.latest_metrics.get(metric)
-        shown = f"{value:.4f}" if value is not None else ""
-        lines.append(f"| {rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
+    for entry in ranked:
+        row = entry.row
+        shown = f"{entry.value:.4f}" if entry.value is not None else ""
+        lines.append(f"| {entry.rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
     decisions = [event for event in store.events() if event["kind"].startswith("sha_") or event["kind"].startswith("ctl_")]
     if decisions:
         lines += ["", "## Decisions", "", "| run | decision | detail |", "|---|---|---|"]
@@ -45,7 +37,7 @@ def report_markdown(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss")) -> list[Path]:
+def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss", "reward")) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")

@@ -1,0 +1,181 @@
+// The finetune dashboard: polls the JSON API, draws the runs table and SVG learning curves,
+// and sends the same control requests as `finetune ctl` (with the token from the page's URL).
+"use strict";
+
+const TOKEN = new URLSearchParams(location.search).get("token") || "";
+const COLORS = ["#e63946", "#457b9d", "#2a9d8f", "#f4a261", "#9b5de5", "#1d3557", "#e9c46a", "#06d6a0", "#ef476f", "#118ab2"];
+const POLL_MS = 2000;
+const hidden = new Set();  // runs left out of the charts
+let latest = { runs: [] };
+
+async function api(path, options = {}) {
+  const headers = { Authorization: `Bearer ${TOKEN}`, ...(options.body ? { "Content-Type": "application/json" } : {}) };
+  const response = await fetch(path, { ...options, headers });
+  const body = await response.json().catch(() => ({}));
+  return { ok: response.ok, status: response.status, body };
+}
+
+function element(tag, attributes = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [key, value] of Object.entries(attributes)) {
+    if (key.startsWith("on")) node.addEventListener(key.slice(2), value);
+    else node.setAttribute(key, value);
+  }
+  for (const child of children) node.append(child);
+  return node;
+}
+
+function knobText(run) {
+  const entries = Object.entries(run.knobs || {});
+  return entries.length ? entries.map(([key, value]) => `${key.split(".").pop()}=${JSON.stringify(value)}`).join(", ") : run.label;
+}
+
+function number(value) {
+  return value === undefined || value === null ? "" : Number(value).toPrecision(4);
+}
+
+function renderHeader(data) {
+  document.getElementById("title").textContent = data.experiment;
+  document.getElementById("ranking").textContent = `ranked by ${data.metric} (${data.direction})`;
+  const mlflow = document.getElementById("mlflow");
+  mlflow.replaceChildren(data.mlflow.web
+    ? element("a", { href: data.mlflow.web, target: "_blank" }, "MLflow")
+    : element("code", { title: "open MLflow with this command" }, data.mlflow.command || ""));
+}
+
+function controlButton(run, action, enabled) {
+  return element("button", { "data-action": action, "data-run": run.run_id, ...(enabled ? {} : { disabled: "" }),
+    onclick: async () => {
+      const result = await api(`/api/runs/${run.run_id}/${action}`, { method: "POST" });
+      status(result.ok ? `${action} requested for ${run.run_id}: applied at its next chunk boundary` : JSON.stringify(result.body));
+      refresh();
+    } }, action);
+}
+
+function renderRuns(data) {
+  const body = document.querySelector("#runs tbody");
+  body.replaceChildren(...data.runs.map((run) => {
+    const active = run.state === "pending" || run.state === "running";
+    const show = element("input", { type: "checkbox", ...(hidden.has(run.run_id) ? {} : { checked: "" }),
+      onchange: (event) => { event.target.checked ? hidden.delete(run.run_id) : hidden.add(run.run_id); refresh(); } });
+    const progress = element("span", { class: "bar" }, element("span", { style: `width:${100 * run.chunks_done / Math.max(1, run.total_chunks)}%` }));
+    const mlflowLink = data.mlflow.web && run.mlflow_run_id
+      ? element("a", { href: `${data.mlflow.web}/#/experiments/0/runs/${run.mlflow_run_id}`, target: "_blank" }, run.run_id)
+      : element("code", { title: run.mlflow_run_id ? `MLflow run ${run.mlflow_run_id}` : "" }, run.run_id);
+    return element("tr", { "data-run": run.run_id, class: run.rank === 1 && run.value !== null ? "best" : "" },
+      element("td", {}, show), element("td", { class: "number" }, String(run.rank)), element("td", {}, mlflowLink),
+      element("td", { title: run.label }, knobText(run)),
+      element("td", { class: `state-${run.state}`, title: run.error || "" }, run.state),
+      element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
+      element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),
+      element("td", { class: "number" }, number(run.latest.reward)),
+      element("td", {}, controlButton(run, "stop", active), controlButton(run, "resume", run.state === "stopped"),
+        controlButton(run, "delete", run.state !== "deleted"),
+        element("button", { "data-action": "clone", "data-run": run.run_id, onclick: () => openClone(run) }, "clone")));
+  }));
+}
+
+function renderChart(name, series, runs) {
+  const width = 440, height = 240, pad = 40;
+  const shown = runs.filter((run) => series[run.run_id] && !hidden.has(run.run_id));
+  const points = shown.flatMap((run) => series[run.run_id]);
+  const svgNS = "http://www.w3.org/2000/svg";
+  const svg = document.createElementNS(svgNS, "svg");
+  svg.setAttribute("width", width); svg.setAttribute("height", height);
+  const box = element("div", { class: "chart", "data-metric": name }, element("h3", {}, name));
+  if (!points.length) { box.append(element("p", { class: "muted" }, "no values yet")); return box; }
+  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
+  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
+  const sx = (x) => pad + (width - 2 * pad) * (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0));
+  const sy = (y) => height - pad + (2 * pad - height) * (y1 === y0 ? 0.5 : (y - y0) / (y1 - y0));
+  const line = (attrs) => { const node = document.createElementNS(svgNS, attrs.tag); for (const [k, v] of Object.entries(attrs)) if (k !== "tag") node.setAttribute(k, v); return node; };
+  svg.append(line({ tag: "line", x1: pad, y1: height - pad, x2: width - pad, y2: height - pad, stroke: "#999" }));
+  svg.append(line({ tag: "line", x1: pad, y1: pad, x2: pad, y2: height - pad, stroke: "#999" }));
+  const labels = [[number(y1), pad - 4, pad + 4, "end"], [number(y0), pad - 4, height - pad, "end"],
+    [`step ${x0}`, pad, height - pad + 16, "start"], [`step ${x1}`, width - pad, height - pad + 16, "end"]];
+  for (const [value, x, y, anchor] of labels) {
+    const text = line({ tag: "text", x, y, "font-size": 11, "text-anchor": anchor, fill: "#555" }); text.textContent = value; svg.append(text);
+  }
+  const legend = element("div", { class: "legend" });
+  runs.forEach((run, index) => {
+    if (!shown.includes(run)) return;
+    const color = COLORS[index % COLORS.length];
+    const path = series[run.run_id].map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
+    svg.append(line({ tag: "path", d: path, fill: "none", stroke: color, "stroke-width": 1.6, "data-run": run.run_id }));
+    legend.append(element("span", { style: `color:${color}` }, `■ ${knobText(run)}`));
+  });
+  box.append(svg, legend);
+  return box;
+}
+
+function renderEvents(events) {
+  document.getElementById("events").replaceChildren(...events.slice(-30).map((event) => {
+    const detail = Object.entries(event).filter(([key]) => !["at", "run_id", "kind", "traceback"].includes(key))
+      .map(([key, value]) => `${key}=${typeof value === "number" ? number(value) : JSON.stringify(value)}`).join(", ");
+    return element("li", {}, `${new Date(event.at * 1000).toLocaleTimeString()} ${event.run_id || ""} ${event.kind} ${detail}`);
+  }));
+}
+
+function status(text) {
+  document.getElementById("status").textContent = text;
+}
+
+async function refresh() {
+  const [runs, curves, events] = await Promise.all([api("/api/runs"), api("/api/curves"), api("/api/events")]);
+  if (!runs.ok) { status(`cannot read the experiment: ${runs.status} ${JSON.stringify(runs.body)}`); return; }
+  latest = runs.body;
+  renderHeader(runs.body);
+  renderRuns(runs.body);
+  document.getElementById("charts").replaceChildren(...Object.entries(curves.body).map(([name, series]) => renderChart(name, series, runs.body.runs)));
+  renderEvents(events.ok ? events.body : []);
+}
+
+// ---------------------------------------------------------------- clone with changes
+
+function fieldRow(key, value) {
+  const row = element("div", { class: "field", "data-key": key });
+  row.append(element("input", { name: "key", value: key, placeholder: "training_args.learning_rate" }),
+    element("input", { name: "value", value: value === undefined ? "" : (typeof value === "string" ? value : JSON.stringify(value)) }),
+    element("p", { class: "error" }));
+  return row;
+}
+
+async function openClone(run) {
+  const dialog = document.getElementById("clone-dialog");
+  document.getElementById("clone-parent").textContent = run.run_id;
+  document.getElementById("clone-general").textContent = "";
+  document.getElementById("clone-warm").checked = false;
+  dialog.dataset.run = run.run_id;
+  const fields = document.getElementById("clone-fields");
+  fields.replaceChildren(...Object.entries(run.knobs || {}).map(([key, value]) => fieldRow(key, value)));
+  if (!fields.children.length) fields.append(fieldRow("", ""));
+  dialog.showModal();
+}
+
+async function submitClone(event) {
+  event.preventDefault();
+  const dialog = document.getElementById("clone-dialog");
+  const rows = [...document.querySelectorAll("#clone-fields .field")];
+  const changes = {};
+  for (const row of rows) {
+    row.querySelector(".error").textContent = "";
+    const key = row.querySelector("[name=key]").value.trim();
+    if (key) changes[key] = row.querySelector("[name=value]").value;
+  }
+  const result = await api(`/api/runs/${dialog.dataset.run}/clone`, {
+    method: "POST", body: JSON.stringify({ set: changes, warm_start: document.getElementById("clone-warm").checked }) });
+  if (result.ok) { dialog.close(); status(`clone requested (request ${result.body.request_id}): it starts at the next chunk boundary`); refresh(); return; }
+  const general = [];
+  for (const problem of result.body.problems || [{ path: "", message: JSON.stringify(result.body) }]) {
+    const row = rows.find((r) => r.querySelector("[name=key]").value.trim() === problem.path)
+      || rows.find((r) => problem.path.startsWith(r.querySelector("[name=key]").value.trim() + ".") && r.querySelector("[name=key]").value.trim());
+    if (row) row.querySelector(".error").textContent = problem.message; else general.push(`${problem.path}: ${problem.message}`);
+  }
+  document.getElementById("clone-general").textContent = general.join("\n");
+}
+
+document.getElementById("clone-form").addEventListener("submit", submitClone);
+document.getElementById("clone-add").addEventListener("click", () => document.getElementById("clone-fields").append(fieldRow("", "")));
+document.getElementById("clone-cancel").addEventListener("click", () => document.getElementById("clone-dialog").close());
+refresh();
+setInterval(refresh, POLL_MS);

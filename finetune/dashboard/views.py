@@ -1,0 +1,123 @@
+"""The JSON behind every view of the dashboard, read from an experiment directory.
+
+Reads go to the state store and `plan.json`; changes are control requests (rows in the state
+store), the same that `finetune ctl` writes, applied by the controller at the next chunk boundary.
+"""
+
+from __future__ import annotations
+
+import json
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Iterator
+
+from finetune.config.loading import ConfigLoadError
+from finetune.config.validation import validate_concrete
+from finetune.plan.model import PlannedRun, RunPlan
+from finetune.schedule.control import clone_config
+from finetune.schedule.store import StateStore
+from finetune.track.ranking import ranked_runs, ranking_metric
+
+CURVES = ("loss", "eval_loss", "reward")
+CONTROLS = ("stop", "resume", "delete")
+
+
+class RequestRejected(ValueError):
+    """A change the dashboard refuses, with the problems by config key path."""
+
+    def __init__(self, problems: list[dict[str, str]]) -> None:
+        super().__init__("; ".join(f"{p['path']}: {p['message']}" for p in problems))
+        self.problems = problems
+
+
+@contextmanager
+def opened(root: Path) -> Iterator[tuple[StateStore, RunPlan]]:
+    store = StateStore(root / "state.db")
+    try:
+        yield store, RunPlan.model_validate_json((root / "plan.json").read_text())
+    finally:
+        store.close()
+
+
+def mlflow_info(root: Path) -> dict[str, Any]:
+    tracking = root / "tracking.json"
+    known = json.loads(tracking.read_text()) if tracking.is_file() else {}
+    uri = known.get("uri", "")
+    web = uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
+    command = None if web else f"mlflow ui --backend-store-uri {uri}"
+    return {"uri": uri, "web": web, "command": command, "parent_run_id": known.get("parent_run_id")}
+
+
+def runs_view(root: Path) -> dict[str, Any]:
+    """Every run with its state, chunk progress, knob values, latest metrics and rank."""
+    with opened(root) as (store, plan):
+        metric, direction = ranking_metric(plan)
+        latest_logged = {name: store.latest_metric(name) for name in CURVES}
+        runs = []
+        for entry in ranked_runs(store, plan):
+            row = entry.row
+            planned = _planned(plan, row.run_id)
+            latest = {name: values[row.run_id] for name, values in latest_logged.items() if row.run_id in values}
+            runs.append({
+                "run_id": row.run_id, "label": row.label, "state": row.state, "rank": entry.rank, "value": entry.value,
+                "chunks_done": row.chunks_done, "total_chunks": row.total_chunks, "error": row.error,
+                "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
+                "parent_run_id": row.parent_run_id, "mlflow_run_id": row.mlflow_run_id,
+            })
+    return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root)}
+
+
+def curves_view(root: Path) -> dict[str, dict[str, list[list[float]]]]:
+    """Learning curves by metric, then by run: [[step, value], ...]."""
+    with opened(root) as (store, _):
+        curves = {name: store.metric_series(name) for name in CURVES}
+    return {name: {run: [[step, value] for step, value in points] for run, points in series.items()}
+            for name, series in curves.items() if series}
+
+
+def events_view(root: Path) -> list[dict[str, Any]]:
+    """Successive-halving decisions and control requests, oldest first."""
+    with opened(root) as (store, _):
+        return [event for event in store.events() if event["kind"].startswith(("sha_", "ctl_", "run_"))]
+
+
+def run_config_view(root: Path, run_id: str) -> dict[str, Any]:
+    with opened(root) as (_, plan):
+        planned = _planned(plan, run_id)
+    if planned is None:
+        raise KeyError(run_id)
+    return {"run_id": run_id, "knobs": planned.knobs, "config": planned.config}
+
+
+def request_control(root: Path, kind: str, run_id: str) -> int:
+    if kind not in CONTROLS:
+        raise RequestRejected([{"path": "", "message": f"unknown action {kind}; one of {', '.join(CONTROLS)}"}])
+    with opened(root) as (store, plan):
+        if _planned(plan, run_id) is None and run_id not in {row.run_id for row in store.runs()}:
+            raise KeyError(run_id)
+        return store.request(kind, run_id)
+
+
+def request_clone(root: Path, run_id: str, changes: dict[str, Any], warm_start: bool) -> int:
+    """Validate the edited config now, so errors show next to their fields; then queue the clone."""
+    settings = [f"{key}={_as_yaml(value)}" for key, value in changes.items() if str(key).strip()]
+    with opened(root) as (store, plan):
+        parent = _planned(plan, run_id)
+        if parent is None:
+            raise KeyError(run_id)
+        try:
+            config = clone_config(parent, settings, None)
+        except ConfigLoadError as error:
+            raise RequestRejected([{"path": str(error).partition(":")[0].removeprefix("--set ").strip(), "message": str(error)}]) from None
+        validated, issues = validate_concrete(config, lambda path: "dashboard")  # type: ignore[arg-type,return-value]
+        if validated is None:
+            raise RequestRejected([{"path": issue.path, "message": issue.message} for issue in issues])
+        return store.request("clone", run_id, {"set": settings, "warm_start": warm_start})
+
+
+def _as_yaml(value: Any) -> str:
+    return value if isinstance(value, str) else json.dumps(value)
+
+
+def _planned(plan: RunPlan, run_id: str) -> PlannedRun | None:
+    return next((run for run in plan.runs if run.run_id == run_id), None)

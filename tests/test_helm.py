@@ -128,3 +128,14 @@ def test_values_key_reads_what_the_chart_renders_with_its_defaults() -> None:
     """`finetune validate values.yaml --values-key finetuning` fills the sections from finetuningDefaults as the chart does."""
     extracted = load_document(CHART / "values.yaml", values_key="finetuning").tree
     assert extracted["peft_conf"]["peft_type"] == "LORA" and extracted["data_conf"]["validation_data"]["type"] == "AUTO_SPLIT"
+
+
+def test_a_job_can_join_an_existing_ray_cluster() -> None:
+    lint = helm("lint", str(CHART), "--strict", "--set", "ray.address=ray://raycluster-head-svc:10001")
+    assert lint.returncode == 0, lint.stdout + lint.stderr
+    config = parse_yaml_text(rendered_config("--set", "ray.address=ray://raycluster-head-svc:10001"), "rendered").tree
+    assert config["experiment"]["backend"] == "ray" and config["experiment"]["ray_address"] == "ray://raycluster-head-svc:10001"
+    job = helm("template", "t", str(CHART), "--show-only", "templates/job.yaml", "--set", "ray.address=ray://h:10001", "--set", "gpus=4")
+    container = parse_yaml_text(job.stdout, "job").tree["spec"]["template"]["spec"]["containers"][0]
+    assert "nvidia.com/gpu" not in (container.get("resources") or {}).get("limits", {})  # the cluster's GPUs train
+    assert "backend" not in parse_yaml_text(rendered_config(), "rendered").tree["experiment"]

@@ -45,3 +45,15 @@ def test_fp16_on_the_cpu_is_refused_bf16_is_not() -> None:
     (problem,) = check_precision(config_with(training_args={"fp16": True, "bf16": False}), ["cpu"])
     assert problem[0] == "training_args.fp16"
     assert check_precision(config_with(training_args={"bf16": True}), ["cpu"]) == []
+
+
+def test_backend_ray_without_ray_names_the_extra(monkeypatch) -> None:
+    import importlib.util
+
+    from finetune.train import preflight
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(preflight.importlib.util, "find_spec", lambda name, *a: None if name == "ray" else real(name, *a))
+    (problem,) = preflight.check_backend(config_with(experiment={"name": "t", "backend": "ray"}))
+    assert problem == ("experiment.backend", "ray needs the ray package: pip install 'finetune[ray]'")
+    assert preflight.check_backend(config_with()) == []

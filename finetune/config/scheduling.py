@@ -39,6 +39,16 @@ class ExperimentConfig(Strict):
         description="CPU memory a worker keeps runs' state in; beyond it a run is read back from its last durable "
         "checkpoint when its turn comes. Default: half the free memory, shared by the workers",
     )
+    backend: Literal["local", "ray"] = Field(
+        default="local",
+        description="local: worker processes on this machine; ray: workers as Ray actors, one per device slot "
+        "(pip install 'finetune[ray]'), for sweeps that need more GPUs than one machine has",
+    )
+    ray_address: str | None = Field(
+        default=None,
+        description="With backend ray: unset starts a local Ray runtime; auto, or an address such as "
+        "ray://head:10001 or head:6379, joins that cluster",
+    )
     save_merged_model: bool = Field(
         default=False,
         description="Also write each adapter run's adapter merged into its base model (checkpoint-merged); "

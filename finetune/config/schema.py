@@ -172,6 +172,13 @@ def helm_values_schema() -> dict[str, Any]:
                 },
             },
             "extraEnv": {"type": "array", "items": {"type": "object"}},
+            "ray": {
+                "type": "object",
+                "additionalProperties": False,
+                "properties": {
+                    "address": {"type": ["string", "null"], "description": "Join this Ray cluster; the Job is the driver only"},
+                },
+            },
         },
         "$defs": definitions,
     }

@@ -24,6 +24,7 @@ from finetune.schedule.preparation import initial_checkpoint
 from finetune.schedule.store import StateStore
 
 POLL_SECONDS = 0.2
+MAX_LOST_CHUNKS = 1  # a run whose worker dies again (out of memory, say) fails rather than loops
 
 
 class Tracker(Protocol):
@@ -54,6 +55,7 @@ class Controller:
     homes: dict[str, str] = field(default_factory=dict)  # run -> worker holding its state
     done_chunks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # awaiting durability
     durable_first: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
+    lost_chunks: dict[str, int] = field(default_factory=dict)  # chunks lost with a dead worker, per run
 
     # ------------------------------------------------------------ set-up
 
@@ -284,19 +286,28 @@ class Controller:
             self.tracker.finish(row.mlflow_run_id, status)
 
     def _check_workers(self) -> None:
-        """A dead worker (killed, out of memory) fails the run it was training; the runs it held in
-        memory continue elsewhere from their last durable chunk."""
+        """A dead worker (killed, out of memory, its node lost): the chunk it was training is tried
+        once more, then its run fails; the runs it held in memory continue on any worker from
+        their last durable chunk."""
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
+            error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
             if worker.busy_with:
-                error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
-                self.store.set_state(worker.busy_with, "failed", error)
-                self.store.event("run_failed", worker.busy_with, error=error)
-                self._end_mlflow(worker.busy_with, "FAILED")
+                self._chunk_lost(worker.busy_with, error)
             for run_id in [run for run, home in self.homes.items() if home == worker.worker_id]:
                 self._forget_progress(run_id)
             self.workers[index] = self.pool.spawn(worker.device, replacing=worker.worker_id)
+
+    def _chunk_lost(self, run_id: str, error: str) -> None:
+        self.lost_chunks[run_id] = self.lost_chunks.get(run_id, 0) + 1
+        if self.lost_chunks[run_id] <= MAX_LOST_CHUNKS:
+            self.store.set_state(run_id, "pending")
+            self.store.event("chunk_lost", run_id, error=error, retry=self.lost_chunks[run_id])
+            return
+        self.store.set_state(run_id, "failed", error)
+        self.store.event("run_failed", run_id, error=error)
+        self._end_mlflow(run_id, "FAILED")
 
     def _forget_progress(self, run_id: str) -> None:
         self.homes.pop(run_id, None)

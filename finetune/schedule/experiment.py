@@ -60,6 +60,16 @@ def check_before_any_work(plan: RunPlan, devices: list[str]) -> None:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
 
 
+def start_pool(settings: Any, root: Path) -> WorkerPool | Any:
+    """Worker processes on this machine, or Ray actors (`experiment.backend: ray`)."""
+    memory = MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb)
+    if settings.backend == "ray":
+        from finetune.schedule.ray_pool import RayWorkerPool
+
+        return RayWorkerPool(settings.devices, settings.runs_per_device, root.resolve(), settings.ray_address, memory)
+    return WorkerPool(resolve_devices(settings.devices), settings.runs_per_device, root, memory)
+
+
 def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
     """Train the plan in its experiment directory (or continue the one in `resume_dir`)."""
     from finetune.runtime import quiet_libraries
@@ -68,11 +78,12 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
     root = resume_dir or experiment_dir(plan)
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     started = time.perf_counter()
-    devices = resolve_devices(first.experiment.devices)
+    settings = first.experiment
+    devices = resolve_devices(settings.devices) if settings.backend == "local" else ["cpu" if settings.devices == "cpu" else "cuda:0"]
     check_before_any_work(plan, devices)
     root.mkdir(parents=True, exist_ok=True)
-    settings = first.experiment
-    pool = WorkerPool(devices, settings.runs_per_device, root, MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb))
+    pool = start_pool(settings, root)
+    devices = getattr(pool, "devices", devices)
     try:
         with console.status("preparing data (tokenised once per data setting)..."):
             plan = load_or_create_plan(plan, root, resume=resume_dir is not None)

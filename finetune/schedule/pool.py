@@ -44,9 +44,14 @@ class WorkerHandle:
 
 @dataclass
 class MemorySettings:
+    """The configured state budgets (None: the defaults) and how many workers share the machine."""
+
     gpu_gb: float | None = None
     cpu_gb: float | None = None
     workers_on_host: int = 1
+
+    def for_worker(self, gpu_share: int) -> dict[str, Any]:
+        return {"gpu_gb": self.gpu_gb, "cpu_gb": self.cpu_gb, "gpu_share": gpu_share, "host_share": self.workers_on_host}
 
 
 class WorkerPool:
@@ -70,18 +75,11 @@ class WorkerPool:
 
     def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
         from finetune.schedule.worker import worker_main
-        from finetune.train.residency import default_budgets
 
-        index = sum(worker.device == device for worker in self.workers)
-        worker_id = replacing or f"{device}/{index}"
-        gpu_share = max(1, self.slots_on(device) + (0 if replacing else 1))
-        budgets = default_budgets(device, gpu_share, self.memory.workers_on_host, self.memory.gpu_gb, self.memory.cpu_gb)
+        worker_id = replacing or f"{device}/{self.slots_on(device)}"
+        memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
         tasks = self.context.Queue()
-        process = self.context.Process(
-            target=worker_main,
-            args=(worker_id, device, str(self.root), {"gpu_bytes": budgets.gpu_bytes, "cpu_bytes": budgets.cpu_bytes}, tasks, self.results),
-            daemon=True,
-        )
+        process = self.context.Process(target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results), daemon=True)
         process.start()
         return WorkerHandle(worker_id, device, process, tasks)
 

@@ -13,10 +13,12 @@ from pathlib import Path
 from typing import Any
 
 
-def worker_main(worker_id: str, device: str, experiment_dir: str, budgets: dict[str, int], tasks: Any, results: Any) -> None:
+def worker_main(worker_id: str, device: str, experiment_dir: str, memory: dict[str, Any], tasks: Any, results: Any) -> None:
     """Serve tasks until a None arrives. Each task: {run, chunk, resume_from, max_eval_samples, evaluate}.
 
-    The ML stack is imported first, while the controller is still preparing the plan.
+    `memory`: the configured state budgets (gpu_gb, cpu_gb; None for the defaults) and how many
+    workers share the device (gpu_share) and the machine (host_share). The ML stack is imported
+    first, while the controller is still preparing the plan.
     """
     from finetune.runtime import freeze_long_lived_objects, quiet_libraries
 
@@ -26,7 +28,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, budgets: dict[
 
     from finetune.config.validation import CONFIG_ADAPTER
     from finetune.plan.model import PlannedRun
-    from finetune.train.residency import Budgets
+    from finetune.train.residency import default_budgets
     from finetune.train.workbench import Workbench
 
     freeze_long_lived_objects()
@@ -37,7 +39,8 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, budgets: dict[
     def on_durable(message: dict[str, Any]) -> None:
         results.put({**message, "worker": worker_id})
 
-    bench = Workbench(Path(experiment_dir), device, Budgets(**budgets), sink=sink, on_durable=on_durable)
+    budgets = default_budgets(device, memory["gpu_share"], memory["host_share"], memory["gpu_gb"], memory["cpu_gb"])
+    bench = Workbench(Path(experiment_dir), device, budgets, sink=sink, on_durable=on_durable)
     configs: dict[str, Any] = {}
     while (task := tasks.get()) is not None:
         run = PlannedRun.model_validate(task["run"])

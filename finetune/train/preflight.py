@@ -67,6 +67,12 @@ def check_quantization(config: Any) -> list[Problem]:
     return [("quant_conf.quantization_type", f"bits-and-bytes needs {' and '.join(missing)}; remove quant_conf to train unquantized")]
 
 
+def check_backend(config: Any) -> list[Problem]:
+    if config.experiment.backend == "ray" and importlib.util.find_spec("ray") is None:
+        return [("experiment.backend", "ray needs the ray package: pip install 'finetune[ray]'")]
+    return []
+
+
 def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
     """`keep-original` needs a chat template in the tokenizer (checked where the tokenizer is local)."""
     from finetune.data.templates import KEEP_ORIGINAL
@@ -88,6 +94,7 @@ def preflight(config: Any, devices: list[str], load_tokenizer: Callable[[Any], A
     return [
         *model_problems,
         *check_quantization(config),
+        *check_backend(config),
         *check_attention(config, devices),
         *check_precision(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),

@@ -26,5 +26,11 @@ The finetuning config: .Values.finetuning, with each section that comes in kinds
 {{- $_ := set $config $section (deepCopy (get $defaults $section)) -}}
 {{- end -}}
 {{- end -}}
+{{- with .Values.ray }}{{- if .address -}}
+{{- $experiment := get $config "experiment" | default dict -}}
+{{- $_ := set $experiment "backend" "ray" -}}
+{{- $_ := set $experiment "ray_address" .address -}}
+{{- $_ := set $config "experiment" $experiment -}}
+{{- end }}{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}

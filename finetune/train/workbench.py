@@ -101,7 +101,9 @@ class Workbench:
         self._place(run.run_id)
         step_seconds = session.train_until(chunk_boundary(run, chunk))
         eval_started = time.perf_counter()
-        metrics = session.evaluate() if evaluate and session.trainer.eval_dataset is not None else {}
+        # GRPO is ranked by the rewards it logs while training; evaluating would mean generating again.
+        evaluate = evaluate and config.method != "grpo" and session.trainer.eval_dataset is not None
+        metrics = session.evaluate() if evaluate else {}
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"

@@ -54,34 +54,21 @@ class MemorySettings:
         return {"gpu_gb": self.gpu_gb, "cpu_gb": self.cpu_gb, "gpu_share": gpu_share, "host_share": self.workers_on_host}
 
 
-class WorkerPool:
-    """Worker processes, started early so that their imports overlap the controller's set-up."""
+class SlotPool:
+    """Workers by device slot, whatever runs them: what the controller asks of a pool."""
 
-    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None) -> None:
-        self.root = root
-        self.slots_setting = slots
-        self.memory = memory or MemorySettings()
-        self.context = multiprocessing.get_context("spawn")
-        self.results = self.context.Queue()
-        self.workers: list[WorkerHandle] = []
-        self.grown: set[str] = set()
-        self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
-        for device in devices:
-            for _ in range(initial_slots(slots, device)):
-                self.workers.append(self.spawn(device))
+    slots_setting: int | str
+    workers: list[WorkerHandle]
+    grown: set[str]
+
+    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
+        raise NotImplementedError
+
+    def stop(self) -> None:
+        raise NotImplementedError
 
     def slots_on(self, device: str) -> int:
         return sum(worker.device == device for worker in self.workers)
-
-    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
-        from finetune.schedule.worker import worker_main
-
-        worker_id = replacing or f"{device}/{self.slots_on(device)}"
-        memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
-        tasks = self.context.Queue()
-        process = self.context.Process(target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results), daemon=True)
-        process.start()
-        return WorkerHandle(worker_id, device, process, tasks)
 
     def grow(self, device: str, slots: int) -> list[WorkerHandle]:
         """Add workers on `device` up to `slots` (once per device, for `runs_per_device: auto`)."""
@@ -94,6 +81,33 @@ class WorkerPool:
 
     def worker(self, worker_id: str) -> WorkerHandle:
         return next(worker for worker in self.workers if worker.worker_id == worker_id)
+
+
+class WorkerPool(SlotPool):
+    """Worker processes, started early so that their imports overlap the controller's set-up."""
+
+    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None) -> None:
+        self.root = root
+        self.slots_setting = slots
+        self.memory = memory or MemorySettings()
+        self.context = multiprocessing.get_context("spawn")
+        self.results = self.context.Queue()
+        self.workers = []
+        self.grown = set()
+        self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
+        for device in devices:
+            for _ in range(initial_slots(slots, device)):
+                self.workers.append(self.spawn(device))
+
+    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
+        from finetune.schedule.worker import worker_main
+
+        worker_id = replacing or f"{device}/{self.slots_on(device)}"
+        memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
+        tasks = self.context.Queue()
+        process = self.context.Process(target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results), daemon=True)
+        process.start()
+        return WorkerHandle(worker_id, device, process, tasks)
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.schedule.pool import MemorySettings, WorkerHandle, initial_slots
+from finetune.schedule.pool import MemorySettings, SlotPool, WorkerHandle, initial_slots
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # a local runtime carries small messages only
 
@@ -71,8 +71,8 @@ def cluster_devices(setting: Any) -> list[str]:
     return [f"gpu{index}" for index in range(count)]
 
 
-class RayWorkerPool:
-    """`WorkerPool`'s interface over Ray actors."""
+class RayWorkerPool(SlotPool):
+    """Workers as Ray actors, one per device slot."""
 
     def __init__(self, device_setting: Any, slots: int | str, root: Path, address: str | None, memory: MemorySettings | None = None) -> None:
         import ray
@@ -95,9 +95,6 @@ class RayWorkerPool:
             for _ in range(initial_slots(slots, "cpu" if device == "cpu" else "cuda")):
                 self.workers.append(self.spawn(device))
 
-    def slots_on(self, device: str) -> int:
-        return sum(worker.device == device for worker in self.workers)
-
     def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
         from ray.util.queue import Queue
 
@@ -109,17 +106,6 @@ class RayWorkerPool:
         memory = {**self.memory.for_worker(slots), "host_share": slots}
         serving = actor.serve.remote(worker_id, inner_device, str(self.root), memory, tasks, self.results)
         return WorkerHandle(worker_id, device, ActorProcess(actor, serving), tasks)
-
-    def grow(self, device: str, slots: int) -> list[WorkerHandle]:
-        if self.slots_setting != "auto" or device in self.grown or device == "cpu":
-            return []
-        self.grown.add(device)
-        added = [self.spawn(device) for _ in range(slots - self.slots_on(device))]
-        self.workers.extend(added)
-        return added
-
-    def worker(self, worker_id: str) -> WorkerHandle:
-        return next(worker for worker in self.workers if worker.worker_id == worker_id)
 
     def stop(self) -> None:
         import ray

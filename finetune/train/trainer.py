@@ -1,10 +1,9 @@
 """TRL's trainers used as libraries, built from a concrete config and its derived values.
 
-A chunk is trained by one `trainer.train()` call that resumes from the previous chunk's
-checkpoint (model or adapter, optimizer, scheduler, RNG state, data position: all HF's
-own checkpoint format) and stops at the chunk's last optimizer step, where it saves.
-The schedule (`max_steps`) always spans the whole run, so training a run chunk by chunk
-is the same computation as training it straight through.
+A run's trainer is built once, on its first chunk, and kept with the run (`session.RunSession`):
+its `training_step` computes each step's loss and gradients, its optimizer and LR schedule span
+the whole run (`max_steps` is the run's total), and `evaluate` measures it at chunk boundaries.
+Saving and evaluation inside `train()` are off: finetune decides both at chunk boundaries.
 """
 
 from __future__ import annotations

@@ -57,3 +57,14 @@ def test_backend_ray_without_ray_names_the_extra(monkeypatch) -> None:
     (problem,) = preflight.check_backend(config_with(experiment={"name": "t", "backend": "ray"}))
     assert problem == ("experiment.backend", "ray needs the ray package: pip install 'finetune[ray]'")
     assert preflight.check_backend(config_with()) == []
+
+
+def test_on_a_ray_cluster_device_checks_are_left_to_the_workers() -> None:
+    """The driver (a pod without a GPU, say) cannot judge the cluster's GPUs."""
+    from finetune.train.preflight import preflight
+
+    config = config_with(run_conf={"model": "org/model", "model_args": {"attn_implementation": "flash_attention_2"}},
+                         training_args={"fp16": True, "bf16": False}, quant_conf={"quantization_type": "bits-and-bytes", "load_in_4bit": True})
+    assert preflight(config, None, lambda c: None) == []
+    assert {path for path, _ in preflight(config, ["cpu"], lambda c: None)} == {
+        "quant_conf.quantization_type", "run_conf.model_args.attn_implementation", "training_args.fp16"}

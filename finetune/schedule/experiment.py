@@ -34,8 +34,9 @@ class Throttled:
             self.action()
 
 
-def check_before_any_work(plan: RunPlan, devices: list[str]) -> None:
-    """Every problem of every run that can be known now, at once, before data, workers or MLflow."""
+def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> None:
+    """Every problem of every run that can be known now, at once, before data, workers or MLflow
+    (`devices` None: on a Ray cluster, whose devices the workers check)."""
     from finetune.train.model import load_tokenizer
     from finetune.train.preflight import preflight
 
@@ -79,11 +80,11 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
     first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     started = time.perf_counter()
     settings = first.experiment
-    devices = resolve_devices(settings.devices) if settings.backend == "local" else ["cpu" if settings.devices == "cpu" else "cuda:0"]
-    check_before_any_work(plan, devices)
+    local = settings.backend == "local"
+    check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
     root.mkdir(parents=True, exist_ok=True)
     pool = start_pool(settings, root)
-    devices = getattr(pool, "devices", devices)
+    devices = sorted({worker.device for worker in pool.workers})
     try:
         with console.status("preparing data (tokenised once per data setting)..."):
             plan = load_or_create_plan(plan, root, resume=resume_dir is not None)

@@ -88,14 +88,19 @@ def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> li
     return []
 
 
-def preflight(config: Any, devices: list[str], load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
-    """Every problem this run would hit at start-up, found now."""
+def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
+    """Every problem this run would hit at start-up, found now.
+
+    `devices` None: the devices are elsewhere (Ray actors on a cluster), so what depends on them
+    (CUDA, bf16 support, flash-attention's package) is left to the workers.
+    """
     model_problems = check_model_source(config)
+    on_devices = [] if devices is None else [
+        *check_quantization(config), *check_attention(config, devices), *check_precision(config, devices),
+    ]
     return [
         *model_problems,
-        *check_quantization(config),
+        *on_devices,
         *check_backend(config),
-        *check_attention(config, devices),
-        *check_precision(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),
     ]

@@ -108,4 +108,6 @@ def attach_adapter(model: Any, shared: Any | None, peft_conf: Any, new_token_ids
 def detach_adapter(shared: Any, name: str) -> None:
     """Free a finished run's adapter (the last one stays: a PeftModel needs one)."""
     if name in shared.peft_config and len(shared.peft_config) > 1:
+        if shared.active_adapter == name:
+            shared.set_adapter(next(other for other in shared.peft_config if other != name))
         shared.delete_adapter(name)

@@ -312,6 +312,8 @@ class Controller:
     def _forget_progress(self, run_id: str) -> None:
         self.homes.pop(run_id, None)
         self.done_chunks = {key: value for key, value in self.done_chunks.items() if key[0] != run_id}
+        # A write that finished before its chunk_done could be sent belongs to the lost attempt.
+        self.durable_first = {key: value for key, value in self.durable_first.items() if key[0] != run_id}
         row = self.store.run(run_id)
         self.trained[run_id] = row.chunks_done
         self.store.forget_metrics_after(run_id, self._durable_step(run_id, row.chunks_done))

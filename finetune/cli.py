@@ -12,8 +12,21 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Callable, Optional
 
 import typer
-from rich.console import Console
 
+from finetune.cli_common import (
+    EXIT_INVALID,
+    EXIT_UNUSABLE,
+    CheckOpt,
+    ConfigArg,
+    ExperimentArg,
+    JsonOpt,
+    SetOpt,
+    ValuesKeyOpt,
+    console,
+    errors,
+    experiment_or_exit,
+)
+from finetune.cli_experiment import ctl_app, dashboard, export
 from finetune.config import ConfigLoadError, SourceDoc, load_document, validate_document
 
 if TYPE_CHECKING:
@@ -25,24 +38,6 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
     add_completion=False,
 )
-console = Console()
-errors = Console(stderr=True)
-
-EXIT_INVALID = 1
-EXIT_UNUSABLE = 2
-
-ConfigArg = Annotated[Path, typer.Argument(help="Config file: YAML, JSON, or a Helm values file with --values-key")]
-ValuesKeyOpt = Annotated[
-    Optional[str], typer.Option("--values-key", help="Read the config from this dotted key of a Helm values file")
-]
-SetOpt = Annotated[
-    Optional[list[str]],
-    typer.Option("--set", help="Override a value: key.path=value (YAML value; knobs allowed). Repeatable."),
-]
-JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
-CheckOpt = Annotated[bool, typer.Option("--check", help="Fail if the committed files differ from the generated ones")]
-
-
 def load_or_exit(config: Path, values_key: str | None, overrides: list[str] | None, as_json: bool) -> SourceDoc:
     """The loaded config; legacy keys read under their new names are noted on stderr (not with --json)."""
     try:
@@ -112,16 +107,6 @@ def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None
     console.print(plan_summary(run_plan), highlight=False)
 
 
-ExperimentArg = Annotated[Path, typer.Argument(help="The experiment directory (experiment.output_dir/experiment.name)")]
-
-
-def _experiment_or_exit(experiment: Path) -> Path:
-    if not (experiment / "state.db").is_file():
-        errors.print(f"[red]error:[/] {experiment} is not an experiment directory (no state.db)")
-        raise typer.Exit(EXIT_UNUSABLE)
-    return experiment
-
-
 @app.command()
 def run(
     config: Annotated[Optional[Path], typer.Argument(help="Config file; omit with --resume EXP")] = None,
@@ -137,7 +122,7 @@ def run(
     from finetune.track.report import report_markdown
 
     if resume is not None:
-        run_plan = RunPlan.model_validate_json((_experiment_or_exit(resume) / "plan.json").read_text())
+        run_plan = RunPlan.model_validate_json((experiment_or_exit(resume) / "plan.json").read_text())
     elif config is not None:
         run_plan = build_plan_or_exit(load_or_exit(config, values_key, set_, False), config, False)
     else:
@@ -178,7 +163,7 @@ def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated
     from finetune.schedule.display import runs_table
     from finetune.schedule.store import StateStore
 
-    store = StateStore(_experiment_or_exit(experiment) / "state.db")
+    store = StateStore(experiment_or_exit(experiment) / "state.db")
     if as_json:
         console.print_json(json.dumps([row.__dict__ for row in store.runs()]))
         return
@@ -200,7 +185,7 @@ def report(experiment: ExperimentArg) -> None:
 
     from finetune.track.report import report_markdown, write_report
 
-    target, plots = write_report(_experiment_or_exit(experiment))
+    target, plots = write_report(experiment_or_exit(experiment))
     console.print(Markdown(report_markdown(experiment)))
     console.print(f"wrote {target}" + "".join(f", {plot}" for plot in plots), highlight=False)
 
@@ -299,8 +284,9 @@ def schema_docs(
     _generated_files({out: reference_markdown, out.with_name("compatibility.md"): compatibility_markdown}, check)
 
 
-# Commands on experiment directories (ctl, dashboard, export) live beside this module.
-from finetune import cli_experiment  # noqa: E402,F401  (registers them on `app`)
+app.add_typer(ctl_app, name="ctl")
+app.command()(dashboard)
+app.command()(export)
 
 
 def main() -> None:

@@ -1,5 +1,5 @@
 """Commands on an experiment directory beyond run/status/report: interactive control, the
-dashboard, and exports. Registered on `finetune.cli.app` when that module loads."""
+dashboard, and exports (registered on the app by `finetune.cli`)."""
 
 from __future__ import annotations
 
@@ -8,16 +8,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.cli import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, _experiment_or_exit, app, console, errors
+from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, errors, experiment_or_exit
 
 ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True)
-app.add_typer(ctl_app, name="ctl")
 
 
 def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = None) -> None:
     from finetune.schedule.store import StateStore
 
-    store = StateStore(_experiment_or_exit(experiment) / "state.db")
+    store = StateStore(experiment_or_exit(experiment) / "state.db")
     try:
         store.run(run_id)
     except KeyError:
@@ -60,7 +59,6 @@ def ctl_clone(
     _control(experiment, "clone", run_id, {"set": set_ or [], "warm_start": warm_start})
 
 
-@app.command()
 def dashboard(
     experiment: ExperimentArg,
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback makes reads need the token too")] = "127.0.0.1",
@@ -69,11 +67,10 @@ def dashboard(
     """Serve a live web page of the experiment: runs, curves, decisions, and stop/resume/delete/clone."""
     from finetune.dashboard.server import serve
 
-    root = _experiment_or_exit(experiment)
+    root = experiment_or_exit(experiment)
     serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True))
 
 
-@app.command()
 def export(
     experiment: ExperimentArg,
     run_id: RunIdArg,
@@ -86,7 +83,7 @@ def export(
     from finetune.plan.model import RunPlan
     from finetune.runtime import quiet_libraries
 
-    plan = RunPlan.model_validate_json((_experiment_or_exit(experiment) / "plan.json").read_text())
+    plan = RunPlan.model_validate_json((experiment_or_exit(experiment) / "plan.json").read_text())
     try:
         name = (plan.run(run_id).config.get("run_conf") or {}).get("final_checkpoint_name", "checkpoint-final")
     except KeyError:

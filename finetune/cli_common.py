@@ -1,0 +1,35 @@
+"""What the command-line modules share: consoles, exit codes, argument types, the experiment check."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+from rich.console import Console
+
+console = Console()
+errors = Console(stderr=True)
+
+EXIT_INVALID = 1
+EXIT_UNUSABLE = 2
+
+ConfigArg = Annotated[Path, typer.Argument(help="Config file: YAML, JSON, or a Helm values file with --values-key")]
+ValuesKeyOpt = Annotated[
+    Optional[str], typer.Option("--values-key", help="Read the config from this dotted key of a Helm values file")
+]
+SetOpt = Annotated[
+    Optional[list[str]],
+    typer.Option("--set", help="Override a value: key.path=value (YAML value; knobs allowed). Repeatable."),
+]
+JsonOpt = Annotated[bool, typer.Option("--json", help="Machine-readable output")]
+CheckOpt = Annotated[bool, typer.Option("--check", help="Fail if the committed files differ from the generated ones")]
+
+ExperimentArg = Annotated[Path, typer.Argument(help="The experiment directory (experiment.output_dir/experiment.name)")]
+
+
+def experiment_or_exit(experiment: Path) -> Path:
+    if not (experiment / "state.db").is_file():
+        errors.print(f"[red]error:[/] {experiment} is not an experiment directory (no state.db)")
+        raise typer.Exit(EXIT_UNUSABLE)
+    return experiment

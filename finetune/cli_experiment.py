@@ -101,7 +101,8 @@ def export(
         quiet_libraries()
         from finetune.train.export import export_merged
 
-        target = export_merged(final, output or run_dir / "checkpoint-merged")
+        with console.status(f"merging {final} into its base model..."):
+            target = export_merged(final, output or run_dir / "checkpoint-merged")
     elif output is not None:
         target = Path(shutil.copytree(final, output))
     else:

@@ -24,7 +24,7 @@ from finetune.schedule.preparation import initial_checkpoint
 from finetune.schedule.store import StateStore
 
 POLL_SECONDS = 0.2
-MAX_LOST_CHUNKS = 1  # a run whose worker dies again (out of memory, say) fails rather than loops
+MAX_LOST_CHUNKS = 1  # a chunk whose worker dies again (out of memory, say) fails its run rather than loops
 
 
 class Tracker(Protocol):
@@ -55,7 +55,7 @@ class Controller:
     homes: dict[str, str] = field(default_factory=dict)  # run -> worker holding its state
     done_chunks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # awaiting durability
     durable_first: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    lost_chunks: dict[str, int] = field(default_factory=dict)  # chunks lost with a dead worker, per run
+    lost_chunks: dict[tuple[str, int], int] = field(default_factory=dict)  # times each (run, chunk) was lost
 
     # ------------------------------------------------------------ set-up
 
@@ -130,7 +130,6 @@ class Controller:
 
     def _views(self) -> list[RunView]:
         views = []
-        durable = {row.run_id: row.chunks_done for row in self.store.runs()}
         for row in self.store.runs():
             run = self._planned(row.run_id)
             if run is None:
@@ -138,11 +137,11 @@ class Controller:
             runnable = row.state in ("pending", "running")
             trained = self.trained.get(row.run_id, row.chunks_done)
             views.append(RunView(row.run_id, row.position, trained, row.total_chunks, runnable, self.base_keys.get(row.run_id, ""),
-                                 run.group, self.homes.get(row.run_id), trained == durable[row.run_id]))
+                                 run.group, self.homes.get(row.run_id), durable=trained == row.chunks_done))
         return views
 
     def _nothing_left(self) -> bool:
-        return all(next_task(self._views(), set(), worker.worker_id, set()) is None for worker in self.workers[:1])
+        return not any(view.runnable and view.chunks_done < view.total_chunks for view in self._views())
 
     def busy(self, run_id: str) -> bool:
         """Training a chunk, or a trained chunk not yet durable."""
@@ -157,10 +156,11 @@ class Controller:
 
     def _dispatch(self) -> None:
         busy = {worker.busy_with for worker in self.workers if worker.busy_with}
+        views = self._views()  # a task only changes its own run, which `busy` then excludes
         for worker in self.workers:
             if worker.busy_with or not worker.process.is_alive():
                 continue
-            task = next_task(self._views(), busy, worker.worker_id, worker.resident_keys)
+            task = next_task(views, busy, worker.worker_id, worker.resident_keys)
             if task is None:
                 continue
             run = self._planned(task.run_id)
@@ -300,10 +300,11 @@ class Controller:
             self.workers[index] = self.pool.spawn(worker.device, replacing=worker.worker_id)
 
     def _chunk_lost(self, run_id: str, error: str) -> None:
-        self.lost_chunks[run_id] = self.lost_chunks.get(run_id, 0) + 1
-        if self.lost_chunks[run_id] <= MAX_LOST_CHUNKS:
+        chunk = (run_id, self.trained.get(run_id, 0))  # the chunk it was training: the first not yet trained
+        self.lost_chunks[chunk] = self.lost_chunks.get(chunk, 0) + 1
+        if self.lost_chunks[chunk] <= MAX_LOST_CHUNKS:
             self.store.set_state(run_id, "pending")
-            self.store.event("chunk_lost", run_id, error=error, retry=self.lost_chunks[run_id])
+            self.store.event("chunk_lost", run_id, chunk=chunk[1], error=error, retry=self.lost_chunks[chunk])
             return
         self.store.set_state(run_id, "failed", error)
         self.store.event("run_failed", run_id, error=error)

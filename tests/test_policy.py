@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
-from finetune.schedule.policy import RunView, SuccessiveHalving, next_task, slots_for
+import random
+
+from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, next_task, slots_for
 
 
 def views(done: list[int], total: int = 4, keys: list[str] | None = None) -> list[RunView]:
@@ -82,3 +84,62 @@ def test_slots_follow_the_measured_footprint() -> None:
     assert slots_for(80 * gib, 1 * gib, runnable=100) == 8  # capped
     assert slots_for(80 * gib, 90 * gib, runnable=4) == 1  # at least one
     assert slots_for(0, 0, runnable=4) == 1  # the CPU
+
+
+# ---------------------------------------------------------------- gangs: runs on several devices
+
+
+def two_gpus() -> list[WorkerView]:
+    return [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",)), WorkerView("gang", ("cuda:0", "cuda:1"), "ddp:2")]
+
+
+def test_a_gang_run_starts_only_when_all_its_devices_are_free() -> None:
+    runs = [RunView("big", 0, 0, 2, gang="ddp:2"), RunView("small", 1, 1, 2)]
+    busy_g1 = [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",), busy=True), two_gpus()[2]]
+    # big cannot start while cuda:1 trains; it reserves cuda:0, so small (behind it in the order) waits too
+    assert assign(runs, busy_g1, set()) == []
+    assert assign(runs, two_gpus(), set()) == [("gang", Task("big", 0))]
+    # while the gang trains, no single-device worker starts on its devices
+    gang_busy = [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",)), WorkerView("gang", ("cuda:0", "cuda:1"), "ddp:2", busy=True)]
+    assert assign([RunView("small", 1, 0, 2)], gang_busy, set()) == []
+
+
+def test_runs_ahead_of_a_waiting_gang_still_use_free_devices() -> None:
+    runs = [RunView("a", 0, 0, 4), RunView("big", 1, 1, 4, gang="ddp:2"), RunView("b", 2, 1, 4)]
+    assert assign(runs, two_gpus(), set()) == [("g0", Task("a", 0))]  # b is behind big: cuda:1 is held for big
+
+
+def test_a_run_goes_only_to_a_worker_of_its_kind() -> None:
+    runs = [RunView("fsdp", 0, 0, 2, gang="fsdp:2")]
+    assert assign(runs, two_gpus(), set()) == []
+
+
+def simulate(workers: list[WorkerView], runs: dict[str, tuple[str, int]], seed: int, steps: int = 400) -> list[dict[str, int]]:
+    """Random chunk durations; returns chunks done per run after each event."""
+    rng = random.Random(seed)
+    done = {run_id: 0 for run_id in runs}
+    busy: dict[str, tuple[str, float]] = {}  # worker -> (run, finishes at)
+    now, history = 0.0, []
+    for _ in range(steps):
+        views = [RunView(r, i, done[r], total, gang=gang) for i, (r, (gang, total)) in enumerate(runs.items())]
+        state = [WorkerView(w.worker_id, w.units, w.gang, busy=w.worker_id in busy) for w in workers]
+        for worker_id, task in assign(views, state, {run for run, _ in busy.values()}):
+            busy[worker_id] = (task.run_id, now + rng.uniform(0.5, 2.0))
+        if not busy:
+            break
+        worker_id, (run_id, now) = min(busy.items(), key=lambda item: item[1][1])
+        del busy[worker_id]
+        done[run_id] += 1
+        history.append(dict(done))
+    return history
+
+
+def test_a_big_run_is_not_starved_by_many_small_ones() -> None:
+    runs = {f"s{i}": ("", 6) for i in range(8)} | {"big": ("ddp:2", 6)}
+    for seed in range(20):
+        history = simulate(two_gpus(), runs, seed)
+        assert history[-1] == {run: 6 for run in runs}, "every run finishes"
+        for done in history:
+            small = [count for run, count in done.items() if run != "big" and count < 6]
+            if small:
+                assert done["big"] >= min(small) - 1, f"seed {seed}: the big run fell behind: {done}"

@@ -9,6 +9,9 @@ from pydantic import Field, field_validator, model_validator
 from finetune.config.sections import Strict
 
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero3")
+# The keys of `experiment` that belong to each run rather than to the experiment: knobs may set them.
+PER_RUN_EXPERIMENT_KEYS = ("devices_per_run", "distributed")
 
 
 class ExperimentConfig(Strict):
@@ -38,6 +41,17 @@ class ExperimentConfig(Strict):
         default=None, gt=0,
         description="CPU memory a worker keeps runs' state in; beyond it a run is read back from its last durable "
         "checkpoint when its turn comes. Default: half the free memory, shared by the workers",
+    )
+    devices_per_run: int = Field(
+        default=1, ge=1, le=64,
+        description="Devices (GPUs, or processes on the CPU) that train one run together as one data-parallel gang; "
+        "a run needing k devices trains when k are free. May differ per run (a knob or a group)",
+    )
+    distributed: Literal[DISTRIBUTED_STRATEGIES] = Field(  # type: ignore[valid-type]
+        default="ddp",
+        description="How a run's processes share it: ddp (each holds the whole model), fsdp (weights, gradients and "
+        "optimizer state sharded), deepspeed_zero1 (optimizer state sharded), deepspeed_zero3 (all sharded). "
+        "fsdp and DeepSpeed need CUDA GPUs, DeepSpeed its package; with one device, ddp is plain training",
     )
     backend: Literal["local", "ray"] = Field(
         default="local",

@@ -12,10 +12,13 @@ from typing import Any
 
 from finetune.config.knobs import RangeKnob
 from finetune.config.models import CONFIG_ADAPTER
+from finetune.config.scheduling import PER_RUN_EXPERIMENT_KEYS
 
 SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 NOT_KNOBBABLE_TOP = {"method", "experiment", "sweep"}
 METHOD_DEFS = ("SFTFinetuneConfig", "DPOFinetuneConfig", "GRPOFinetuneConfig")
+# Sections of the experiment as a whole: no knobs inside them, but for the per-run keys of `experiment`.
+WHOLE_EXPERIMENT_DEFS = ("ExperimentConfig", "GridSweep", "RandomSweep", "SuccessiveHalvingSweep")
 
 
 def concrete_schema() -> dict[str, Any]:
@@ -74,6 +77,8 @@ def sweep_schema() -> dict[str, Any]:
         top_level = name in METHOD_DEFS
         for key, prop in definition.get("properties", {}).items():
             if top_level and key in NOT_KNOBBABLE_TOP:
+                continue
+            if name in WHOLE_EXPERIMENT_DEFS and key not in PER_RUN_EXPERIMENT_KEYS:
                 continue
             definition["properties"][key] = _knobbable(prop)
     for name in METHOD_DEFS:

@@ -30,6 +30,7 @@ from finetune.config.knobs import (
     set_at,
 )
 from finetune.config.loading import Location, SourceDoc
+from finetune.config.scheduling import PER_RUN_EXPERIMENT_KEYS
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
 
 NOT_KNOBBABLE = ("method", "experiment", "sweep", "groups")
@@ -224,12 +225,23 @@ def validate_concrete(tree: dict[str, Any], locate: Locator) -> tuple[AnyFinetun
 # ---------------------------------------------------------------- knob trees
 
 
+def _per_run_experiment_key(path: Path) -> bool:
+    return len(path) == 2 and path[0] == "experiment" and path[1] in PER_RUN_EXPERIMENT_KEYS
+
+
+def _knobbable_there(section: Any) -> str | None:
+    if section != "experiment":
+        return None
+    return "in experiment, only " + " and ".join(PER_RUN_EXPERIMENT_KEYS) + " (each run's devices) may be knobs"
+
+
 def _knob_syntax_issues(tree: Any, strategy: str, locate: Locator, base: Path = ()) -> list[ConfigIssue]:
     issues: list[ConfigIssue] = []
     for path, plain in iter_knobs(tree):
         full = (*base, *path)
-        if path and path[0] in NOT_KNOBBABLE:
-            issues.append(ConfigIssue(dotted(full), str(locate(full)), f"'{path[0]}' cannot hold a sweep knob"))
+        if path and path[0] in NOT_KNOBBABLE and not _per_run_experiment_key(path):
+            issues.append(ConfigIssue(dotted(full), str(locate(full)), f"'{path[0]}' cannot hold a sweep knob",
+                                      allowed=_knobbable_there(path[0])))
             continue
         try:
             knob = parse_knob(plain)

@@ -77,7 +77,7 @@ def _describe_knobs(expansion: Expansion) -> str:
 
 
 def build_plan(
-    doc: SourceDoc, train_examples: TrainSizeFn = train_examples_from_files, num_processes: int = 1
+    doc: SourceDoc, train_examples: TrainSizeFn = train_examples_from_files
 ) -> RunPlan:
     issues = validate_document(doc)
     if issues:
@@ -99,7 +99,7 @@ def build_plan(
             if config is None:
                 raise ConfigInvalid([_with_knobs(issue, expansion, where) for issue in problems])
             try:
-                derived = derive(config, train_examples(config), num_processes)
+                derived = derive(config, train_examples(config))
             except DeriveError as error:
                 raise PlanError(f"{where}run with {_describe_knobs(expansion)}: {error}") from None
             run_id = run_id_of(expansion.config)

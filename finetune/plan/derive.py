@@ -51,8 +51,12 @@ def chunk_steps(total_steps: int, num_chunks: int) -> list[int]:
     return [size] * full + ([rest] if rest else [])
 
 
-def derive(config: Any, train_examples: int | None, num_processes: int = 1) -> Derived:
-    """Derived values for a validated config (`finetune.config.models.AnyFinetuneConfig`)."""
+def derive(config: Any, train_examples: int | None) -> Derived:
+    """Derived values for a validated config (`finetune.config.models.AnyFinetuneConfig`).
+
+    The batch is split over the run's processes: `experiment.devices_per_run` of them.
+    """
+    num_processes = config.experiment.devices_per_run
     batch = config.batchsize_conf
     per_device, accumulation = split_batch_size(
         batch.total_train_batch_size, batch.max_per_device_train_batch_size, num_processes

@@ -6,7 +6,7 @@ from rich.table import Table
 
 from finetune.plan.build import short_knob_names
 from finetune.plan.expand import format_value
-from finetune.plan.model import RunPlan
+from finetune.plan.model import PlannedRun, RunPlan
 
 
 def plan_table(plan: RunPlan) -> Table:
@@ -17,15 +17,20 @@ def plan_table(plan: RunPlan) -> Table:
     table.add_column("group", justify="right")
     for name in knob_names:
         table.add_column(headers[name], overflow="fold")
+    gangs = any(run.derived.num_processes > 1 or _strategy(run) != "ddp" for run in plan.runs)
+    if gangs:
+        table.add_column("devices", justify="right")
     for column in ("batch", "accum", "lr", "steps", "chunks"):
         table.add_column(column, justify="right")
     for run in plan.runs:
         derived = run.derived
         knob_cells = [_knob_cell(run.knobs.get(name, ""), name, run.label, headers) for name in knob_names]
+        device_cells = [f"{derived.num_processes} {_strategy(run)}"] if gangs else []
         table.add_row(
             run.run_id,
             str(run.group),
             *knob_cells,
+            *device_cells,
             f"{derived.per_device_train_batch_size}x{derived.num_processes}",
             str(derived.gradient_accumulation_steps),
             f"{derived.learning_rate:.3g}",
@@ -40,6 +45,10 @@ def plan_summary(plan: RunPlan) -> str:
     steps = f"{total} optimizer steps in all" if total is not None else "steps unknown until the data exists"
     strategies = ", ".join(sorted({sweep.get("strategy", "grid") for sweep in plan.sweeps}))
     return f"{len(plan.runs)} run(s), {steps}, {plan.num_chunks} chunk(s) per run, strategy {strategies}"
+
+
+def _strategy(run: PlannedRun) -> str:
+    return str((run.config.get("experiment") or {}).get("distributed", "ddp"))
 
 
 def _knob_cell(value: object, name: str, label: str, headers: dict[str, str]) -> str:

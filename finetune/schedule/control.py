@@ -99,7 +99,7 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
         group=parent.group,
         knobs={**parent.knobs, **{c.partition('=')[0]: c.partition('=')[2] for c in payload.get("set", [])}},
         config=config,
-        derived=derive(validated, parent.derived.train_examples, parent.derived.num_processes),
+        derived=derive(validated, parent.derived.train_examples),
         parent_run_id=row.run_id,
     )
     controller.add_run(clone)

@@ -18,7 +18,8 @@ from typing import Any, Callable, Protocol
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.policy import RunView, SuccessiveHalving, next_task, slots_for
+from finetune.schedule.gang import gang_kind
+from finetune.schedule.policy import RunView, SuccessiveHalving, WorkerView, assign, slots_for
 from finetune.schedule.pool import WorkerHandle, WorkerPool
 from finetune.schedule.preparation import initial_checkpoint
 from finetune.schedule.store import StateStore
@@ -56,6 +57,8 @@ class Controller:
     done_chunks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # awaiting durability
     durable_first: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
     lost_chunks: dict[tuple[str, int], int] = field(default_factory=dict)  # times each (run, chunk) was lost
+    gangs: dict[str, str] = field(default_factory=dict)  # run -> the kind of gang it needs ("" for none)
+    rank_errors: dict[str, str] = field(default_factory=dict)  # gang worker -> why a rank of it stopped
 
     # ------------------------------------------------------------ set-up
 
@@ -83,6 +86,9 @@ class Controller:
         self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
         self.configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
         self.base_keys[run.run_id] = base_key(self.configs[run.run_id])
+        self.gangs[run.run_id] = gang_kind(self.configs[run.run_id].experiment)
+        for added in self.pool.ensure_gangs(self.gangs[run.run_id]):
+            self.store.event("gang_started", None, worker=added.worker_id, devices=list(added.layout), gang=added.gang)
         self.trained[run.run_id] = self.store.run(run.run_id).chunks_done
 
     def _setup_sha(self) -> None:
@@ -137,7 +143,8 @@ class Controller:
             runnable = row.state in ("pending", "running")
             trained = self.trained.get(row.run_id, row.chunks_done)
             views.append(RunView(row.run_id, row.position, trained, row.total_chunks, runnable, self.base_keys.get(row.run_id, ""),
-                                 run.group, self.homes.get(row.run_id), durable=trained == row.chunks_done))
+                                 run.group, self.homes.get(row.run_id), durable=trained == row.chunks_done,
+                                 gang=self.gangs.get(row.run_id, "")))
         return views
 
     def _nothing_left(self) -> bool:
@@ -156,13 +163,13 @@ class Controller:
 
     def _dispatch(self) -> None:
         busy = {worker.busy_with for worker in self.workers if worker.busy_with}
-        views = self._views()  # a task only changes its own run, which `busy` then excludes
-        for worker in self.workers:
-            if worker.busy_with or not worker.process.is_alive():
-                continue
-            task = next_task(views, busy, worker.worker_id, worker.resident_keys)
-            if task is None:
-                continue
+        workers = [
+            WorkerView(worker.worker_id, worker.units, worker.gang, bool(worker.busy_with) or not worker.process.is_alive(),
+                       frozenset(worker.resident_keys))
+            for worker in self.workers
+        ]
+        for worker_id, task in assign(self._views(), workers, busy):
+            worker = self.pool.worker(worker_id)
             run = self._planned(task.run_id)
             assert run is not None
             row = self.store.run(task.run_id)
@@ -178,7 +185,6 @@ class Controller:
             worker.busy_with = task.run_id
             worker.resident_keys.add(self.base_keys[task.run_id])
             self.homes[task.run_id] = worker.worker_id
-            busy.add(task.run_id)
             self.store.set_state(task.run_id, "running")
             self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id)
             self.on_change()
@@ -208,6 +214,10 @@ class Controller:
             self._chunk_durable(message)
         elif kind in ("failed", "write_failed"):
             self._run_failed(message)
+        elif kind == "rank_error":  # the gang ends; `_check_workers` retries or fails its run
+            self.rank_errors[message["worker"]] = f"rank {message['rank']}: {message['error']}"
+            self.store.event("rank_error", message["run_id"], worker=message["worker"], rank=message["rank"],
+                             error=message["error"], traceback=message.get("traceback"))
         self.on_change()
 
     def _run_failed(self, message: dict[str, Any]) -> None:
@@ -264,7 +274,7 @@ class Controller:
     def _grow_slots(self, message: dict[str, Any]) -> None:
         """`runs_per_device: auto`: after the first chunk on a GPU, add slots for what its memory allows."""
         worker = self.pool.worker(message["worker"])
-        if not message.get("total_memory"):
+        if not message.get("total_memory") or worker.gang:
             return
         runnable = sum(view.runnable and view.chunks_done < view.total_chunks for view in self._views())
         slots = slots_for(message["total_memory"], message["peak_memory"], runnable)
@@ -286,18 +296,21 @@ class Controller:
             self.tracker.finish(row.mlflow_run_id, status)
 
     def _check_workers(self) -> None:
-        """A dead worker (killed, out of memory, its node lost): the chunk it was training is tried
-        once more, then its run fails; the runs it held in memory continue on any worker from
-        their last durable chunk."""
+        """A dead worker (killed, out of memory, its node lost; for a gang, any of its ranks): the chunk
+        it was training is tried once more, then its run fails; the runs it held in memory continue
+        on any worker from their last durable chunk."""
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
             error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
+            rank_error = self.rank_errors.pop(worker.worker_id, None)
+            if worker.gang:
+                error = f"the gang on {worker.device} stopped ({worker.process.describe()})" + (f": {rank_error}" if rank_error else "")
             if worker.busy_with:
                 self._chunk_lost(worker.busy_with, error)
             for run_id in [run for run, home in self.homes.items() if home == worker.worker_id]:
                 self._forget_progress(run_id)
-            self.workers[index] = self.pool.spawn(worker.device, replacing=worker.worker_id)
+            self.workers[index] = self.pool.respawn(worker)
 
     def _chunk_lost(self, run_id: str, error: str) -> None:
         chunk = (run_id, self.trained.get(run_id, 0))  # the chunk it was training: the first not yet trained

@@ -26,6 +26,7 @@ class RunView:
     group: int = 0
     home: str | None = None  # the worker holding its state in memory
     durable: bool = True  # every trained chunk is on disk, so another worker can take it up
+    gang: str = ""  # the kind of worker it needs: "" (one device) or "<strategy>:<devices>"
 
 
 @dataclass(frozen=True)
@@ -34,21 +35,57 @@ class Task:
     chunk: int
 
 
-def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
-    """What `worker` trains next: fewest chunks done first (fair turns); among equals a run already
-    resident on this worker, then one whose base model it has loaded, then plan order.
+@dataclass(frozen=True)
+class WorkerView:
+    """What the policy knows of a worker: the device units it holds while it trains, and the kind of
+    run it trains ("" for one device; "ddp:2" for a gang of two processes training one run with DDP)."""
 
-    A run resident on another worker is taken over only once its chunks are durable there.
+    worker_id: str
+    units: tuple[str, ...]
+    gang: str = ""
+    busy: bool = False
+    resident_keys: frozenset[str] = frozenset()
+
+
+def assign(runs: list[RunView], workers: list[WorkerView], busy_runs: set[str]) -> list[tuple[str, Task]]:
+    """Tasks for free workers, as (worker_id, task): gang scheduling over device units.
+
+    Runs are taken fairest first (fewest chunks done; among equals one a free worker holds in memory,
+    then one whose base model a free worker has loaded, then plan order). A run goes to a free worker of
+    its kind whose units no busy worker holds; among those, the worker that holds the run in memory,
+    then one with its base model loaded. A gang run that cannot start reserves the units of the gang
+    worker nearest to free, so that runs behind it in the order do not take them as they free up:
+    a run on many devices waits for at most one turn of the runs ahead of it, never for ever.
     """
-    candidates = [
-        run for run in runs
-        if run.runnable and run.run_id not in busy and run.chunks_done < run.total_chunks
-        and (run.home in (None, worker) or run.durable)
-    ]
-    if not candidates:
-        return None
-    best = min(candidates, key=lambda run: (run.chunks_done, run.home != worker, run.base_key not in resident_keys, run.position))
-    return Task(best.run_id, best.chunks_done)
+    held = {unit for worker in workers if worker.busy for unit in worker.units}
+    reserved: set[str] = set()
+    free = [worker for worker in workers if not worker.busy]
+    homes = {worker.worker_id for worker in free}
+    loaded = {key for worker in free for key in worker.resident_keys}
+    order = sorted(
+        (run for run in runs if run.runnable and run.run_id not in busy_runs and run.chunks_done < run.total_chunks),
+        key=lambda run: (run.chunks_done, run.home not in homes, run.base_key not in loaded, run.position),
+    )
+    assignments: list[tuple[str, Task]] = []
+    for run in order:
+        fitting = [worker for worker in free if worker.gang == run.gang and (run.home in (None, worker.worker_id) or run.durable)]
+        usable = [worker for worker in fitting if not set(worker.units) & (held | reserved)]
+        if usable:
+            chosen = min(usable, key=lambda worker: (run.home != worker.worker_id, run.base_key not in worker.resident_keys))
+            assignments.append((chosen.worker_id, Task(run.run_id, run.chunks_done)))
+            held.update(chosen.units)
+            free.remove(chosen)
+        elif run.gang and fitting:
+            nearest = min(fitting, key=lambda worker: len(set(worker.units) & held))
+            reserved.update(nearest.units)
+    return assignments
+
+
+def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
+    """What one free single-device worker trains next (`assign` for a pool of one)."""
+    view = WorkerView(worker, (worker,), resident_keys=frozenset(resident_keys))
+    tasks = assign([run for run in runs if not run.gang], [view], busy)
+    return tasks[0][1] if tasks else None
 
 
 def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: float = 0.9, most: int = 8) -> int:

@@ -13,6 +13,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from finetune.schedule.gang import GangProcess, GangQueue, free_port, gang_layouts, parse_kind, units_of
 
 
 def resolve_devices(setting: Any) -> list[str]:
@@ -35,11 +36,18 @@ def initial_slots(setting: int | str, device: str) -> int:
 @dataclass
 class WorkerHandle:
     worker_id: str
-    device: str
+    device: str  # a gang's: its devices joined by "+"
     process: Any
     tasks: Any
     busy_with: str | None = None
     resident_keys: set[str] = field(default_factory=set)
+    gang: str = ""  # the kind of gang ("ddp:2"), "" for a one-device worker
+    layout: tuple[str, ...] = ()  # a gang's device per rank
+
+    @property
+    def units(self) -> tuple[str, ...]:
+        """The devices it holds while it trains."""
+        return units_of(self.layout) if self.gang else (self.device,)
 
 
 @dataclass
@@ -82,6 +90,16 @@ class SlotPool:
     def worker(self, worker_id: str) -> WorkerHandle:
         return next(worker for worker in self.workers if worker.worker_id == worker_id)
 
+    def respawn(self, worker: WorkerHandle) -> WorkerHandle:
+        """A new worker in a dead one's place, with its name."""
+        return self.spawn(worker.device, replacing=worker.worker_id)
+
+    def ensure_gangs(self, kind: str) -> list[WorkerHandle]:
+        """Gang workers of `kind` (runs on several devices); this pool has none."""
+        if kind:
+            raise RuntimeError(f"runs of kind {kind} need gang workers, which this backend does not start")
+        return []
+
 
 class WorkerPool(SlotPool):
     """Worker processes, started early so that their imports overlap the controller's set-up."""
@@ -92,6 +110,7 @@ class WorkerPool(SlotPool):
         self.memory = memory or MemorySettings()
         self.context = multiprocessing.get_context("spawn")
         self.results = self.context.Queue()
+        self.devices = devices
         self.workers = []
         self.grown = set()
         self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
@@ -100,19 +119,53 @@ class WorkerPool(SlotPool):
                 self.workers.append(self.spawn(device))
 
     def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
-        from finetune.schedule.worker import worker_main
-
         worker_id = replacing or f"{device}/{self.slots_on(device)}"
         memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
         tasks = self.context.Queue()
-        process = self.context.Process(target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results), daemon=True)
+        return WorkerHandle(worker_id, device, self._start(worker_id, device, memory, tasks), tasks)
+
+    def _start(self, worker_id: str, device: str, memory: dict[str, Any], tasks: Any, gang: dict[str, Any] | None = None) -> Any:
+        from finetune.schedule.worker import worker_main
+
+        process = self.context.Process(
+            target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True), daemon=True
+        )
         process.start()
-        return WorkerHandle(worker_id, device, process, tasks)
+        return process
+
+    def ensure_gangs(self, kind: str) -> list[WorkerHandle]:
+        """Start the gangs of `kind` on first need: as many as the devices hold (preflight has checked
+        that at least one fits)."""
+        if not kind or any(worker.gang == kind for worker in self.workers):
+            return []
+        _, width = parse_kind(kind)
+        added = [self.spawn_gang(kind, layout) for layout in gang_layouts(self.devices, width)]
+        self.workers.extend(added)
+        return added
+
+    def spawn_gang(self, kind: str, layout: tuple[str, ...], replacing: str | None = None) -> WorkerHandle:
+        strategy, width = parse_kind(kind)
+        worker_id = replacing or f"{kind}@{'+'.join(units_of(layout))}/{sum(w.gang == kind for w in self.workers)}"
+        address = f"tcp://127.0.0.1:{free_port()}"
+        queues, processes = [], []
+        for rank in range(width):
+            rank_info = {"rank": rank, "world": width, "address": address, "devices": list(layout), "strategy": strategy}
+            queues.append(self.context.Queue())
+            processes.append(self._start(worker_id, layout[rank], self.memory.for_worker(1), queues[-1], rank_info))
+        return WorkerHandle(worker_id, "+".join(units_of(layout)), GangProcess(processes), GangQueue(queues), gang=kind, layout=layout)
+
+    def respawn(self, worker: WorkerHandle) -> WorkerHandle:
+        if worker.gang:
+            worker.process.terminate()  # ranks left waiting on a dead peer
+            return self.spawn_gang(worker.gang, worker.layout, replacing=worker.worker_id)
+        return self.spawn(worker.device, replacing=worker.worker_id)
 
     def stop(self) -> None:
         for worker in self.workers:
             if worker.process.is_alive():
                 worker.tasks.put(None)
+            elif worker.gang:
+                worker.process.terminate()
         for worker in self.workers:
             worker.process.join(timeout=60)
             if worker.process.is_alive():

@@ -40,15 +40,29 @@ def micro_batches(indices: list[int], batch_size: int, drop_last: bool) -> list[
     return batches
 
 
+def shard_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
+    """Rank `rank`'s micro-batches when `world` processes train together, as accelerate shards a loader:
+    consecutive micro-batches go to ranks in turn, and a last incomplete round is completed with the
+    epoch's first micro-batches so that every rank takes the same number of steps."""
+    if world == 1:
+        return batches
+    short = -len(batches) % world
+    padded = batches + [batches[index % len(batches)] for index in range(short)]
+    return padded[rank::world]
+
+
 class BatchStream:
-    """Collated micro-batches of a dataset in epoch order, from a position that can be saved."""
+    """Collated micro-batches of a dataset in epoch order, from a position that can be saved.
+
+    In a gang every rank reads its own share (`shard`: rank, processes); positions count each rank's
+    micro-batches, so they are the same on every rank."""
 
     def __init__(
         self, dataset: Any, collate: Callable[[list[Any]], Any], batch_size: int, drop_last: bool,
-        order: EpochOrder, position: DataPosition | None = None, num_workers: int = 0,
+        order: EpochOrder, position: DataPosition | None = None, num_workers: int = 0, shard: tuple[int, int] = (0, 1),
     ) -> None:
         self.dataset, self.collate, self.batch_size, self.drop_last = dataset, collate, batch_size, drop_last
-        self.order, self.num_workers = order, num_workers
+        self.order, self.num_workers, self.shard = order, num_workers, shard
         self.position = position or DataPosition()
         self._epoch_batches: list[list[int]] = []
         self._iterator: Iterator[Any] | None = None
@@ -64,9 +78,10 @@ class BatchStream:
 
     def _ensure_epoch(self) -> None:
         if self._iterator is None:
-            self._epoch_batches = micro_batches(self.order(self.position.epoch), self.batch_size, self.drop_last)
-            if not self._epoch_batches:
+            batches = micro_batches(self.order(self.position.epoch), self.batch_size, self.drop_last)
+            if not batches:
                 raise ValueError("the training data is smaller than one batch")
+            self._epoch_batches = shard_batches(batches, *self.shard)
             self._iterator = self._loader(self._epoch_batches[self.position.batch :])
 
     def _loader(self, batches: list[list[int]]) -> Iterator[Any]:

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
+from finetune.train.distributed import gather_to_first
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]
 
@@ -81,6 +82,9 @@ class RunSession:
         # so a base shared by several runs is wrapped once and only registered by the others.
         trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
         self.model = trainer.model
+        # In a gang, `wrapped` is the DDP (or FSDP) module whose backward synchronises the ranks.
+        self.wrapped = trainer.model_wrapped
+        self.rank, self.world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         self.params = [param for param in self.model.parameters() if param.requires_grad]
         args = trainer.args
         trainer.create_optimizer()
@@ -88,10 +92,12 @@ class RunSession:
         trainer.create_scheduler(num_training_steps=total_steps, optimizer=trainer.optimizer)
         trainer.state.max_steps = total_steps
         loader = trainer.get_train_dataloader()
-        batch_size = getattr(loader, "total_batch_size", None) or loader.batch_size or args.per_device_train_batch_size
+        total = getattr(loader, "total_batch_size", None)  # accelerate's loader: over all the gang's ranks
+        batch_size = total // self.world if total else loader.batch_size or args.per_device_train_batch_size
         self.stream = BatchStream(
             loader.dataset, loader.collate_fn, batch_size, args.dataloader_drop_last,
             trainer_epoch_order(trainer, loader.dataset, args.seed), num_workers=args.dataloader_num_workers,
+            shard=(self.rank, self.world),
         )
         self.tr_loss = torch.zeros((), device=args.device)
         self.last_logged = 0
@@ -127,8 +133,9 @@ class RunSession:
         batches = self.stream.next_step(args.gradient_accumulation_steps)
         trainer.current_gradient_accumulation_steps = len(batches)
         items = trainer._get_num_items_in_batch(batches, args.device)
-        for inputs in batches:
-            self.tr_loss += trainer.training_step(self.model, inputs, items)
+        for index, inputs in enumerate(batches):
+            with self._gradient_sync(last=index == len(batches) - 1):
+                self.tr_loss += trainer.training_step(self.wrapped, inputs, items)
         grad_norm = None
         if args.max_grad_norm and args.max_grad_norm > 0:
             grad_norm = trainer.accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
@@ -142,6 +149,15 @@ class RunSession:
         if self._should_log():
             self._log(grad_norm, learning_rate)
 
+    def _gradient_sync(self, last: bool) -> Any:
+        """As HF's loop: ranks exchange gradients on a step's last micro-batch only (DeepSpeed: always)."""
+        import contextlib
+
+        accelerator = self.trainer.accelerator
+        if self.world == 1 or last or accelerator.distributed_type == "DEEPSPEED":
+            return contextlib.nullcontext()
+        return accelerator.no_sync(self.wrapped)
+
     def _should_log(self) -> bool:
         step, args = self.step, self.trainer.args
         if step == 1 and args.logging_first_step:
@@ -149,7 +165,10 @@ class RunSession:
         return args.logging_strategy == "steps" and self.logging_steps > 0 and step % self.logging_steps == 0
 
     def _log(self, grad_norm: Any, learning_rate: float) -> None:
-        logs = {"loss": self.tr_loss.item() / (self.step - self.last_logged), "learning_rate": learning_rate}
+        from transformers.trainer_pt_utils import nested_gather
+
+        loss = nested_gather(self.tr_loss, self.trainer.args.parallel_mode).mean().item()  # every rank's mean
+        logs = {"loss": loss / (self.step - self.last_logged), "learning_rate": learning_rate}
         if grad_norm is not None:
             logs["grad_norm"] = float(grad_norm)
         self.tr_loss.zero_()
@@ -177,9 +196,10 @@ class RunSession:
         position = DataPosition(self.stream.position.epoch, self.stream.position.batch)
         counters = {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
                     "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
+        rng = self.rng if self.world == 1 else {"ranks": gather_to_first(self.rng)}
         state = RunState(
             self.step, position, to_cpu(self.trainable_state()), to_cpu(self.trainer.optimizer.state_dict()),
-            self.trainer.lr_scheduler.state_dict(), self.rng, counters,
+            self.trainer.lr_scheduler.state_dict(), rng, counters,
         )
         _synchronize(self.device)
         return state
@@ -194,7 +214,7 @@ class RunSession:
             set_peft_model_state_dict(self.model, state.trainable, adapter_name=self.adapter_name)
         self.trainer.optimizer.load_state_dict(state.optimizer)
         self.trainer.lr_scheduler.load_state_dict(state.scheduler)
-        self.rng = state.rng
+        self.rng = self._own_rng(state.rng)
         self.stream.seek(state.position)
         self.trainer.state.global_step = state.step
         self.trainer.state.epoch = state.counters.get("epoch", 0.0)
@@ -202,6 +222,19 @@ class RunSession:
         self.last_logged = int(state.counters.get("last_logged", state.step))
         if hasattr(self.trainer, "_step"):
             self.trainer._step = int(state.counters.get("grpo_step", 0))
+
+    def _own_rng(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """This rank's RNG state from a checkpoint (a gang's holds one per rank)."""
+        ranks = saved.get("ranks")
+        if ranks is None and self.world == 1:
+            return saved
+        if ranks is None or len(ranks) != self.world:
+            saved_on = len(ranks) if ranks else 1
+            raise RuntimeError(
+                f"run {self.run_id}: its checkpoint was written by {saved_on} process(es) and is resumed by {self.world}; "
+                f"resume it with experiment.devices_per_run: {saved_on}"
+            )
+        return ranks[self.rank]
 
     # ------------------------------------------------------------ memory placement
 

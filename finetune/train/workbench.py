@@ -20,7 +20,7 @@ from typing import Any, Callable
 from finetune.plan.model import PlannedRun
 from finetune.train.checkpoint import DurableWriter, WriteJob, is_run_state, read_run_state, write_run_state
 from finetune.train.residency import Budgets, Resident, plan_placement
-from finetune.train.session import MetricsSink, RunSession
+from finetune.train.session import MetricsSink, RunSession, RunState
 
 MAX_RESIDENT_BASES = 2
 
@@ -82,9 +82,14 @@ def eval_subset(dataset: Any, limit: int | None) -> Any:
 
 
 class Workbench:
+    """What a worker holds. In a gang (one rank of the k processes training one run) each run owns
+    its model, one run is resident at a time, and rank 0 writes the checkpoints."""
+
     def __init__(self, root: Path, device: str, budgets: Budgets, writer: DurableWriter | None = None,
-                 sink: MetricsSink | None = None, on_durable: Callable[[dict[str, Any]], None] | None = None) -> None:
+                 sink: MetricsSink | None = None, on_durable: Callable[[dict[str, Any]], None] | None = None,
+                 gang_rank: int | None = None) -> None:
         self.root, self.device, self.budgets = root, device, budgets
+        self.gang_rank = gang_rank
         self.writer = writer or DurableWriter()
         self.sink = sink
         self.on_durable = on_durable or (lambda message: None)
@@ -107,15 +112,17 @@ class Workbench:
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
-        self._write_durably(run, config, session, chunk, target, final)
+        state = session.snapshot()  # in a gang, every rank takes part (RNG states are gathered)
+        if not self.gang_rank:
+            self._write_durably(run, config, session, state, chunk, target, final)
         if final:
             self.close(run.run_id, wait=False)
         peak, total = _memory(self.device)
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
                             time.perf_counter() - started, peak, total)
 
-    def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, target: Path, final: bool) -> None:
-        state = session.snapshot()
+    def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, state: RunState, chunk: int,
+                       target: Path, final: bool) -> None:
         adapter_config = self._adapter_config(session)
         base = self.bases[self.session_base[run.run_id]]
         full_model = session.model if session.adapter_name is None else None
@@ -155,6 +162,9 @@ class Workbench:
             return session
         if session is not None:
             self.close(run.run_id)  # stale: the run went on elsewhere
+        if self.gang_rank is not None:
+            for other in list(self.sessions):  # a gang's runs are large: one at a time in memory
+                self.close(other)
         session = self._open(run, config, max_eval_samples)
         if resume_from and is_run_state(resume_from):
             session.restore(read_run_state(resume_from))
@@ -174,7 +184,13 @@ class Workbench:
         base = self._base(config)
         data = self._data(base, run.run_id, config)
         seed = int(config.training_args.seed if getattr(config.training_args, "seed", None) is not None else 42)
-        if config.peft_conf.peft_type == "NO_PEFT":
+        if self.gang_rank is not None:
+            # DDP and FSDP wrap one model with one set of trainable weights: the run owns the loaded base.
+            model, base.model = base.model, None
+            if config.peft_conf.peft_type != "NO_PEFT":
+                model = attach_adapter(model, None, config.peft_conf, base.new_token_ids, "default", seed)
+            adapter_name = None if config.peft_conf.peft_type == "NO_PEFT" else "default"
+        elif config.peft_conf.peft_type == "NO_PEFT":
             model, adapter_name = copy.deepcopy(base.model), None
         elif config.method == "dpo":
             # TRL's DPO keeps its reference as an adapter copied from one named "default": a private model.
@@ -208,6 +224,8 @@ class Workbench:
 
     def _place(self, active: str) -> None:
         """Bring the active run's state to the device; move or drop others to stay within budget."""
+        if self.gang_rank is not None:
+            return  # alone on its devices
         device_type = "cuda" if self.device.startswith("cuda") else "cpu"
         residents = [Resident(run_id, s.resident_bytes("cuda"), s.resident_bytes("cpu")) for run_id, s in self.sessions.items()]
         offload, drop = plan_placement(residents, active, self.budgets)
@@ -224,7 +242,12 @@ class Workbench:
         key = base_key(config)
         if key in self.bases:
             self.bases.move_to_end(key)
-            return self.bases[key]
+            base = self.bases[key]
+            if base.model is None:  # a gang's run took it
+                from finetune.train.model import load_base_model
+
+                base.model = load_base_model(config, len(base.tokenizer), self.device)
+            return base
         while len(self.bases) >= MAX_RESIDENT_BASES:
             oldest = next(iter(self.bases))
             for run_id in [r for r, k in self.session_base.items() if k == oldest]:
@@ -247,7 +270,8 @@ class Workbench:
             from finetune.train.export import save_base_once
 
             base.saved_as = save_base_once(model, tokenizer, self.root / "base-models" / _short_hash(key))
-        freeze_long_lived_objects()
+        if self.gang_rank is None:  # a gang's models come and go with its runs: frozen, their cycles would leak
+            freeze_long_lived_objects()
         return base
 
     def _data(self, base: LoadedBase, run_id: str, config: Any) -> Any:

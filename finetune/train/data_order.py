@@ -40,15 +40,16 @@ def micro_batches(indices: list[int], batch_size: int, drop_last: bool) -> list[
     return batches
 
 
-def shard_batches(batches: list[list[int]], rank: int, world: int) -> list[list[int]]:
-    """Rank `rank`'s micro-batches when `world` processes train together, as accelerate shards a loader:
-    consecutive micro-batches go to ranks in turn, and a last incomplete round is completed with the
-    epoch's first micro-batches so that every rank takes the same number of steps."""
+def epoch_batches(indices: list[int], batch_size: int, drop_last: bool, rank: int = 0, world: int = 1) -> list[list[int]]:
+    """Rank `rank`'s micro-batches of an epoch when `world` processes train together, as accelerate
+    shards a loader: consecutive micro-batches go to the ranks in turn, and a short last round is
+    completed from the epoch's start so that every rank takes the same number of steps."""
     if world == 1:
-        return batches
-    short = -len(batches) % world
-    padded = batches + [batches[index % len(batches)] for index in range(short)]
-    return padded[rank::world]
+        return micro_batches(indices, batch_size, drop_last)
+    from accelerate.data_loader import BatchSamplerShard
+    from torch.utils.data import BatchSampler
+
+    return list(BatchSamplerShard(BatchSampler(indices, batch_size, drop_last), world, rank, even_batches=True))
 
 
 class BatchStream:
@@ -78,10 +79,9 @@ class BatchStream:
 
     def _ensure_epoch(self) -> None:
         if self._iterator is None:
-            batches = micro_batches(self.order(self.position.epoch), self.batch_size, self.drop_last)
-            if not batches:
+            self._epoch_batches = epoch_batches(self.order(self.position.epoch), self.batch_size, self.drop_last, *self.shard)
+            if not self._epoch_batches:
                 raise ValueError("the training data is smaller than one batch")
-            self._epoch_batches = shard_batches(batches, *self.shard)
             self._iterator = self._loader(self._epoch_batches[self.position.batch :])
 
     def _loader(self, batches: list[list[int]]) -> Iterator[Any]:

@@ -73,6 +73,28 @@ def check_backend(config: Any) -> list[Problem]:
     return []
 
 
+def check_distributed(config: Any, devices: list[str] | None) -> list[Problem]:
+    """A run on several devices: they must exist, and its strategy must run there."""
+    experiment = config.experiment
+    width, strategy = experiment.devices_per_run, experiment.distributed
+    if width == 1 and strategy == "ddp":
+        return []
+    if experiment.backend != "local":
+        return [("experiment.devices_per_run", "runs on several devices (or sharded with fsdp/DeepSpeed) train with "
+                 "backend: local; on a cluster, run one finetune Job per node group")]
+    problems = []
+    gpus = [device for device in devices or [] if device.startswith("cuda")]
+    if gpus and width > len(gpus):
+        problems.append(("experiment.devices_per_run", f"{width} devices per run, but this experiment has "
+                         f"{len(gpus)} GPU(s): {', '.join(gpus)}"))
+    if strategy != "ddp" and not gpus:
+        problems.append(("experiment.distributed", f"{strategy} shards a run over CUDA GPUs; on the CPU use ddp"))
+    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+        problems.append(("experiment.distributed", f"{strategy} needs the deepspeed package (pip install deepspeed); "
+                         "or use fsdp, which shards as ZeRO-3 does with PyTorch alone"))
+    return problems
+
+
 def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
     """`keep-original` needs a chat template in the tokenizer (checked where the tokenizer is local)."""
     from finetune.data.templates import KEEP_ORIGINAL
@@ -102,5 +124,6 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
         *model_problems,
         *on_devices,
         *check_backend(config),
+        *check_distributed(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),
     ]

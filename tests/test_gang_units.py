@@ -1,0 +1,121 @@
+"""Runs on several devices, the parts that need no training: sharding, layouts, arguments, checks."""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from finetune.config.validation import CONFIG_ADAPTER
+from finetune.plan.derive import derive
+from finetune.schedule.gang import gang_kind, gang_layouts, units_of
+from finetune.train.data_order import epoch_batches
+from finetune.train.preflight import check_distributed
+from finetune.train.trainer import strategy_arguments
+from tests.conftest import BASE_SFT
+from tests.helpers import issues_of, schema_errors
+
+
+def config_with(**experiment):
+    tree = copy.deepcopy(BASE_SFT)
+    tree.setdefault("experiment", {}).update(experiment)
+    return CONFIG_ADAPTER.validate_python(tree)
+
+
+@settings(max_examples=200, deadline=None)
+@given(examples=st.integers(1, 60), batch=st.integers(1, 6), world=st.integers(2, 4), drop_last=st.booleans())
+def test_a_gang_step_reads_what_one_process_reads_with_the_whole_batch(examples, batch, world, drop_last) -> None:
+    """Round r of a gang (micro-batch r of every rank, in rank order) holds the samples of micro-batch r
+    of one process whose batch is `world` times larger; every rank takes the same number of steps."""
+    indices = list(range(examples))
+    shards = [epoch_batches(indices, batch, drop_last, rank, world) for rank in range(world)]
+    assert len({len(shard) for shard in shards}) == 1
+    whole = epoch_batches(indices, batch * world, drop_last)
+    full_rounds = examples // (batch * world)
+    for round_index in range(full_rounds):
+        assert sum((shard[round_index] for shard in shards), []) == whole[round_index]
+    seen = {index for shard in shards for micro in shard for index in micro}
+    if drop_last:  # as accelerate: an incomplete last round is dropped
+        assert seen >= set(indices[: full_rounds * batch * world])
+    else:
+        assert seen == set(indices)
+
+
+def test_a_short_last_round_wraps_around_to_the_start_of_the_epoch() -> None:
+    assert epoch_batches(list(range(10)), 2, False, 0, 2) == [[0, 1], [4, 5], [8, 9]]
+    assert epoch_batches(list(range(10)), 2, False, 1, 2) == [[2, 3], [6, 7], [0, 1]]
+
+
+def test_gangs_take_consecutive_gpus_and_the_cpu_is_one_unit() -> None:
+    gpus = [f"cuda:{index}" for index in range(5)]
+    assert gang_layouts(gpus, 2) == [("cuda:0", "cuda:1"), ("cuda:2", "cuda:3")]
+    assert gang_layouts(gpus, 8) == []
+    assert gang_layouts(["cpu"], 3) == [("cpu", "cpu", "cpu")]
+    assert units_of(("cpu", "cpu")) == ("cpu",) and units_of(("cuda:0", "cuda:1")) == ("cuda:0", "cuda:1")
+
+
+def test_the_kind_of_worker_a_run_needs() -> None:
+    assert gang_kind(config_with().experiment) == ""
+    assert gang_kind(config_with(devices_per_run=2).experiment) == "ddp:2"
+    assert gang_kind(config_with(distributed="fsdp").experiment) == "fsdp:1"  # sharded even on one device
+
+
+def test_the_batch_is_split_over_the_runs_processes() -> None:
+    tree = copy.deepcopy(BASE_SFT)
+    tree["batchsize_conf"] = {"total_train_batch_size": 32, "max_per_device_train_batch_size": 4}
+    tree["experiment"] = {"devices_per_run": 4}
+    derived = derive(CONFIG_ADAPTER.validate_python(tree), 320)
+    assert (derived.num_processes, derived.per_device_train_batch_size, derived.gradient_accumulation_steps) == (4, 4, 2)
+    assert derived.steps_per_epoch == 10
+
+
+def test_strategies_become_accelerate_settings() -> None:
+    assert strategy_arguments("ddp", {}) == {"ddp_find_unused_parameters": False}
+    assert strategy_arguments("fsdp", {})["fsdp"] == "full_shard auto_wrap"
+    zero1 = strategy_arguments("deepspeed_zero1", {})["deepspeed"]
+    zero3 = strategy_arguments("deepspeed_zero3", {})["deepspeed"]
+    assert zero1["zero_optimization"] == {"stage": 1}
+    assert zero3["zero_optimization"]["stage"] == 3 and zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
+    assert strategy_arguments("deepspeed_zero3", {"deepspeed": "ds.json"}) == {"deepspeed": "ds.json"}  # the user's own file
+
+
+@pytest.mark.parametrize("experiment,devices,problem", [
+    ({"devices_per_run": 2}, ["cpu"], None),
+    ({"devices_per_run": 4}, ["cuda:0", "cuda:1"], "4 devices per run, but this experiment has 2 GPU(s)"),
+    ({"distributed": "fsdp"}, ["cpu"], "on the CPU use ddp"),
+    ({"devices_per_run": 2, "backend": "ray"}, None, "backend: local"),
+])
+def test_runs_on_several_devices_are_checked_before_any_work(experiment, devices, problem) -> None:
+    found = check_distributed(config_with(**experiment), devices)
+    if problem is None:
+        assert found == []
+    else:
+        assert any(problem in text for _, text in found), found
+
+
+def test_deepspeed_without_its_package_names_it(monkeypatch) -> None:
+    import importlib.util
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
+    found = check_distributed(config_with(distributed="deepspeed_zero3", devices_per_run=2), ["cuda:0", "cuda:1"])
+    assert found == [("experiment.distributed", found[0][1])] and "pip install deepspeed" in found[0][1]
+
+
+def test_only_the_per_run_keys_of_experiment_take_knobs() -> None:
+    tree = copy.deepcopy(BASE_SFT)
+    tree["experiment"] = {"devices_per_run": {"$list": [1, 2]}, "distributed": {"$list": ["ddp", "fsdp"]}}
+    assert issues_of(tree) == [] and schema_errors(tree) == []
+    tree["experiment"] = {"num_chunks": {"$list": [1, 2]}}
+    (issue,) = issues_of(tree)
+    assert issue.path == "experiment.num_chunks" and "devices_per_run" in (issue.allowed or "")
+    assert schema_errors(tree), "the sweep schema refuses it too"
+
+
+def test_an_unknown_strategy_lists_the_known_ones() -> None:
+    tree = copy.deepcopy(BASE_SFT)
+    tree["experiment"] = {"distributed": "zero2"}
+    (issue,) = issues_of(tree)
+    assert issue.path == "experiment.distributed" and "deepspeed_zero3" in f"{issue.message} {issue.allowed}"

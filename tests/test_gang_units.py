@@ -86,6 +86,7 @@ def test_strategies_become_accelerate_settings() -> None:
     ({"devices_per_run": 4}, ["cuda:0", "cuda:1"], "4 devices per run, but this experiment has 2 GPU(s)"),
     ({"distributed": "fsdp"}, ["cpu"], "on the CPU use ddp"),
     ({"devices_per_run": 2, "backend": "ray"}, None, "backend: local"),
+    ({"distributed": "fsdp", "devices_per_run": 2}, ["cuda:0", "cuda:1"], "does not yet write its sharded checkpoints"),
 ])
 def test_runs_on_several_devices_are_checked_before_any_work(experiment, devices, problem) -> None:
     found = check_distributed(config_with(**experiment), devices)

@@ -139,3 +139,18 @@ def test_a_job_can_join_an_existing_ray_cluster() -> None:
     container = parse_yaml_text(job.stdout, "job").tree["spec"]["template"]["spec"]["containers"][0]
     assert "nvidia.com/gpu" not in (container.get("resources") or {}).get("limits", {})  # the cluster's GPUs train
     assert "backend" not in parse_yaml_text(rendered_config(), "rendered").tree["experiment"]
+
+
+@pytest.mark.parametrize("overrides,gpus", [
+    ([], 1),
+    (["--set", "finetuning.experiment.devices_per_run=4"], 4),
+    (["--set-json", 'finetuning.experiment.devices_per_run={"$list": [1, 8, 2]}'], 8),
+    (["--set", "gpus=6", "--set", "finetuning.experiment.devices_per_run=2"], 6),
+    (["--set-json", 'finetuning.groups=[{"experiment": {"devices_per_run": 3}}, {"training_args": {"seed": 1}}]'], 3),
+])
+def test_the_job_asks_for_the_gpus_the_largest_run_needs(overrides, gpus) -> None:
+    result = helm("template", "t", str(CHART), "--show-only", "templates/job.yaml", *overrides)
+    assert result.returncode == 0, result.stderr
+    container = parse_yaml_text(result.stdout, "job").tree["spec"]["template"]["spec"]["containers"][0]
+    assert container["resources"]["limits"]["nvidia.com/gpu"] == gpus
+    assert helm("lint", str(CHART), *overrides).returncode == 0

@@ -89,9 +89,12 @@ def check_distributed(config: Any, devices: list[str] | None) -> list[Problem]:
                          f"{len(gpus)} GPU(s): {', '.join(gpus)}"))
     if strategy != "ddp" and not gpus:
         problems.append(("experiment.distributed", f"{strategy} shards a run over CUDA GPUs; on the CPU use ddp"))
-    if strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
+    elif strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
         problems.append(("experiment.distributed", f"{strategy} needs the deepspeed package (pip install deepspeed); "
                          "or use fsdp, which shards as ZeRO-3 does with PyTorch alone"))
+    elif strategy != "ddp":
+        problems.append(("experiment.distributed", f"{strategy} is planned and validated, but the chunk loop does not yet "
+                         "write its sharded checkpoints; train with ddp (see docs/multi-device.md)"))
     return problems
 
 

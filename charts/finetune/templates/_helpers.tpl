@@ -34,3 +34,29 @@ The finetuning config: .Values.finetuning, with each section that comes in kinds
 {{- end }}{{- end -}}
 {{- toYaml $config -}}
 {{- end -}}
+
+{{/*
+The GPUs the Job asks for: the most that one run of the config needs (experiment.devices_per_run,
+a plain number, a $list knob, or set in groups), or .Values.gpus where that is more (more GPUs,
+more runs at once).
+*/}}
+{{- define "finetune.gpus" -}}
+{{- $most := int .Values.gpus -}}
+{{- $experiments := list (get .Values.finetuning "experiment" | default dict) -}}
+{{- range $group := (get .Values.finetuning "groups" | default list) -}}
+{{- $experiments = append $experiments (get $group "experiment" | default dict) -}}
+{{- end -}}
+{{- range $experiment := $experiments -}}
+{{- $perRun := get $experiment "devices_per_run" -}}
+{{- $values := list -}}
+{{- if kindIs "map" $perRun -}}
+{{- $values = get $perRun "$list" | default list -}}
+{{- else if $perRun -}}
+{{- $values = list $perRun -}}
+{{- end -}}
+{{- range $value := $values -}}
+{{- if gt (int $value) $most -}}{{- $most = int $value -}}{{- end -}}
+{{- end -}}
+{{- end -}}
+{{- $most -}}
+{{- end -}}

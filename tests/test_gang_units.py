@@ -120,3 +120,39 @@ def test_an_unknown_strategy_lists_the_known_ones() -> None:
     tree["experiment"] = {"distributed": "zero2"}
     (issue,) = issues_of(tree)
     assert issue.path == "experiment.distributed" and "deepspeed_zero3" in f"{issue.message} {issue.allowed}"
+
+
+class _Controller:
+    """The little of a controller that a clone request reads."""
+
+    def __init__(self, plan, devices):
+        self.plan, self.added = plan, []
+        self.pool = type("Pool", (), {"devices": devices})()
+
+    def _planned(self, run_id):
+        return next((run for run in self.plan.runs + self.added if run.run_id == run_id), None)
+
+    def add_run(self, run):
+        self.added.append(run)
+
+
+@pytest.mark.parametrize("change,outcome", [
+    ("experiment.devices_per_run=2", "applied"),
+    ("experiment.devices_per_run=8", "rejected: experiment.devices_per_run: 8 devices per run, but this experiment has 4 GPU(s)"),
+    ("experiment.devices_per_run=3", "rejected: batchsize_conf.total_train_batch_size 8 cannot be split evenly over 3 processes"),
+    ("experiment.distributed=fsdp", "rejected: experiment.distributed: fsdp is planned and validated"),
+])
+def test_a_clone_on_more_devices_is_checked_as_a_new_run_would_be(change, outcome) -> None:
+    from finetune.plan.build import build_plan
+    from finetune.schedule.control import _clone
+    from tests.helpers import doc_of
+
+    tree = copy.deepcopy(BASE_SFT)
+    tree["batchsize_conf"] = {"total_train_batch_size": 8, "max_per_device_train_batch_size": 8}
+    plan = build_plan(doc_of(tree), train_examples=lambda config: 64)
+    controller = _Controller(plan, [f"cuda:{index}" for index in range(4)])
+    row = type("Row", (), {"run_id": plan.runs[0].run_id, "last_checkpoint": None})()
+    status = _clone(controller, row, {"set": [change]})
+    assert status.startswith(outcome), status
+    if outcome == "applied":
+        assert controller.added[0].derived.num_processes == 2 and controller.added[0].derived.per_device_train_batch_size == 4

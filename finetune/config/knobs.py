@@ -133,7 +133,7 @@ def set_at(tree: Any, path: Path, value: Any) -> Any:
     head, rest = path[0], path[1:]
     if isinstance(tree, dict):
         copy = dict(tree)
-        copy[head] = set_at(tree[head], rest, value)
+        copy[head] = set_at(tree[head], rest, value) if rest else value  # a new key may be added
         return copy
     copy_list = list(tree)
     copy_list[head] = set_at(tree[head], rest, value)

@@ -10,8 +10,9 @@ from finetune.config.knobs import set_at
 from finetune.config.loading import ConfigLoadError, parse_override
 from finetune.config.validation import validate_concrete
 from finetune.plan.build import run_id_of
-from finetune.plan.derive import derive
+from finetune.plan.derive import DeriveError, derive
 from finetune.plan.model import PlannedRun
+from finetune.train.preflight import check_distributed
 
 CONTROL_KINDS = ("stop", "resume", "delete", "clone")
 
@@ -92,6 +93,14 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
     run_id = run_id_of(config)
     if controller._planned(run_id) is not None:
         return f"rejected: an identical run exists ({run_id})"
+    devices = controller.pool.devices if validated.experiment.backend == "local" else None
+    problems = check_distributed(validated, devices)
+    if problems:
+        return "rejected: " + "; ".join(f"{path}: {problem}" for path, problem in problems)
+    try:
+        derived = derive(validated, parent.derived.train_examples)
+    except DeriveError as error:
+        return f"rejected: {error}"
     changes = ",".join(payload.get("set", [])) or "copy"
     clone = PlannedRun(
         run_id=run_id,
@@ -99,7 +108,7 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
         group=parent.group,
         knobs={**parent.knobs, **{c.partition('=')[0]: c.partition('=')[2] for c in payload.get("set", [])}},
         config=config,
-        derived=derive(validated, parent.derived.train_examples),
+        derived=derived,
         parent_run_id=row.run_id,
     )
     controller.add_run(clone)

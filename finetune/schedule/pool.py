@@ -3,7 +3,8 @@
 Several workers on one GPU train several runs at once: a LoRA step of a small model leaves most
 of an H100 idle, and separate processes fill it without sharing a Python interpreter. With
 `runs_per_device: auto` each GPU starts with one slot and grows to what the memory footprint
-of the first chunk allows (`policy.slots_for`).
+of the first chunk allows (`policy.slots_for`). Runs on several devices train on gangs
+(`schedule.gang`), started on first need.
 """
 
 from __future__ import annotations

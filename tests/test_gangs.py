@@ -11,7 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.test_training import _adapters, _wait_for_chunks, chunk_rows, demo_config, finetune, small, start_experiment, states
+from tests.test_training import (
+    _adapters, _wait_for_chunks, chunk_rows, demo_config, finetune, generate_from, small, start_experiment, states,
+)
 
 pytestmark = pytest.mark.slow
 ON_CPU = ["--set", "experiment.devices=cpu", "--set", "training_args.learning_rate=1e-3", "--set", "peft_conf.peft_kwargs.r=4"]
@@ -93,3 +95,19 @@ def test_a_gang_run_interrupted_and_resumed_ends_as_if_never_interrupted(tmp_pat
     finetune(tmp_path, "run", "--resume", str(root))
     assert set(states(root).values()) == {"completed"}
     assert _adapters(root) == _adapters(tmp_path / "runs" / "straight")
+
+
+@pytest.mark.parametrize("example", ["sft-groups.yaml", "dpo.yaml", "grpo.yaml"])
+def test_every_method_trains_on_a_gang_and_its_runs_take_turns_there(tmp_path, demo_dir, example) -> None:
+    """sft-groups: two LoRA runs and two full fine-tunes share one gang, which holds one at a time, so
+    every switch reloads a run from its checkpoint."""
+    config = demo_config(tmp_path, demo_dir, example, "methods")
+    finetune(tmp_path, "run", str(config), *small("methods", steps=4, chunks=2), "--set", "experiment.devices=cpu",
+             "--set", "experiment.devices_per_run=2")
+    root = tmp_path / "runs" / "methods"
+    assert set(states(root).values()) == {"completed"}
+    finals = sorted(root.glob("runs/*/checkpoint-final"))
+    assert len(finals) == len(states(root))
+    full = [final for final in finals if (final / "model.safetensors").is_file()]
+    assert len(full) == (2 if example == "sft-groups.yaml" else 0)
+    generate_from(full[0] if full else finals[0])

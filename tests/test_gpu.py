@@ -57,3 +57,23 @@ def test_resident_state_moves_between_gpu_and_cpu_memory_and_stays_exact(tmp_pat
     finetune(tmp_path, "run", str(config), *[a.replace("experiment.name=tiers", "experiment.name=roomy") for a in common])
     roomy = tmp_path / "runs" / "roomy"
     assert _adapters(tight) == _adapters(roomy)
+
+
+def _gpu_count() -> int:
+    import torch
+
+    return torch.cuda.device_count()
+
+
+@pytest.mark.skipif(_gpu_count() < 2, reason="a gang of two needs two GPUs")
+def test_a_ddp_gang_over_two_gpus_matches_one_gpu(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "nccl")
+    finetune(tmp_path, "run", str(config), *small("nccl", steps=12, chunks=3), "--set", "experiment.devices=[0, 1]",
+             "--set", "training_args.learning_rate=1e-3", "--set", "peft_conf.peft_kwargs.r=4",
+             "--set", "experiment.devices_per_run=!list [1, 2]")
+    root = tmp_path / "runs" / "nccl"
+    assert set(states(root).values()) == {"completed"}
+    with sqlite3.connect(root / "state.db") as db:
+        losses = [json.loads(row[0])["eval_loss"] for row in db.execute(
+            "SELECT metrics FROM chunks WHERE chunk = 2 ORDER BY run_id")]
+    assert len(losses) == 2 and abs(losses[0] - losses[1]) / losses[0] < 0.01

@@ -191,12 +191,16 @@ class RunSession:
         # The grown embeddings live in the base written once per experiment, not in every adapter.
         return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name, save_embedding_layers=False)
 
-    def snapshot(self) -> RunState:
-        """A CPU copy of the run's state; the device goes on training while it is written."""
+    def snapshot(self) -> RunState | None:
+        """A CPU copy of the run's state; the device goes on training while it is written. In a gang
+        every rank sends its RNG state to rank 0, which alone gets the copy (DDP ranks hold the same
+        weights); the others get None."""
+        rng = self.rng if self.world == 1 else {"ranks": gather_to_first(self.rng)}
+        if self.rank != 0:
+            return None
         position = DataPosition(self.stream.position.epoch, self.stream.position.batch)
         counters = {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
                     "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
-        rng = self.rng if self.world == 1 else {"ranks": gather_to_first(self.rng)}
         state = RunState(
             self.step, position, to_cpu(self.trainable_state()), to_cpu(self.trainer.optimizer.state_dict()),
             self.trainer.lr_scheduler.state_dict(), rng, counters,

@@ -112,8 +112,8 @@ class Workbench:
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
-        state = session.snapshot()  # in a gang, every rank takes part (RNG states are gathered)
-        if not self.gang_rank:
+        state = session.snapshot()  # in a gang, every rank takes part; rank 0 gets the state and writes it
+        if state is not None:
             self._write_durably(run, config, session, state, chunk, target, final)
         if final:
             self.close(run.run_id, wait=False)

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import random
 
-from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, next_task, slots_for
+from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, slots_for
+
+
+def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
+    """What one free worker, alone in its pool, is given."""
+    tasks = assign(runs, [WorkerView(worker, (worker,), resident_keys=frozenset(resident_keys))], busy)
+    return tasks[0][1] if tasks else None
 
 
 def views(done: list[int], total: int = 4, keys: list[str] | None = None) -> list[RunView]:

@@ -81,13 +81,6 @@ def assign(runs: list[RunView], workers: list[WorkerView], busy_runs: set[str]) 
     return assignments
 
 
-def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
-    """What one free single-device worker trains next (`assign` for a pool of one)."""
-    view = WorkerView(worker, (worker,), resident_keys=frozenset(resident_keys))
-    tasks = assign([run for run in runs if not run.gang], [view], busy)
-    return tasks[0][1] if tasks else None
-
-
 def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: float = 0.9, most: int = 8) -> int:
     """How many runs one GPU trains at once (`runs_per_device: auto`): as many as fit by the
     footprint measured on the first chunk, at most one per runnable run and `most`."""

@@ -30,8 +30,8 @@ from finetune.config.knobs import (
     set_at,
 )
 from finetune.config.loading import Location, SourceDoc
-from finetune.config.scheduling import PER_RUN_EXPERIMENT_KEYS
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
+from finetune.config.scheduling import PER_RUN_EXPERIMENT_KEYS
 
 NOT_KNOBBABLE = ("method", "experiment", "sweep", "groups")
 GIVEN_MAX = 80

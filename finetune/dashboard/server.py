@@ -125,6 +125,7 @@ def serve(root: Path, host: str, port: int, announce: Callable[[str], None]) -> 
     sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     sock.bind((host, port))
+    sock.listen(2048)  # connections wait in the backlog from now on, not refused while uvicorn starts
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"http://{shown_host}:{sock.getsockname()[1]}/?token={token}")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

@@ -56,12 +56,12 @@ def _labels(root: Path) -> dict[str, str]:
         return dict(db.execute("SELECT run_id, label FROM runs").fetchall())
 
 
-def _gang_ranks(pid: int) -> list:
-    """The gang's rank processes: the last two workers started (the one-device worker starts first)."""
+def _workers(pid: int) -> list:
+    """The experiment's worker processes, oldest first."""
     import psutil
 
     workers = [child for child in psutil.Process(pid).children(recursive=True) if "spawn" in " ".join(child.cmdline())]
-    return sorted(workers, key=lambda child: child.create_time())[-2:]
+    return sorted(workers, key=lambda child: child.create_time())
 
 
 def test_sigkill_of_one_rank_retries_the_chunk_with_a_new_gang_and_records_no_half_chunk(tmp_path, demo_dir) -> None:
@@ -70,8 +70,8 @@ def test_sigkill_of_one_rank_retries_the_chunk_with_a_new_gang_and_records_no_ha
     process = start_experiment(tmp_path, args)
     root = tmp_path / "runs" / "rankkill"
     _wait_for_chunks(root, 1, process)
-    ranks = _gang_ranks(process.pid)
-    assert len(ranks) == 2
+    ranks = _workers(process.pid)
+    assert len(ranks) == 2, "the gang's two ranks, and no idle one-device worker"
     ranks[1].kill()
     assert process.wait(timeout=400) == 0
     assert set(states(root).values()) == {"completed"}
@@ -111,3 +111,5 @@ def test_every_method_trains_on_a_gang_and_its_runs_take_turns_there(tmp_path, d
     full = [final for final in finals if (final / "model.safetensors").is_file()]
     assert len(full) == (2 if example == "sft-groups.yaml" else 0)
     generate_from(full[0] if full else finals[0])
+    for base in root.glob("base-models/*"):  # written by rank 0 alone: another rank's save has no weights
+        assert (base / "config.json").is_file() and list(base.glob("*.safetensors")), sorted(p.name for p in base.iterdir())

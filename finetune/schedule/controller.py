@@ -87,8 +87,8 @@ class Controller:
         self.configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
         self.base_keys[run.run_id] = base_key(self.configs[run.run_id])
         self.gangs[run.run_id] = gang_kind(self.configs[run.run_id].experiment)
-        for added in self.pool.ensure_gangs(self.gangs[run.run_id]):
-            self.store.event("gang_started", None, worker=added.worker_id, devices=list(added.layout), gang=added.gang)
+        for added in self.pool.ensure_workers(self.gangs[run.run_id]):
+            self.store.event("workers_started", None, worker=added.worker_id, device=added.device, gang=added.gang)
         self.trained[run.run_id] = self.store.run(run.run_id).chunks_done
 
     def _setup_sha(self) -> None:

@@ -13,6 +13,7 @@ from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller, Tracker
 from finetune.schedule.display import runs_table
+from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import MemorySettings, WorkerPool, resolve_devices
 from finetune.schedule.preparation import ExperimentError, experiment_dir, initial_checkpoint, load_or_create_plan
 from finetune.schedule.store import StateStore
@@ -61,14 +62,16 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> None:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
 
 
-def start_pool(settings: Any, root: Path) -> WorkerPool | Any:
-    """Worker processes on this machine, or Ray actors (`experiment.backend: ray`)."""
+def start_pool(settings: Any, root: Path, kinds: set[str]) -> WorkerPool | Any:
+    """Worker processes on this machine, or Ray actors (`experiment.backend: ray`); `kinds`: the kinds
+    of workers the plan's runs need ("" one device, "ddp:2" a gang), started now so that their
+    imports overlap the data preparation."""
     memory = MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb)
     if settings.backend == "ray":
         from finetune.schedule.ray_pool import RayWorkerPool
 
         return RayWorkerPool(settings.devices, settings.runs_per_device, root.resolve(), settings.ray_address, memory)
-    return WorkerPool(resolve_devices(settings.devices), settings.runs_per_device, root, memory)
+    return WorkerPool(resolve_devices(settings.devices), settings.runs_per_device, root, memory, sorted(kinds))
 
 
 def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
@@ -83,7 +86,7 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
     local = settings.backend == "local"
     check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
     root.mkdir(parents=True, exist_ok=True)
-    pool = start_pool(settings, root)
+    pool = start_pool(settings, root, {gang_kind(CONFIG_ADAPTER.validate_python(run.config).experiment) for run in plan.runs})
     devices = sorted({worker.device for worker in pool.workers})
     try:
         with console.status("preparing data (tokenised once per data setting)..."):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import multiprocessing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from finetune.schedule.gang import GangProcess, GangQueue, free_port, gang_layouts, parse_kind, units_of
 
@@ -95,8 +95,9 @@ class SlotPool:
         """A new worker in a dead one's place, with its name."""
         return self.spawn(worker.device, replacing=worker.worker_id)
 
-    def ensure_gangs(self, kind: str) -> list[WorkerHandle]:
-        """Gang workers of `kind` (runs on several devices); this pool has none."""
+    def ensure_workers(self, kind: str) -> list[WorkerHandle]:
+        """Workers for runs of `kind` ("" one device, "ddp:2" a gang), started on first need; the new ones.
+        This pool always has one-device workers and no gangs."""
         if kind:
             raise RuntimeError(f"runs of kind {kind} need gang workers, which this backend does not start")
         return []
@@ -105,7 +106,8 @@ class SlotPool:
 class WorkerPool(SlotPool):
     """Worker processes, started early so that their imports overlap the controller's set-up."""
 
-    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None) -> None:
+    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None,
+                 kinds: Iterable[str] = ("",)) -> None:
         self.root = root
         self.slots_setting = slots
         self.memory = memory or MemorySettings()
@@ -115,9 +117,8 @@ class WorkerPool(SlotPool):
         self.workers = []
         self.grown = set()
         self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
-        for device in devices:
-            for _ in range(initial_slots(slots, device)):
-                self.workers.append(self.spawn(device))
+        for kind in dict.fromkeys(kinds):
+            self.ensure_workers(kind)
 
     def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
         worker_id = replacing or f"{device}/{self.slots_on(device)}"
@@ -134,14 +135,22 @@ class WorkerPool(SlotPool):
         process.start()
         return process
 
-    def ensure_gangs(self, kind: str) -> list[WorkerHandle]:
-        """Start the gangs of `kind` on first need: as many as the devices hold (preflight has checked
-        that at least one fits)."""
-        if not kind or any(worker.gang == kind for worker in self.workers):
+    def ensure_workers(self, kind: str) -> list[WorkerHandle]:
+        """One-device workers (`runs_per_device` on each device), or the gangs of `kind`: as many as
+        the devices hold (preflight has checked that one fits). An experiment whose runs all span
+        several devices starts no idle one-device workers."""
+        if any(worker.gang == kind for worker in self.workers):
             return []
-        _, width = parse_kind(kind)
-        added = [self.spawn_gang(kind, layout) for layout in gang_layouts(self.devices, width)]
-        self.workers.extend(added)
+        if kind:
+            added = [self.spawn_gang(kind, layout) for layout in gang_layouts(self.devices, parse_kind(kind)[1])]
+            self.workers.extend(added)
+            return added
+        added = []
+        for device in self.devices:
+            for _ in range(initial_slots(self.slots_setting, device)):
+                worker = self.spawn(device)
+                self.workers.append(worker)  # counted by slots_on: the next one on the device gets the next name
+                added.append(worker)
         return added
 
     def spawn_gang(self, kind: str, layout: tuple[str, ...], replacing: str | None = None) -> WorkerHandle:

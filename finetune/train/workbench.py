@@ -266,10 +266,13 @@ class Workbench:
         model = load_base_model(config, len(tokenizer), self.device)
         new_ids = list(range(len(tokenizer) - added, len(tokenizer)))
         base = LoadedBase(key, tokenizer, model, new_ids, input_pad_token_id(tokenizer, config.data_conf))
-        if added:
+        target = self.root / "base-models" / _short_hash(key)
+        if added and self.gang_rank in (None, 0):
             from finetune.train.export import save_base_once
 
-            base.saved_as = save_base_once(model, tokenizer, self.root / "base-models" / _short_hash(key))
+            base.saved_as = save_base_once(model, tokenizer, target)
+        elif added:  # another rank of the gang: HF's save_pretrained writes no weights off rank 0
+            base.saved_as = target.resolve()
         if self.gang_rank is None:  # a gang's models come and go with its runs: frozen, their cycles would leak
             freeze_long_lived_objects()
         return base

@@ -51,7 +51,8 @@ class ExperimentConfig(Strict):
         default="ddp",
         description="How a run's processes share it: ddp (each holds the whole model), fsdp (weights, gradients and "
         "optimizer state sharded), deepspeed_zero1 (optimizer state sharded), deepspeed_zero3 (all sharded). "
-        "fsdp and DeepSpeed need CUDA GPUs, DeepSpeed its package; with one device, ddp is plain training",
+        "fsdp and DeepSpeed need CUDA GPUs, DeepSpeed its package, and are planned but not yet trained (finetune run "
+        "refuses them; see docs/multi-device.md); with one device, ddp is plain training",
     )
     backend: Literal["local", "ray"] = Field(
         default="local",

@@ -302,10 +302,11 @@ class Controller:
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
-            error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
             rank_error = self.rank_errors.pop(worker.worker_id, None)
             if worker.gang:
                 error = f"the gang on {worker.device} stopped ({worker.process.describe()})" + (f": {rank_error}" if rank_error else "")
+            else:
+                error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
             if worker.busy_with:
                 self._chunk_lost(worker.busy_with, error)
             for run_id in [run for run, home in self.homes.items() if home == worker.worker_id]:

@@ -35,9 +35,10 @@ class Throttled:
             self.action()
 
 
-def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> None:
+def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str, Any]:
     """Every problem of every run that can be known now, at once, before data, workers or MLflow
-    (`devices` None: on a Ray cluster, whose devices the workers check)."""
+    (`devices` None: on a Ray cluster, whose devices the workers check). Returns the validated
+    config of each run."""
     from finetune.train.model import load_tokenizer
     from finetune.train.preflight import preflight
 
@@ -49,9 +50,9 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> None:
             tokenizers[source] = load_tokenizer(config)
         return tokenizers[source]
 
-    lines = []
+    lines, configs = [], {}
     for run in plan.runs:
-        config = CONFIG_ADAPTER.validate_python(run.config)
+        config = configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
         problems = preflight(config, devices, tokenizer_of)
         try:
             initial_checkpoint(config)
@@ -60,6 +61,7 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> None:
         lines += [f"run {run.run_id} ({run.label or 'the only run'}): {path}: {problem}" for path, problem in problems]
     if lines:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
+    return configs
 
 
 def start_pool(settings: Any, root: Path, kinds: set[str]) -> WorkerPool | Any:
@@ -84,9 +86,9 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
     started = time.perf_counter()
     settings = first.experiment
     local = settings.backend == "local"
-    check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
+    configs = check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
     root.mkdir(parents=True, exist_ok=True)
-    pool = start_pool(settings, root, {gang_kind(CONFIG_ADAPTER.validate_python(run.config).experiment) for run in plan.runs})
+    pool = start_pool(settings, root, {gang_kind(config.experiment) for config in configs.values()})
     devices = sorted({worker.device for worker in pool.workers})
     try:
         with console.status("preparing data (tokenised once per data setting)..."):

@@ -53,10 +53,6 @@ class GangProcess:
     def is_alive(self) -> bool:
         return all(process.is_alive() for process in self.processes)
 
-    @property
-    def exitcode(self) -> int | None:
-        return next((p.exitcode for p in self.processes if p.exitcode not in (None, 0)), self.processes[0].exitcode)
-
     def describe(self) -> str:
         """How each rank ended, e.g. "rank 0: running, rank 1: exit code -9"."""
         states = ("running" if p.is_alive() else f"exit code {p.exitcode}" for p in self.processes)

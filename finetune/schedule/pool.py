@@ -154,12 +154,12 @@ class WorkerPool(SlotPool):
         return added
 
     def spawn_gang(self, kind: str, layout: tuple[str, ...], replacing: str | None = None) -> WorkerHandle:
-        strategy, width = parse_kind(kind)
+        width = parse_kind(kind)[1]
         worker_id = replacing or f"{kind}@{'+'.join(units_of(layout))}/{sum(w.gang == kind for w in self.workers)}"
         address = f"tcp://127.0.0.1:{free_port()}"
         queues, processes = [], []
         for rank in range(width):
-            rank_info = {"rank": rank, "world": width, "address": address, "devices": list(layout), "strategy": strategy}
+            rank_info = {"rank": rank, "world": width, "address": address, "devices": list(layout)}
             queues.append(self.context.Queue())
             processes.append(self._start(worker_id, layout[rank], self.memory.for_worker(1), queues[-1], rank_info))
         return WorkerHandle(worker_id, "+".join(units_of(layout)), GangProcess(processes), GangQueue(queues), gang=kind, layout=layout)
@@ -168,7 +168,7 @@ class WorkerPool(SlotPool):
         if worker.gang:
             worker.process.terminate()  # ranks left waiting on a dead peer
             return self.spawn_gang(worker.gang, worker.layout, replacing=worker.worker_id)
-        return self.spawn(worker.device, replacing=worker.worker_id)
+        return super().respawn(worker)
 
     def stop(self) -> None:
         for worker in self.workers:

@@ -23,11 +23,10 @@ class GangRank:
     world: int
     address: str  # tcp://host:port of rank 0's rendezvous
     devices: tuple[str, ...]  # the gang's devices ("cpu" repeated on the CPU), by rank
-    strategy: str  # ddp, fsdp, deepspeed_zero1, deepspeed_zero3
 
     @classmethod
     def from_dict(cls, value: dict[str, Any]) -> GangRank:
-        return cls(value["rank"], value["world"], value["address"], tuple(value["devices"]), value["strategy"])
+        return cls(value["rank"], value["world"], value["address"], tuple(value["devices"]))
 
 
 def visible_device(device: str) -> str:

@@ -12,6 +12,7 @@ clipping, the optimizer and scheduler steps and logging, without the per-`train(
 
 from __future__ import annotations
 
+import contextlib
 import random
 import time
 from dataclasses import dataclass, field
@@ -151,8 +152,6 @@ class RunSession:
 
     def _gradient_sync(self, last: bool) -> Any:
         """As HF's loop: ranks exchange gradients on a step's last micro-batch only (DeepSpeed: always)."""
-        import contextlib
-
         accelerator = self.trainer.accelerator
         if self.world == 1 or last or accelerator.distributed_type == "DEEPSPEED":
             return contextlib.nullcontext()

@@ -4,13 +4,16 @@ No model hub: a Llama-shaped model with random weights is built locally at a pre
 (`--preset 0.7b` or `3b`; `tiny` runs anywhere, `--device cpu` included), with long synthetic chat
 data (a few hundred tokens per example). Then the same 4 LoRA configs (r x learning rate) train
 (a) as the TRL script `plain_trl_sft.py`, one process after another (or, with `--extrapolate`, one
-measured run times 4), and (b) with `finetune run`, 8 chunks each, `runs_per_device` slots.
+measured run times 4), and (b) with `finetune run`, 8 chunks each, once for each `runs_per_device`
+setting given (`--runs-per-device 1,2,4`).
 
-Prints side by side: time until every config has its first evaluation (and the ratio to the ideal
-of one slot, 6.25x for 4 x 8 chunks), total time, per-chunk seconds of optimizer steps, evaluation
-and everything else, bytes written per chunk, and how busy the GPU was (nvidia-smi, sampled).
+Prints for each: time until every config has its first evaluation and total time, with their ratios
+to the sequential scripts (the ideal first-comparison ratio of one slot is 6.25x for 4 x 8 chunks),
+how busy the GPU was (nvidia-smi, sampled), the share of the training time during which two or more
+runs trained at once, per-chunk seconds of optimizer steps, evaluation and everything else, and
+bytes written per chunk. `--json-out FILE` keeps the figures.
 
-Run on a GPU machine: python benchmarks/gpu_sweep.py --preset 0.7b --steps 400
+Run on a GPU machine: python benchmarks/gpu_sweep.py --preset 0.7b --steps 400 --runs-per-device 1,2,4
 """
 
 from __future__ import annotations
@@ -126,11 +129,13 @@ def sequential(args: argparse.Namespace, model: Path, train: Path, valid: Path, 
     return {"first_comparison": sum(totals[:-1]) + firsts[-1], "total": sum(totals)}
 
 
-def with_finetune(args: argparse.Namespace, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
+def with_finetune(args: argparse.Namespace, slots: str, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
+    from finetune.track.timeline import overlap_fraction, training_intervals
+
     config = work / "sweep.yaml"
     on_gpu = args.device == "cuda"
     config.write_text(CONFIG.format(
-        out=work / "runs", chunks=CHUNKS, devices="[0]" if on_gpu else "cpu", slots=args.runs_per_device, train=train,
+        out=work / "runs", chunks=CHUNKS, devices="[0]" if on_gpu else "cpu", slots=slots, train=train,
         valid=valid, rates=sorted({lr for _, lr in CONFIGS}), ranks=sorted({r for r, _ in CONFIGS}), steps=args.steps,
         bf16=str(on_gpu).lower(), batch=args.batch, model=model, dtype="bfloat16" if on_gpu else "float32", max_length=args.max_length,
     ))
@@ -142,9 +147,10 @@ def with_finetune(args: argparse.Namespace, model: Path, train: Path, valid: Pat
     firsts = [row[0] for row in db.execute("SELECT MIN(finished_at) FROM chunks GROUP BY run_id")]
     wall, steps, evals, count = db.execute("SELECT SUM(seconds), SUM(step_seconds), SUM(eval_seconds), COUNT(*) FROM chunks").fetchone()
     written = [json.loads(row[0])["bytes"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_durable'")]
-    slots = 1 + db.execute("SELECT COUNT(*) FROM events WHERE kind = 'slot_added'").fetchone()[0]
+    workers = len({json.loads(row[0])["worker"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_started'")})
     return {"first_comparison": max(firsts) - start, "total": total, "steps": steps / count, "eval": evals / count,
-            "rest": (wall - steps - evals) / count, "bytes": sum(written) / max(1, len(written)), "slots": slots}
+            "rest": (wall - steps - evals) / count, "bytes": sum(written) / max(1, len(written)), "workers": workers,
+            "overlap": overlap_fraction(training_intervals(work / "runs" / "gpu-sweep"))}
 
 
 def main() -> None:
@@ -154,10 +160,11 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=400, help="optimizer steps per config")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
-    parser.add_argument("--runs-per-device", default="auto", help="finetune's experiment.runs_per_device")
+    parser.add_argument("--runs-per-device", default="auto", help="finetune's experiment.runs_per_device; several: 1,2,4")
     parser.add_argument("--extrapolate", action="store_true", help="time one sequential TRL run and count it 4 times")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--json-out", type=Path, default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune-gpu-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -172,19 +179,28 @@ def main() -> None:
         with GpuBusy() as busy:
             seq = sequential(args, *inputs, work)
         seq_busy = busy.percent
-    with GpuBusy() as busy:
-        ft = with_finetune(args, *inputs, work)
-    ft_busy = busy.percent
-    print(f"\n{'':34}{'sequential TRL':>16}{'finetune':>12}{'ratio':>9}")
-    for key, label in (("first_comparison", "time to first comparison (s)"), ("total", "total time (s)")):
-        ratio = f"{seq[key] / ft[key]:8.2f}x" if seq else ""
-        print(f"{label:34}{(seq or {}).get(key, float('nan')):16.1f}{ft[key]:12.1f}{ratio}")
-    busy_text = lambda value: "n/a" if value is None else f"{value:.0f}%"  # noqa: E731
-    print(f"{'GPU busy':34}{busy_text(seq_busy):>16}{busy_text(ft_busy):>12}")
+    results: dict[str, dict[str, float | None]] = {"sequential": {**(seq or {}), "busy": seq_busy}}
+    if seq:
+        print(f"sequential TRL scripts: first comparison {seq['first_comparison']:.1f}s, total {seq['total']:.1f}s, "
+              f"GPU busy {_percent(seq_busy)}", flush=True)
     print(f"ideal first-comparison ratio with one slot for {len(CONFIGS)} x {CHUNKS} chunks: "
-          f"{(len(CONFIGS) - 1 + 1 / CHUNKS) / (len(CONFIGS) / CHUNKS):.2f}x; finetune ran {ft['slots']} slot(s)")
-    print(f"finetune per chunk: {ft['steps']:.3f}s optimizer steps, {ft['eval']:.3f}s evaluation, {ft['rest']:.3f}s else "
-          f"({100 * ft['rest'] / ft['steps']:.1f}% of step time); {ft['bytes'] / 1e6:.2f} MB written per chunk")
+          f"{(len(CONFIGS) - 1 + 1 / CHUNKS) / (len(CONFIGS) / CHUNKS):.2f}x", flush=True)
+    for slots in args.runs_per_device.split(","):
+        with GpuBusy() as busy:
+            ft = with_finetune(args, slots, *inputs, work)
+        results[f"runs_per_device={slots}"] = {**ft, "busy": busy.percent}
+        ratio = {key: f" ({seq[key] / ft[key]:.2f}x)" if seq else "" for key in ("first_comparison", "total")}
+        print(f"finetune, runs_per_device={slots} ({ft['workers']} worker(s)): first comparison {ft['first_comparison']:.1f}s"
+              f"{ratio['first_comparison']}, total {ft['total']:.1f}s{ratio['total']}, GPU busy {_percent(busy.percent)}, "
+              f"two or more runs training {100 * ft['overlap']:.0f}% of the time; per chunk {ft['steps']:.3f}s optimizer "
+              f"steps, {ft['eval']:.3f}s evaluation, {ft['rest']:.3f}s else ({100 * ft['rest'] / ft['steps']:.1f}% of step "
+              f"time); {ft['bytes'] / 1e6:.2f} MB written per chunk", flush=True)
+    if args.json_out:
+        args.json_out.write_text(json.dumps(results, indent=2))
+
+
+def _percent(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.0f}%"
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 import subprocess
 import sys
@@ -21,13 +22,17 @@ def run(script: str, *args: str, cwd: Path) -> str:
 
 def test_chunk_overhead_reports_ratios_of_step_time(tmp_path) -> None:
     out = run("chunk_overhead.py", "--work", str(tmp_path), "--examples", "2000", cwd=tmp_path)
-    assert len(re.findall(r"= \d+\.\d% of step time", out)) == 2
+    assert len(re.findall(r"= \d+\.\d% of step time", out)) == 3
     assert "first chunk" in out and "last chunk" in out
+    assert re.search(r"two runs trained at once \d+% of the training time", out), out
 
 
 def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
     """The GPU benchmark with the same code on the CPU: a tiny preset, one sequential run extrapolated."""
     out = run("gpu_sweep.py", "--preset", "tiny", "--device", "cpu", "--steps", "16", "--batch", "4", "--max-length", "512",
-              "--extrapolate", "--runs-per-device", "1", "--work", str(tmp_path), cwd=tmp_path)
-    assert re.search(r"time to first comparison \(s\)\s+[\d.]+\s+[\d.]+\s+[\d.]+x", out), out
-    assert "MB written per chunk" in out and "GPU busy" in out
+              "--extrapolate", "--runs-per-device", "1,2", "--work", str(tmp_path), "--json-out", str(tmp_path / "out.json"),
+              cwd=tmp_path)
+    for slots in ("1", "2"):
+        assert re.search(rf"runs_per_device={slots} \({slots} worker\(s\)\): first comparison [\d.]+s \([\d.]+x\)", out), out
+    assert "MB written per chunk" in out and "GPU busy n/a" in out
+    assert set(json.loads((tmp_path / "out.json").read_text())) == {"sequential", "runs_per_device=1", "runs_per_device=2"}

@@ -161,3 +161,31 @@ def test_knobs_are_not_allowed_in_experiment(base_config) -> None:
     base_config["experiment"]["num_chunks"] = {"$list": [2, 4]}
     issues = issues_of(base_config)
     assert issues[0].path == "experiment.num_chunks" and "cannot hold a sweep knob" in issues[0].message
+
+
+@pytest.mark.parametrize("key,value", [("name", "other"), ("devices", "cpu"), ("runs_per_device", 2), ("backend", "ray"),
+                                       ("gpu_state_budget_gb", 1.0), ("threads_per_worker", 2)])
+def test_a_group_may_not_set_what_the_whole_experiment_shares(base_config, key, value) -> None:
+    base_config["groups"] = [{"training_args": {"seed": 1}}, {"experiment": {key: value}}]
+    issues = issues_of(base_config)
+    assert [issue.path for issue in issues] == [f"groups[1].experiment.{key}"]
+    assert "belongs to the whole experiment" in issues[0].message and "outside groups" in issues[0].allowed
+    assert issues[0].location.startswith("test.yaml:1:")
+
+
+def test_a_group_may_set_its_runs_own_experiment_keys(base_config) -> None:
+    base_config["groups"] = [{"experiment": {"devices_per_run": 1, "num_chunks": 2, "max_eval_samples": 8}}, {}]
+    assert issues_of(base_config) == []
+
+
+def test_the_plan_keeps_the_experiment_settings_validated(base_config) -> None:
+    from finetune.plan.build import build_plan
+    from finetune.plan.model import RunPlan
+    from tests.helpers import doc_of
+
+    base_config["experiment"].update(runs_per_device=3, threads_per_worker=2)
+    plan = build_plan(doc_of(base_config), train_examples=lambda config: 64)
+    assert (plan.settings.runs_per_device, plan.settings.threads_per_worker) == (3, 2)
+    older = plan.model_dump(mode="json")
+    del older["settings"]  # a plan.json written before the plan held them
+    assert RunPlan.model_validate(older).settings.runs_per_device == 3

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+from pathlib import Path
 
 import pytest
 from hypothesis import given, settings
@@ -122,18 +123,30 @@ def test_an_unknown_strategy_lists_the_known_ones() -> None:
     assert issue.path == "experiment.distributed" and "deepspeed_zero3" in f"{issue.message} {issue.allowed}"
 
 
-class _Controller:
-    """The little of a controller that a clone request reads."""
+class _Target:
+    """The little of a controller that a clone request reads (`control.ControlTarget`)."""
 
     def __init__(self, plan, devices):
-        self.plan, self.added = plan, []
-        self.pool = type("Pool", (), {"devices": devices})()
+        from finetune.schedule.records import RunRecord, RunStatus
 
-    def _planned(self, run_id):
-        return next((run for run in self.plan.runs + self.added if run.run_id == run_id), None)
+        self.root, self.devices, self.added = Path("."), devices, []
+        self.records = {run.run_id: RunRecord(run, CONFIG_ADAPTER.validate_python(run.config), "", "", RunStatus.PENDING, index,
+                                              0, None, None, 0) for index, run in enumerate(plan.runs)}
+
+    def record(self, run_id):
+        return self.records.get(run_id)
+
+    def busy(self, run_id):
+        return False
+
+    def set_status(self, run_id, status):
+        raise AssertionError("a clone changes no run's state")
 
     def add_run(self, run):
         self.added.append(run)
+
+    def local_devices(self):
+        return self.devices
 
 
 @pytest.mark.parametrize("change,outcome", [
@@ -144,15 +157,14 @@ class _Controller:
 ])
 def test_a_clone_on_more_devices_is_checked_as_a_new_run_would_be(change, outcome) -> None:
     from finetune.plan.build import build_plan
-    from finetune.schedule.control import _clone
+    from finetune.schedule.control import apply_request
     from tests.helpers import doc_of
 
     tree = copy.deepcopy(BASE_SFT)
     tree["batchsize_conf"] = {"total_train_batch_size": 8, "max_per_device_train_batch_size": 8}
     plan = build_plan(doc_of(tree), train_examples=lambda config: 64)
-    controller = _Controller(plan, [f"cuda:{index}" for index in range(4)])
-    row = type("Row", (), {"run_id": plan.runs[0].run_id, "last_checkpoint": None})()
-    status = _clone(controller, row, {"set": [change]})
+    target = _Target(plan, [f"cuda:{index}" for index in range(4)])
+    status = apply_request(target, "clone", plan.runs[0].run_id, {"set": [change]})
     assert status.startswith(outcome), status
     if outcome == "applied":
-        assert controller.added[0].derived.num_processes == 2 and controller.added[0].derived.per_device_train_batch_size == 4
+        assert target.added[0].derived.num_processes == 2 and target.added[0].derived.per_device_train_batch_size == 4

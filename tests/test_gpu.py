@@ -8,6 +8,7 @@ import sqlite3
 
 import pytest
 
+from finetune.track.timeline import seconds_with_at_least, training_intervals
 from tests.test_training import demo_config, finetune, small, states
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
@@ -43,6 +44,7 @@ def test_several_runs_share_one_gpu(tmp_path, demo_dir, slots) -> None:
     with sqlite3.connect(root / "state.db") as db:
         workers = {json.loads(row[0])["worker"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_started'")}
     assert len(workers) >= 2, workers
+    assert seconds_with_at_least(training_intervals(root), 2) > 0, "the slots took turns instead of training at once"
 
 
 def test_resident_state_moves_between_gpu_and_cpu_memory_and_stays_exact(tmp_path, demo_dir) -> None:

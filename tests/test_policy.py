@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import random
 
-from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, slots_for
+import pytest
+from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, slot_unit, slots_for
 
 
 def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
@@ -92,27 +93,52 @@ def test_slots_follow_the_measured_footprint() -> None:
     assert slots_for(0, 0, runnable=4) == 1  # the CPU
 
 
+# ---------------------------------------------------------------- slots: several runs on one device
+
+
+def slots_of(device: str, count: int) -> tuple[str, ...]:
+    return tuple(slot_unit(device, slot) for slot in range(count))
+
+
+def test_two_slots_of_one_device_take_two_runs_at_once() -> None:
+    workers = [WorkerView("w0", slots_of("cuda:0", 2)[:1]), WorkerView("w1", slots_of("cuda:0", 2)[1:])]
+    assert assign(views([0, 0, 0]), workers, set()) == [("w0", Task("r0", 0)), ("w1", Task("r1", 0))]
+    one_busy = [WorkerView("w0", slots_of("cuda:0", 2)[:1], busy=True), workers[1]]
+    assert assign(views([0, 0, 0]), one_busy, {"r0"}) == [("w1", Task("r1", 0))], "a busy slot leaves the other free"
+
+
+def test_a_gang_holds_every_slot_of_its_devices() -> None:
+    singles = [WorkerView(f"w{d}{s}", (slot_unit(f"cuda:{d}", s),)) for d in range(2) for s in range(2)]
+    gang = WorkerView("gang", slots_of("cuda:0", 2) + slots_of("cuda:1", 2), "ddp:2")
+    one_slot_busy = [*singles[:3], WorkerView("w11", (slot_unit("cuda:1", 1),), busy=True), gang]
+    assert assign([RunView("big", 0, 0, 2, gang="ddp:2")], one_slot_busy, set()) == [], "one busy slot keeps the gang out"
+    gang_busy = [*singles, WorkerView("gang", gang.units, "ddp:2", busy=True)]
+    assert assign(views([0, 0]), gang_busy, {"big"}) == [], "no slot of its devices starts while the gang trains"
+
+
 # ---------------------------------------------------------------- gangs: runs on several devices
 
 
-def two_gpus() -> list[WorkerView]:
-    return [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",)), WorkerView("gang", ("cuda:0", "cuda:1"), "ddp:2")]
+def two_gpus(slots: int = 1) -> list[WorkerView]:
+    singles = [WorkerView(f"g{d}/{s}", (slot_unit(f"cuda:{d}", s),)) for d in range(2) for s in range(slots)]
+    return [*singles, WorkerView("gang", slots_of("cuda:0", slots) + slots_of("cuda:1", slots), "ddp:2")]
 
 
 def test_a_gang_run_starts_only_when_all_its_devices_are_free() -> None:
     runs = [RunView("big", 0, 0, 2, gang="ddp:2"), RunView("small", 1, 1, 2)]
-    busy_g1 = [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",), busy=True), two_gpus()[2]]
+    g0, g1, gang = two_gpus()
+    busy_g1 = [g0, WorkerView(g1.worker_id, g1.units, busy=True), gang]
     # big cannot start while cuda:1 trains; it reserves cuda:0, so small (behind it in the order) waits too
     assert assign(runs, busy_g1, set()) == []
     assert assign(runs, two_gpus(), set()) == [("gang", Task("big", 0))]
     # while the gang trains, no single-device worker starts on its devices
-    gang_busy = [WorkerView("g0", ("cuda:0",)), WorkerView("g1", ("cuda:1",)), WorkerView("gang", ("cuda:0", "cuda:1"), "ddp:2", busy=True)]
+    gang_busy = [g0, g1, WorkerView("gang", gang.units, "ddp:2", busy=True)]
     assert assign([RunView("small", 1, 0, 2)], gang_busy, set()) == []
 
 
 def test_runs_ahead_of_a_waiting_gang_still_use_free_devices() -> None:
     runs = [RunView("a", 0, 0, 4), RunView("big", 1, 1, 4, gang="ddp:2"), RunView("b", 2, 1, 4)]
-    assert assign(runs, two_gpus(), set()) == [("g0", Task("a", 0))]  # b is behind big: cuda:1 is held for big
+    assert assign(runs, two_gpus(), set()) == [("g0/0", Task("a", 0))]  # b is behind big: cuda:1 is held for big
 
 
 def test_a_run_goes_only_to_a_worker_of_its_kind() -> None:
@@ -140,10 +166,11 @@ def simulate(workers: list[WorkerView], runs: dict[str, tuple[str, int]], seed: 
     return history
 
 
-def test_a_big_run_is_not_starved_by_many_small_ones() -> None:
+@pytest.mark.parametrize("slots", [1, 2, 3])
+def test_a_big_run_is_not_starved_by_many_small_ones(slots) -> None:
     runs = {f"s{i}": ("", 6) for i in range(8)} | {"big": ("ddp:2", 6)}
     for seed in range(20):
-        history = simulate(two_gpus(), runs, seed)
+        history = simulate(two_gpus(slots), runs, seed)
         assert history[-1] == {run: 6 for run in runs}, "every run finishes"
         for done in history:
             small = [count for run, count in done.items() if run != "big" and count < 6]

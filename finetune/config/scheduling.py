@@ -12,6 +12,9 @@ DIRECTIONS = {"min": "minimize", "max": "maximize"}
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero3")
 # The keys of `experiment` that belong to each run rather than to the experiment: knobs may set them.
 PER_RUN_EXPERIMENT_KEYS = ("devices_per_run", "distributed")
+# The keys that belong to the whole experiment: one value for all its runs, so neither a knob nor a group sets them.
+EXPERIMENT_WIDE_KEYS = ("name", "output_dir", "backend", "ray_address", "devices", "runs_per_device", "threads_per_worker",
+                        "gpu_state_budget_gb", "cpu_state_budget_gb")
 
 
 class ExperimentConfig(Strict):
@@ -29,8 +32,13 @@ class ExperimentConfig(Strict):
     )
     runs_per_device: Union[Literal["auto"], Annotated[int, Field(ge=1, le=64)]] = Field(
         default=1,
-        description="Runs trained at once on each GPU, each in its own worker process; auto: as many as the GPU's "
-        "memory allows by the footprint measured on the first chunk (at most 8). Always 1 on the CPU",
+        description="Runs trained at once on each device, each in its own worker process (a slot); auto: on a GPU as "
+        "many as its memory allows by the footprint measured on the first chunk (at most 8), on the CPU 1. Workers on "
+        "the CPU split its cores (see threads_per_worker)",
+    )
+    threads_per_worker: int | None = Field(
+        default=None, ge=1, le=1024,
+        description="Torch CPU threads of each worker process; default: the machine's cores shared evenly by its workers",
     )
     gpu_state_budget_gb: float | None = Field(
         default=None, gt=0,

@@ -31,7 +31,7 @@ from finetune.config.knobs import (
 )
 from finetune.config.loading import Location, SourceDoc
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
-from finetune.config.scheduling import PER_RUN_EXPERIMENT_KEYS
+from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS, PER_RUN_EXPERIMENT_KEYS
 
 NOT_KNOBBABLE = ("method", "experiment", "sweep", "groups")
 GIVEN_MAX = 80
@@ -360,12 +360,27 @@ def validate_document(doc: SourceDoc) -> list[ConfigIssue]:
     groups = tree.get("groups")
     if groups is not None and (not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups)):
         return [ConfigIssue("groups", str(doc.locate(("groups",))), "groups must be a non-empty list of mappings (overlays)")]
-    issues: list[ConfigIssue] = []
+    issues = _experiment_wide_keys_in_groups(doc, groups or [])
     for prefix, merged in group_trees(tree):
         for issue in validate_tree(merged, group_locator(doc, prefix)):
             path = f"{dotted(prefix)}: {issue.path}" if prefix else issue.path
             issues.append(ConfigIssue(path, issue.location, issue.message, issue.given, issue.allowed))
     return sorted(dict.fromkeys(issues), key=_position_order)
+
+
+def _experiment_wide_keys_in_groups(doc: SourceDoc, groups: list[dict[str, Any]]) -> list[ConfigIssue]:
+    """A group is a set of runs inside one experiment: it may not set what the whole experiment shares."""
+    issues = []
+    for index, overlay in enumerate(groups):
+        experiment = overlay.get("experiment")
+        for key in experiment if isinstance(experiment, dict) else ():
+            if key in EXPERIMENT_WIDE_KEYS:
+                path = ("groups", index, "experiment", key)
+                issues.append(ConfigIssue(
+                    dotted(path), str(doc.locate(path)), f"experiment.{key} belongs to the whole experiment, not to a group",
+                    allowed="set it once at the top level of the file, outside groups",
+                ))
+    return issues
 
 
 def _position_order(issue: ConfigIssue) -> tuple[str, int, int]:

@@ -129,6 +129,7 @@ def build_plan(
         num_chunks=experiment_config.num_chunks,
         sweeps=sweeps,
         runs=runs,
+        settings=experiment_config,
     )
 
 

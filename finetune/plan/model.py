@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Any
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from finetune.config.scheduling import ExperimentConfig
 
 
 class Derived(BaseModel):
@@ -52,6 +54,21 @@ class RunPlan(BaseModel):
     sweeps: list[dict[str, Any]] = Field(description="the sweep section of each group")
     runs: list[PlannedRun]
     failed: dict[str, str] = Field(default_factory=dict, description="runs whose model or data could not be prepared")
+    settings: ExperimentConfig = Field(
+        default_factory=ExperimentConfig,
+        description="the experiment section; its experiment-wide keys (devices, slots, backend, budgets) are read "
+        "from here, never from a run (validation keeps groups and knobs from setting them)",
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _settings_of_an_older_plan(cls, value: Any) -> Any:
+        """A plan.json written before `settings` existed: its runs share the experiment section."""
+        if isinstance(value, dict) and "settings" not in value and value.get("runs"):
+            first = value["runs"][0]
+            config = first.config if isinstance(first, PlannedRun) else first.get("config", {})
+            return {**value, "settings": config.get("experiment") or {}}
+        return value
 
     @property
     def total_steps(self) -> int | None:

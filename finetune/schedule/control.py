@@ -1,10 +1,15 @@
-"""Interactive control requests (stop, resume, delete, clone), applied by the controller at chunk boundaries."""
+"""Interactive control requests (stop, resume, delete, clone), applied by the controller at chunk boundaries.
+
+The controller is seen here only through `ControlTarget`: its records, whether a run is busy, a
+state change (checked there like any other), and adding a run.
+"""
 
 from __future__ import annotations
 
 import copy
 import shutil
-from typing import Any
+from pathlib import Path
+from typing import Any, Protocol
 
 from finetune.config.knobs import set_at
 from finetune.config.loading import ConfigLoadError, parse_override
@@ -12,38 +17,52 @@ from finetune.config.validation import validate_concrete
 from finetune.plan.build import run_id_of
 from finetune.plan.derive import DeriveError, derive
 from finetune.plan.model import PlannedRun
+from finetune.schedule.records import RunRecord, RunStatus
 from finetune.train.preflight import check_distributed
 
 CONTROL_KINDS = ("stop", "resume", "delete", "clone")
 
 
-def apply_request(controller: Any, kind: str, run_id: str, payload: dict[str, Any]) -> str | None:
+class ControlTarget(Protocol):
+    """What interactive control needs of the controller."""
+
+    root: Path
+
+    def record(self, run_id: str) -> RunRecord | None: ...
+    def busy(self, run_id: str) -> bool: ...
+    def set_status(self, run_id: str, status: RunStatus) -> None: ...
+    def add_run(self, run: PlannedRun) -> None: ...
+    def local_devices(self) -> list[str] | None: ...
+
+
+def apply_request(target: ControlTarget, kind: str, run_id: str, payload: dict[str, Any]) -> str | None:
     """Apply one request; returns its status, or None to retry at the run's next chunk boundary."""
-    store = controller.store
-    try:
-        row = store.run(run_id)
-    except KeyError:
+    record = target.record(run_id)
+    if record is None:
         return f"rejected: no run {run_id}"
+    state = record.status.value
     if kind == "stop":
-        if row.state not in ("pending", "running"):
-            return f"rejected: the run is {row.state}"
-        if controller.busy(run_id):
+        if not record.active:
+            return f"rejected: the run is {state}; only a pending or running run can be stopped"
+        if target.busy(run_id):
             return None
-        store.set_state(run_id, "stopped")
+        target.set_status(run_id, RunStatus.STOPPED)
         return "applied"
     if kind == "resume":
-        if row.state != "stopped":
-            return f"rejected: the run is {row.state}, not stopped"
-        store.set_state(run_id, "pending")
+        if record.status not in (RunStatus.STOPPED, RunStatus.FAILED):
+            return f"rejected: the run is {state}; only a stopped or failed run can be resumed"
+        target.set_status(run_id, RunStatus.PENDING)
         return "applied"
     if kind == "delete":
-        if controller.busy(run_id):
+        if record.status is RunStatus.DELETED:
+            return "rejected: the run is already deleted"
+        if target.busy(run_id):
             return None
-        store.set_state(run_id, "deleted")
-        shutil.rmtree(controller.root / "runs" / run_id, ignore_errors=True)
+        target.set_status(run_id, RunStatus.DELETED)
+        shutil.rmtree(target.root / "runs" / run_id, ignore_errors=True)
         return "applied"
     if kind == "clone":
-        return _clone(controller, row, payload)
+        return _clone(target, record, payload)
     return f"rejected: unknown request {kind}"
 
 
@@ -64,25 +83,26 @@ def _with_parents(tree: dict[str, Any], path: tuple) -> dict[str, Any]:
     return tree
 
 
-def _keep_warm_start(root: Any, row: Any) -> str:
+def _keep_warm_start(root: Path, record: RunRecord) -> str:
     """Copy the parent's latest checkpoint where chunk clean-up will not delete it."""
-    target = (root / "warm-starts" / f"{row.run_id}-chunk{row.chunks_done}").resolve()
+    assert record.last_checkpoint is not None
+    target = (root / "warm-starts" / f"{record.run_id}-chunk{record.durable_chunks}").resolve()
     if not target.is_dir():
         tmp = target.with_name(f".{target.name}.tmp")
         shutil.rmtree(tmp, ignore_errors=True)
-        shutil.copytree(row.last_checkpoint, tmp)
+        shutil.copytree(record.last_checkpoint, tmp)
         tmp.rename(target)
     return str(target)
 
 
-def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
-    parent = controller._planned(row.run_id)
+def _clone(target: ControlTarget, record: RunRecord, payload: dict[str, Any]) -> str:
+    parent = record.planned
     warm = bool(payload.get("warm_start"))
-    if warm and not row.last_checkpoint:
+    if warm and not record.last_checkpoint:
         return "rejected: warm start needs a finished chunk of the parent"
-    if warm and parent.config.get("peft_conf", {}).get("peft_type") == "NO_PEFT":
+    if warm and record.config.peft_conf.peft_type == "NO_PEFT":
         return "rejected: warm start copies an adapter; the parent has none"
-    warm_from = _keep_warm_start(controller.root, row) if warm else None
+    warm_from = _keep_warm_start(target.root, record) if warm else None
     try:
         config = clone_config(parent, list(payload.get("set", [])), warm_from)
     except ConfigLoadError as error:
@@ -91,10 +111,9 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
     if validated is None:
         return "rejected: " + "; ".join(f"{issue.path}: {issue.message}" for issue in issues)
     run_id = run_id_of(config)
-    if controller._planned(run_id) is not None:
+    if target.record(run_id) is not None:
         return f"rejected: an identical run exists ({run_id})"
-    devices = controller.pool.devices if validated.experiment.backend == "local" else None
-    problems = check_distributed(validated, devices)
+    problems = check_distributed(validated, target.local_devices())
     if problems:
         return "rejected: " + "; ".join(f"{path}: {problem}" for path, problem in problems)
     try:
@@ -104,14 +123,14 @@ def _clone(controller: Any, row: Any, payload: dict[str, Any]) -> str:
     changes = ",".join(payload.get("set", [])) or "copy"
     clone = PlannedRun(
         run_id=run_id,
-        label=f"clone of {row.run_id}: {changes}" + (" (warm)" if warm else ""),
+        label=f"clone of {record.run_id}: {changes}" + (" (warm)" if warm else ""),
         group=parent.group,
         knobs={**parent.knobs, **{c.partition('=')[0]: c.partition('=')[2] for c in payload.get("set", [])}},
         config=config,
         derived=derived,
-        parent_run_id=row.run_id,
+        parent_run_id=record.run_id,
     )
-    controller.add_run(clone)
+    target.add_run(clone)
     return f"applied: new run {run_id}"
 
 

@@ -1,9 +1,12 @@
 """The controller: owns the plan, the policy and the state store; feeds (run, chunk) tasks to workers.
 
-A chunk has two moments. `chunk_done`: the worker trained and evaluated it and is free for the
-next task, so the policy decides at once. `chunk_durable`: its checkpoint is on disk, and only
+A chunk has two moments. `ChunkDone`: the worker trained and evaluated it and is free for the
+next task, so the policy decides at once. `ChunkDurable`: its checkpoint is on disk, and only
 then does the state store record it. Kill the controller at any moment: `finetune run --resume`
 continues every run from its last durable chunk.
+
+The controller's state is its `RunRecord`s and `ChunkRecord`s (`schedule.records`); every run state
+change goes through `_set_status`, every worker message through the one `match` of `_handle`.
 """
 
 from __future__ import annotations
@@ -13,15 +16,27 @@ import queue
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Protocol
+from typing import Callable, Protocol
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.gang import gang_kind
+from finetune.schedule.messages import (
+    ChunkDone,
+    ChunkDurable,
+    ChunkTask,
+    MetricsLogged,
+    RankError,
+    RunFailed,
+    WorkerExit,
+    WorkerMessage,
+    WriteFailed,
+)
 from finetune.schedule.policy import RunView, SuccessiveHalving, WorkerView, assign, slots_for
-from finetune.schedule.pool import WorkerHandle, WorkerPool
+from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import initial_checkpoint
+from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
 from finetune.schedule.store import StateStore
 
 POLL_SECONDS = 0.2
@@ -46,19 +61,14 @@ class Controller:
     root: Path
     store: StateStore
     tracker: Tracker
-    pool: WorkerPool
+    pool: SlotPool
     on_change: Callable[[], None] = lambda: None
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
-    base_keys: dict[str, str] = field(default_factory=dict)
-    configs: dict[str, Any] = field(default_factory=dict)
+    runs: dict[str, RunRecord] = field(default_factory=dict)  # in plan order
+    chunks: dict[tuple[str, int], ChunkRecord] = field(default_factory=dict)  # dispatched, not yet in the store
     parent_mlflow_id: str | None = None
-    trained: dict[str, int] = field(default_factory=dict)  # chunks trained per run, durable or not
-    homes: dict[str, str] = field(default_factory=dict)  # run -> worker holding its state
-    done_chunks: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)  # awaiting durability
-    durable_first: dict[tuple[str, int], dict[str, Any]] = field(default_factory=dict)
-    lost_chunks: dict[tuple[str, int], int] = field(default_factory=dict)  # times each (run, chunk) was lost
-    gangs: dict[str, str] = field(default_factory=dict)  # run -> the kind of gang it needs ("" for none)
-    rank_errors: dict[str, str] = field(default_factory=dict)  # gang worker -> why a rank of it stopped
+    poll_seconds: float = POLL_SECONDS
+    tickets: int = 0  # dispatches so far
 
     # ------------------------------------------------------------ set-up
 
@@ -67,29 +77,31 @@ class Controller:
         return self.pool.workers
 
     def start(self) -> None:
-        for row in self.store.runs():
-            if row.state == "running":
-                self.store.set_state(row.run_id, "pending")
         for run in self.plan.runs:
             self._register(run)
+        for record in self.runs.values():
+            if record.status is RunStatus.RUNNING:  # the controller stopped while it trained
+                self._set_status(record, RunStatus.PENDING)
         for run_id, error in self.plan.failed.items():
-            if self.store.run(run_id).state != "failed":
-                self.store.set_state(run_id, "failed", error)
+            if self.runs[run_id].status is not RunStatus.FAILED:
+                self._set_status(self.runs[run_id], RunStatus.FAILED, error)
                 self.store.event("run_failed", run_id, error=error, stage="preparing data")
         self._setup_sha()
         self._setup_tracking()
 
-    def _register(self, run: PlannedRun) -> None:
-        """Add a run to the store, validating its config once for the whole experiment."""
-        from finetune.train.workbench import base_key
+    def _register(self, run: PlannedRun) -> RunRecord:
+        """Add a run to the store and the records, validating its config once for the whole experiment."""
+        from finetune.train.bases import base_key
 
         self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
-        self.configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
-        self.base_keys[run.run_id] = base_key(self.configs[run.run_id])
-        self.gangs[run.run_id] = gang_kind(self.configs[run.run_id].experiment)
-        for added in self.pool.ensure_workers(self.gangs[run.run_id]):
+        row = self.store.run(run.run_id)
+        config = CONFIG_ADAPTER.validate_python(run.config)
+        record = RunRecord(run, config, base_key(config), gang_kind(config.experiment), RunStatus(row.state), row.position,
+                           row.chunks_done, row.last_checkpoint, row.mlflow_run_id, row.chunks_done)
+        self.runs[run.run_id] = record
+        for added in self.pool.ensure_workers(record.gang):
             self.store.event("workers_started", None, worker=added.worker_id, device=added.device, gang=added.gang)
-        self.trained[run.run_id] = self.store.run(run.run_id).chunks_done
+        return record
 
     def _setup_sha(self) -> None:
         for group, sweep in enumerate(self.plan.sweeps):
@@ -103,8 +115,8 @@ class Controller:
                     min_early_stopping_rate=sweep.get("min_early_stopping_rate", 0),
                 )
         for chunk in self.store.chunk_rows():  # replay rung results after a restart
-            run = self._planned(chunk["run_id"])
-            policy = self.sha.get(run.group) if run else None
+            record = self.runs.get(chunk["run_id"])
+            policy = self.sha.get(record.planned.group) if record else None
             if policy is not None:
                 done = chunk["chunk"] + 1
                 if done in policy.rungs() and policy.metric in chunk["metrics"]:
@@ -115,83 +127,107 @@ class Controller:
         known = json.loads(state_file.read_text()) if state_file.is_file() else {}
         self.parent_mlflow_id = self.tracker.parent_run(known.get("parent_run_id"))
         write_json_atomic(state_file, {"parent_run_id": self.parent_mlflow_id, "uri": self.tracker.uri})
-        for row in self.store.runs():
-            if row.mlflow_run_id is None and (run := self._planned(row.run_id)) is not None:
-                self.store.set_mlflow_run(row.run_id, self.tracker.child_run(self.parent_mlflow_id, run))
+        for record in self.runs.values():
+            if record.mlflow_run_id is None:
+                self._track(record)
 
-    def _planned(self, run_id: str) -> PlannedRun | None:
-        return next((run for run in self.plan.runs if run.run_id == run_id), None)
+    def _track(self, record: RunRecord) -> None:
+        assert self.parent_mlflow_id is not None
+        record.mlflow_run_id = self.tracker.child_run(self.parent_mlflow_id, record.planned)
+        self.store.set_mlflow_run(record.run_id, record.mlflow_run_id)
 
-    # ------------------------------------------------------------ the loop
+    # ------------------------------------------------------------ the interface of interactive control
 
-    def run(self) -> None:
-        while True:
-            self._apply_requests()
-            self._dispatch()
-            if not any(worker.busy_with for worker in self.workers) and not self.done_chunks and self._nothing_left():
-                break
-            self._drain()
-            self._check_workers()
-        self._finish_tracking()
-
-    def _views(self) -> list[RunView]:
-        views = []
-        for row in self.store.runs():
-            run = self._planned(row.run_id)
-            if run is None:
-                continue
-            runnable = row.state in ("pending", "running")
-            trained = self.trained.get(row.run_id, row.chunks_done)
-            views.append(RunView(row.run_id, row.position, trained, row.total_chunks, runnable, self.base_keys.get(row.run_id, ""),
-                                 run.group, self.homes.get(row.run_id), durable=trained == row.chunks_done,
-                                 gang=self.gangs.get(row.run_id, "")))
-        return views
-
-    def _nothing_left(self) -> bool:
-        return not any(view.runnable and view.chunks_done < view.total_chunks for view in self._views())
+    def record(self, run_id: str) -> RunRecord | None:
+        return self.runs.get(run_id)
 
     def busy(self, run_id: str) -> bool:
         """Training a chunk, or a trained chunk not yet durable."""
-        return any(worker.busy_with == run_id for worker in self.workers) or any(key[0] == run_id for key in self.done_chunks)
+        return any(worker.busy_with == run_id for worker in self.workers) or any(
+            chunk.run_id == run_id and chunk.status is ChunkStatus.TRAINED for chunk in self.chunks.values())
+
+    def set_status(self, run_id: str, status: RunStatus) -> None:
+        record = self.runs[run_id]
+        if status is RunStatus.PENDING and record.status is RunStatus.FAILED:
+            self._forget_progress(record)  # retried from its last durable chunk
+        self._set_status(record, status)
 
     def add_run(self, run: PlannedRun) -> None:
         self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
         write_json_atomic(self.root / "plan.json", self.plan.model_dump(mode="json"))
-        self._register(run)
+        record = self._register(run)
         if self.parent_mlflow_id:
-            self.store.set_mlflow_run(run.run_id, self.tracker.child_run(self.parent_mlflow_id, run))
+            self._track(record)
+
+    def local_devices(self) -> list[str] | None:
+        """The devices of this machine's workers; None on a Ray cluster, whose workers check their own."""
+        return self.pool.local_devices()
+
+    # ------------------------------------------------------------ the loop
+
+    def run(self) -> None:
+        while self.step():
+            pass
+        self._finish_tracking()
+
+    def step(self) -> bool:
+        """One turn: control requests, new tasks, worker messages, dead workers. False once all is done."""
+        self._apply_requests()
+        self._dispatch()
+        if not any(worker.busy_with for worker in self.workers) and not self._awaiting_durability() and self._nothing_left():
+            return False
+        self._drain()
+        self._check_workers()
+        return True
+
+    def _awaiting_durability(self) -> bool:
+        return any(chunk.status is ChunkStatus.TRAINED for chunk in self.chunks.values())
+
+    def _nothing_left(self) -> bool:
+        return not any(record.unfinished for record in self.runs.values())
+
+    def _set_status(self, record: RunRecord, status: RunStatus, error: str | None = None) -> None:
+        check_transition(record.run_id, record.status, status)
+        record.status = status
+        self.store.set_state(record.run_id, status.value, error)
+
+    def _views(self) -> list[RunView]:
+        return [
+            RunView(r.run_id, r.position, r.trained_chunks, r.total_chunks, r.active, r.base_key, r.planned.group, r.home,
+                    durable=r.trained_chunks == r.durable_chunks, gang=r.gang)
+            for r in self.runs.values()
+        ]
 
     def _dispatch(self) -> None:
         busy = {worker.busy_with for worker in self.workers if worker.busy_with}
         workers = [
-            WorkerView(worker.worker_id, worker.units, worker.gang, bool(worker.busy_with) or not worker.process.is_alive(),
-                       frozenset(worker.resident_keys))
+            WorkerView(worker.worker_id, self.pool.units(worker), worker.gang,
+                       bool(worker.busy_with) or not worker.process.is_alive(), frozenset(worker.resident_keys))
             for worker in self.workers
         ]
         for worker_id, task in assign(self._views(), workers, busy):
-            worker = self.pool.worker(worker_id)
-            run = self._planned(task.run_id)
-            assert run is not None
-            row = self.store.run(task.run_id)
-            config = self.configs[task.run_id]
-            total = len(run.derived.chunk_steps or [])
-            every = config.experiment.eval_every_chunks
-            worker.tasks.put(
-                {"run": run.model_dump(mode="json"), "chunk": task.chunk,
-                 "resume_from": row.last_checkpoint or initial_checkpoint(config),
-                 "max_eval_samples": config.experiment.max_eval_samples,
-                 "evaluate": (task.chunk + 1) % every == 0 or task.chunk == total - 1}
-            )
+            worker, record = self.pool.worker(worker_id), self.runs[task.run_id]
+            every = record.config.experiment.eval_every_chunks
+            self.tickets += 1
+            worker.tasks.put(ChunkTask(
+                self.tickets, record.planned, task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
+                record.config.experiment.max_eval_samples,
+                evaluate=(task.chunk + 1) % every == 0 or task.chunk == record.total_chunks - 1,
+            ))
+            earlier = self.chunks.get((task.run_id, task.chunk))
+            attempts = earlier.attempts + 1 if earlier is not None and earlier.status is ChunkStatus.LOST else 1
+            self.chunks[(task.run_id, task.chunk)] = ChunkRecord(task.run_id, task.chunk, worker_id, self.tickets, attempts=attempts)
             worker.busy_with = task.run_id
-            worker.resident_keys.add(self.base_keys[task.run_id])
-            self.homes[task.run_id] = worker.worker_id
-            self.store.set_state(task.run_id, "running")
-            self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id)
+            worker.resident_keys.add(record.base_key)
+            record.home = worker.worker_id
+            self._set_status(record, RunStatus.RUNNING)
+            self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id,
+                             attempt=attempts)
             self.on_change()
 
     def _drain(self) -> None:
         try:
-            message = self.pool.results.get(timeout=POLL_SECONDS)
+            message = self.pool.results.get(timeout=self.poll_seconds) if self.poll_seconds else self.pool.results.get_nowait()
         except queue.Empty:
             return
         while True:
@@ -201,99 +237,128 @@ class Controller:
             except queue.Empty:
                 return
 
-    def _handle(self, message: dict[str, Any]) -> None:
-        kind = message["type"]
-        if kind == "metrics":
-            self.store.log_metrics(message["run_id"], message["step"], message["metrics"])
-            mlflow_id = self.store.run(message["run_id"]).mlflow_run_id
-            if mlflow_id:
-                self.tracker.log_metrics(mlflow_id, message["step"], message["metrics"])
-        elif kind == "chunk_done":
-            self._chunk_done(message)
-        elif kind == "chunk_durable":
-            self._chunk_durable(message)
-        elif kind in ("failed", "write_failed"):
-            self._run_failed(message)
-        elif kind == "rank_error":  # the gang ends; `_check_workers` retries or fails its run
-            self.rank_errors[message["worker"]] = f"rank {message['rank']}: {message['error']}"
-            self.store.event("rank_error", message["run_id"], worker=message["worker"], rank=message["rank"],
-                             error=message["error"], traceback=message.get("traceback"))
+    def _handle(self, message: WorkerMessage) -> None:
+        match message:
+            case MetricsLogged():
+                self._metrics(message)
+            case ChunkDone():
+                self._chunk_done(message)
+            case ChunkDurable():
+                self._chunk_durable(message)
+            case RunFailed():
+                self._release(message.worker)
+                self._fail(message.run_id, message.error, traceback=message.traceback)
+            case WriteFailed():
+                self._fail(message.run_id, message.error, chunk=message.chunk, stage="writing its checkpoint")
+            case RankError():  # the gang ends; `_check_workers` retries or fails its run
+                self.pool.worker(message.worker).rank_error = f"rank {message.rank}: {message.error}"
+                self.store.event("rank_error", message.run_id, worker=message.worker, rank=message.rank,
+                                 error=message.error, traceback=message.traceback)
+            case WorkerExit():
+                self.store.event("worker_exit", None, worker=message.worker, resident_runs=list(message.resident_runs))
+            case _:
+                raise TypeError(f"unknown worker message: {message!r}")
         self.on_change()
 
-    def _run_failed(self, message: dict[str, Any]) -> None:
-        run_id = message["run_id"]
-        if message["type"] == "failed":
-            self._release(message["worker"])
-        self.done_chunks = {key: value for key, value in self.done_chunks.items() if key[0] != run_id}
-        self.store.set_state(run_id, "failed", message["error"])
-        self.store.event("run_failed", run_id, error=message["error"], traceback=message.get("traceback"))
-        self._end_mlflow(run_id, "FAILED")
+    def _metrics(self, message: MetricsLogged) -> None:
+        self.store.log_metrics(message.run_id, message.step, message.metrics)
+        record = self.runs.get(message.run_id)
+        if record is not None and record.mlflow_run_id:
+            self.tracker.log_metrics(record.mlflow_run_id, message.step, message.metrics)
 
-    def _chunk_done(self, message: dict[str, Any]) -> None:
-        run_id, chunk = message["run_id"], message["chunk"]
-        self._release(message["worker"])
-        self.trained[run_id] = max(self.trained.get(run_id, 0), chunk + 1)
-        self.store.event("chunk_done", run_id, chunk=chunk, step=message["global_step"], metrics=message["metrics"],
-                         seconds=message["seconds"], step_seconds=message["step_seconds"], eval_seconds=message["eval_seconds"])
-        self._grow_slots(message)
-        self.done_chunks[(run_id, chunk)] = message
-        row = self.store.run(run_id)
-        if row.state == "running":
-            self.store.set_state(run_id, "pending")
-        run = self._planned(run_id)
-        policy = self.sha.get(run.group) if run else None
-        if policy is not None and row.state in ("pending", "running") and chunk + 1 < row.total_chunks:
-            decision, detail = policy.on_result(run_id, chunk + 1, message["metrics"])
-            if detail:
-                self.store.event(f"sha_{decision}", run_id, **detail)
-            if decision == "stop":
-                self.store.set_state(run_id, "stopped")
-                self._end_mlflow(run_id, "KILLED")
-        if (early := self.durable_first.pop((run_id, chunk), None)) is not None:
-            self._chunk_durable(early)
-
-    def _chunk_durable(self, message: dict[str, Any]) -> None:
-        """Record a chunk whose checkpoint is on disk (its `chunk_done` may still be on its way)."""
-        run_id, chunk = message["run_id"], message["chunk"]
-        done = self.done_chunks.pop((run_id, chunk), None)
-        if done is None:
-            self.durable_first[(run_id, chunk)] = message
+    def _fail(self, run_id: str, error: str, **detail: object) -> None:
+        record = self.runs[run_id]
+        self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] != run_id}
+        if record.status in (RunStatus.FAILED, RunStatus.DELETED):
             return
-        previous = self.store.run(run_id).last_checkpoint
-        self.store.record_chunk(run_id, chunk, done["global_step"], message["checkpoint"], done["metrics"], done["seconds"],
-                                done["step_seconds"], done["eval_seconds"])
-        if previous and previous != message["checkpoint"]:
+        if record.status is RunStatus.COMPLETED:
+            raise AssertionError(f"run {run_id} failed after it completed: {error}")
+        self._set_status(record, RunStatus.FAILED, error)
+        self.store.event("run_failed", run_id, error=error, **detail)
+        self._end_mlflow(record, "FAILED")
+
+    def _chunk_done(self, message: ChunkDone) -> None:
+        worker = self._release(message.worker)
+        worker.resident_keys = set(message.loaded_bases)
+        for other in self.runs.values():  # what the worker evicted is held by its durable checkpoint only
+            if other.home == worker.worker_id and other.run_id not in message.resident_runs:
+                other.home = None
+        record, chunk = self.runs[message.run_id], self.chunks.get((message.run_id, message.chunk))
+        if chunk is None or chunk.ticket != message.ticket:  # the run failed meanwhile (an earlier chunk's write)
+            return
+        record.trained_chunks = max(record.trained_chunks, message.chunk + 1)
+        self.store.event("chunk_done", message.run_id, chunk=message.chunk, step=message.global_step, metrics=message.metrics,
+                         seconds=message.seconds, step_seconds=message.step_seconds, eval_seconds=message.eval_seconds)
+        self._grow_slots(worker, message)
+        if record.status is RunStatus.RUNNING:
+            self._set_status(record, RunStatus.PENDING)
+        written, chunk.done = chunk.status is ChunkStatus.WRITTEN, message
+        chunk.status = ChunkStatus.TRAINED
+        self._decide(record, message)
+        if written:
+            assert chunk.durable is not None
+            self._record_durable(record, chunk, chunk.durable)
+
+    def _decide(self, record: RunRecord, message: ChunkDone) -> None:
+        """Successive halving's verdict on the run, at each of its rungs."""
+        policy = self.sha.get(record.planned.group)
+        if policy is None or not record.active or message.chunk + 1 >= record.total_chunks:
+            return
+        decision, detail = policy.on_result(record.run_id, message.chunk + 1, message.metrics)
+        if detail:
+            self.store.event(f"sha_{decision}", record.run_id, **detail)
+        if decision == "stop":
+            self._set_status(record, RunStatus.STOPPED)
+            self._end_mlflow(record, "KILLED")
+
+    def _chunk_durable(self, message: ChunkDurable) -> None:
+        """A chunk's checkpoint is on disk; its `ChunkDone` may still be on its way. A message of an attempt
+        that was lost with its worker (no record, a lost one, or one dispatched since) is dropped."""
+        chunk = self.chunks.get((message.run_id, message.chunk))
+        if chunk is None or chunk.status is ChunkStatus.LOST or chunk.ticket != message.ticket:
+            return
+        if chunk.status is ChunkStatus.TRAINING:
+            chunk.status, chunk.durable = ChunkStatus.WRITTEN, message
+            return
+        self._record_durable(self.runs[message.run_id], chunk, message)
+
+    def _record_durable(self, record: RunRecord, chunk: ChunkRecord, durable: ChunkDurable) -> None:
+        done = chunk.done
+        assert done is not None
+        del self.chunks[(chunk.run_id, chunk.chunk)]
+        self.store.record_chunk(record.run_id, chunk.chunk, done.global_step, durable.checkpoint, done.metrics, done.seconds,
+                                done.step_seconds, done.eval_seconds, done.started_at, done.finished_at)
+        previous, record.last_checkpoint = record.last_checkpoint, durable.checkpoint
+        record.durable_chunks += 1
+        if previous and previous != durable.checkpoint:
             shutil.rmtree(previous, ignore_errors=True)
-        self.store.event("chunk_durable", run_id, chunk=chunk, bytes=_directory_bytes(Path(message["checkpoint"])))
-        row = self.store.run(run_id)
-        if row.chunks_done >= row.total_chunks:
-            self.store.set_state(run_id, "completed")
-            self.store.event("run_completed", run_id, final_checkpoint=message.get("final_checkpoint"))
-            self._end_mlflow(run_id, "FINISHED", message.get("final_checkpoint"))
+        self.store.event("chunk_durable", record.run_id, chunk=chunk.chunk, bytes=_directory_bytes(Path(durable.checkpoint)))
+        if record.durable_chunks >= record.total_chunks and record.status is RunStatus.PENDING:
+            self._set_status(record, RunStatus.COMPLETED)
+            self.store.event("run_completed", record.run_id, final_checkpoint=durable.final_checkpoint)
+            self._end_mlflow(record, "FINISHED", durable.final_checkpoint)
 
-    def _grow_slots(self, message: dict[str, Any]) -> None:
+    def _grow_slots(self, worker: WorkerHandle, message: ChunkDone) -> None:
         """`runs_per_device: auto`: after the first chunk on a GPU, add slots for what its memory allows."""
-        worker = self.pool.worker(message["worker"])
-        if not message.get("total_memory") or worker.gang:
+        if not message.total_memory or worker.gang:
             return
-        runnable = sum(view.runnable and view.chunks_done < view.total_chunks for view in self._views())
-        slots = slots_for(message["total_memory"], message["peak_memory"], runnable)
+        runnable = sum(record.unfinished for record in self.runs.values())
+        slots = slots_for(message.total_memory, message.peak_memory, runnable)
         for added in self.pool.grow(worker.device, slots):
-            self.store.event("slot_added", None, device=added.device, worker=added.worker_id, footprint=message["peak_memory"])
+            self.store.event("slot_added", None, device=added.device, worker=added.worker_id, footprint=message.peak_memory)
 
-    def _release(self, worker_id: str) -> None:
-        for worker in self.workers:
-            if worker.worker_id == worker_id:
-                worker.busy_with = None
+    def _release(self, worker_id: str) -> WorkerHandle:
+        worker = self.pool.worker(worker_id)
+        worker.busy_with = None
+        return worker
 
-    def _end_mlflow(self, run_id: str, status: str, final_checkpoint: str | None = None) -> None:
-        row = self.store.run(run_id)
-        if row.mlflow_run_id:
-            if final_checkpoint and run_id in self.configs:
-                tracking = self.configs[run_id].tracking
-                if tracking is not None and tracking.log_artifacts:
-                    self.tracker.log_artifacts(row.mlflow_run_id, final_checkpoint)
-            self.tracker.finish(row.mlflow_run_id, status)
+    def _end_mlflow(self, record: RunRecord, status: str, final_checkpoint: str | None = None) -> None:
+        if not record.mlflow_run_id:
+            return
+        tracking = record.config.tracking
+        if final_checkpoint and tracking is not None and tracking.log_artifacts:
+            self.tracker.log_artifacts(record.mlflow_run_id, final_checkpoint)
+        self.tracker.finish(record.mlflow_run_id, status)
 
     def _check_workers(self) -> None:
         """A dead worker (killed, out of memory, its node lost; for a gang, any of its ranks): the chunk
@@ -302,40 +367,37 @@ class Controller:
         for index, worker in enumerate(self.workers):
             if worker.process.is_alive():
                 continue
-            rank_error = self.rank_errors.pop(worker.worker_id, None)
             if worker.gang:
-                error = f"the gang on {worker.device} stopped ({worker.process.describe()})" + (f": {rank_error}" if rank_error else "")
+                error = f"the gang on {worker.device} stopped ({worker.process.describe()})"
+                error += f": {worker.rank_error}" if worker.rank_error else ""
             else:
                 error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
             if worker.busy_with:
-                self._chunk_lost(worker.busy_with, error)
-            for run_id in [run for run, home in self.homes.items() if home == worker.worker_id]:
-                self._forget_progress(run_id)
+                self._chunk_lost(self.runs[worker.busy_with], error)
+            for record in self.runs.values():
+                if record.home == worker.worker_id:
+                    self._forget_progress(record)
             self.workers[index] = self.pool.respawn(worker)
 
-    def _chunk_lost(self, run_id: str, error: str) -> None:
-        chunk = (run_id, self.trained.get(run_id, 0))  # the chunk it was training: the first not yet trained
-        self.lost_chunks[chunk] = self.lost_chunks.get(chunk, 0) + 1
-        if self.lost_chunks[chunk] <= MAX_LOST_CHUNKS:
-            self.store.set_state(run_id, "pending")
-            self.store.event("chunk_lost", run_id, chunk=chunk[1], error=error, retry=self.lost_chunks[chunk])
+    def _chunk_lost(self, record: RunRecord, error: str) -> None:
+        chunk = self.chunks.get((record.run_id, record.trained_chunks))  # the one it was training: the first not trained
+        if chunk is None:  # its run failed meanwhile
             return
-        self.store.set_state(run_id, "failed", error)
-        self.store.event("run_failed", run_id, error=error)
-        self._end_mlflow(run_id, "FAILED")
+        chunk.status = ChunkStatus.LOST
+        if chunk.attempts <= MAX_LOST_CHUNKS:
+            self._set_status(record, RunStatus.PENDING)
+            self.store.event("chunk_lost", record.run_id, chunk=chunk.chunk, error=error, retry=chunk.attempts)
+        else:
+            self._fail(record.run_id, error)
 
-    def _forget_progress(self, run_id: str) -> None:
-        self.homes.pop(run_id, None)
-        self.done_chunks = {key: value for key, value in self.done_chunks.items() if key[0] != run_id}
-        # A write that finished before its chunk_done could be sent belongs to the lost attempt.
-        self.durable_first = {key: value for key, value in self.durable_first.items() if key[0] != run_id}
-        row = self.store.run(run_id)
-        self.trained[run_id] = row.chunks_done
-        self.store.forget_metrics_after(run_id, self._durable_step(run_id, row.chunks_done))
-
-    def _durable_step(self, run_id: str, chunks: int) -> int:
-        run = self._planned(run_id)
-        return sum((run.derived.chunk_steps or [])[:chunks]) if run else 0
+    def _forget_progress(self, record: RunRecord) -> None:
+        """The run goes on from its last durable chunk: what it trained since is gone (a lost chunk stays
+        counted)."""
+        record.home = None
+        self.chunks = {key: chunk for key, chunk in self.chunks.items()
+                       if key[0] != record.run_id or chunk.status is ChunkStatus.LOST}
+        record.trained_chunks = record.durable_chunks
+        self.store.forget_metrics_after(record.run_id, record.steps_through(record.durable_chunks))
 
     def _finish_tracking(self) -> None:
         if self.parent_mlflow_id:

@@ -9,12 +9,13 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.live import Live
 
+from finetune.config.scheduling import ExperimentConfig
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller, Tracker
 from finetune.schedule.display import runs_table
 from finetune.schedule.gang import gang_kind
-from finetune.schedule.pool import MemorySettings, WorkerPool, resolve_devices
+from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
 from finetune.schedule.preparation import ExperimentError, experiment_dir, initial_checkpoint, load_or_create_plan
 from finetune.schedule.store import StateStore
 
@@ -64,11 +65,11 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
     return configs
 
 
-def start_pool(settings: Any, root: Path, kinds: set[str]) -> WorkerPool | Any:
+def start_pool(settings: ExperimentConfig, root: Path, kinds: set[str]) -> SlotPool:
     """Worker processes on this machine, or Ray actors (`experiment.backend: ray`); `kinds`: the kinds
     of workers the plan's runs need ("" one device, "ddp:2" a gang), started now so that their
     imports overlap the data preparation."""
-    memory = MemorySettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb)
+    memory = WorkerSettings(settings.gpu_state_budget_gb, settings.cpu_state_budget_gb, settings.threads_per_worker)
     if settings.backend == "ray":
         from finetune.schedule.ray_pool import RayWorkerPool
 
@@ -82,9 +83,8 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
 
     quiet_libraries()
     root = resume_dir or experiment_dir(plan)
-    first = CONFIG_ADAPTER.validate_python(plan.runs[0].config)
     started = time.perf_counter()
-    settings = first.experiment
+    settings = plan.settings
     local = settings.backend == "local"
     configs = check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
     root.mkdir(parents=True, exist_ok=True)

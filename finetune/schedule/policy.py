@@ -11,6 +11,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 Decision = Literal["continue", "stop"]
+MAX_AUTO_SLOTS = 8  # `runs_per_device: auto` never starts more workers on one GPU
 
 
 @dataclass(frozen=True)
@@ -37,8 +38,12 @@ class Task:
 
 @dataclass(frozen=True)
 class WorkerView:
-    """What the policy knows of a worker: the device units it holds while it trains, and the kind of
-    run it trains ("" for one device; "ddp:2" for a gang of two processes training one run with DDP)."""
+    """What the policy knows of a worker: the slots it holds while it trains, and the kind of run it
+    trains ("" for one device; "ddp:2" for a gang of two processes training one run with DDP).
+
+    A device with k slots (`experiment.runs_per_device`) is k units, named `slot_unit(device, i)`: a
+    one-device worker holds its own slot, so k of them train k runs on the device at once; a gang
+    holds every slot of each of its devices, so it trains only when they are all free."""
 
     worker_id: str
     units: tuple[str, ...]
@@ -47,13 +52,18 @@ class WorkerView:
     resident_keys: frozenset[str] = frozenset()
 
 
+def slot_unit(device: str, slot: int) -> str:
+    """The policy's unit: slot `slot` of `device`."""
+    return f"{device}#{slot}"
+
+
 def assign(runs: list[RunView], workers: list[WorkerView], busy_runs: set[str]) -> list[tuple[str, Task]]:
-    """Tasks for free workers, as (worker_id, task): gang scheduling over device units.
+    """Tasks for free workers, as (worker_id, task): gang scheduling over slots.
 
     Runs are taken fairest first (fewest chunks done; among equals one a free worker holds in memory,
     then one whose base model a free worker has loaded, then plan order). A run goes to a free worker of
-    its kind whose units no busy worker holds; among those, the worker that holds the run in memory,
-    then one with its base model loaded. A gang run that cannot start reserves the units of the gang
+    its kind whose slots no busy worker holds; among those, the worker that holds the run in memory,
+    then one with its base model loaded. A gang run that cannot start reserves the slots of the gang
     worker nearest to free, so that runs behind it in the order do not take them as they free up:
     a run on many devices waits for at most one turn of the runs ahead of it, never for ever.
     """
@@ -81,7 +91,7 @@ def assign(runs: list[RunView], workers: list[WorkerView], busy_runs: set[str]) 
     return assignments
 
 
-def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: float = 0.9, most: int = 8) -> int:
+def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: float = 0.9, most: int = MAX_AUTO_SLOTS) -> int:
     """How many runs one GPU trains at once (`runs_per_device: auto`): as many as fit by the
     footprint measured on the first chunk, at most one per runnable run and `most`."""
     if total_bytes <= 0 or footprint_bytes <= 0:

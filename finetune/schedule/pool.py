@@ -1,20 +1,24 @@
-"""Worker processes: one per device slot, `experiment.runs_per_device` slots on each GPU.
+"""Worker processes: one per device slot, `experiment.runs_per_device` slots on each device.
 
 Several workers on one GPU train several runs at once: a LoRA step of a small model leaves most
 of an H100 idle, and separate processes fill it without sharing a Python interpreter. With
 `runs_per_device: auto` each GPU starts with one slot and grows to what the memory footprint
-of the first chunk allows (`policy.slots_for`). Runs on several devices train on gangs
+of the first chunk allows (`policy.slots_for`); on the CPU `auto` is one slot, and an explicit k
+starts k workers that split the cores between them. Runs on several devices train on gangs
 (`schedule.gang`), started on first need.
 """
 
 from __future__ import annotations
 
 import multiprocessing
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable
 
 from finetune.schedule.gang import GangProcess, GangQueue, free_port, gang_layouts, parse_kind, units_of
+from finetune.schedule.messages import WorkerResources
+from finetune.schedule.policy import slot_unit
 
 
 def resolve_devices(setting: Any) -> list[str]:
@@ -28,10 +32,13 @@ def resolve_devices(setting: Any) -> list[str]:
     return [f"cuda:{index}" for index in setting]
 
 
-def initial_slots(setting: int | str, device: str) -> int:
-    if device == "cpu" or setting == "auto":
-        return 1
-    return int(setting)
+def initial_slots(setting: int | str) -> int:
+    """Workers a device starts with: `runs_per_device`, or one for `auto` (which grows on GPUs)."""
+    return 1 if setting == "auto" else int(setting)
+
+
+def host_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclass
@@ -40,27 +47,27 @@ class WorkerHandle:
     device: str  # a gang's: its devices joined by "+"
     process: Any
     tasks: Any
+    slot: int = 0  # a one-device worker's slot on its device
     busy_with: str | None = None
-    resident_keys: set[str] = field(default_factory=set)
+    resident_keys: set[str] = field(default_factory=set)  # base models it has loaded, as it last reported
     gang: str = ""  # the kind of gang ("ddp:2"), "" for a one-device worker
     layout: tuple[str, ...] = ()  # a gang's device per rank
-
-    @property
-    def units(self) -> tuple[str, ...]:
-        """The devices it holds while it trains."""
-        return units_of(self.layout) if self.gang else (self.device,)
+    rank_error: str | None = None  # why a rank of the gang stopped, as it reported
 
 
 @dataclass
-class MemorySettings:
-    """The configured state budgets (None: the defaults) and how many workers share the machine."""
+class WorkerSettings:
+    """The experiment's settings for its workers: state budgets (None: the defaults), torch threads
+    per worker (None: the machine's cores shared evenly), and how many worker processes share the
+    machine."""
 
     gpu_gb: float | None = None
     cpu_gb: float | None = None
+    threads: int | None = None
     workers_on_host: int = 1
 
-    def for_worker(self, gpu_share: int) -> dict[str, Any]:
-        return {"gpu_gb": self.gpu_gb, "cpu_gb": self.cpu_gb, "gpu_share": gpu_share, "host_share": self.workers_on_host}
+    def for_worker(self, gpu_share: int, host_share: int | None = None) -> WorkerResources:
+        return WorkerResources(self.gpu_gb, self.cpu_gb, gpu_share, max(1, host_share or self.workers_on_host), self.threads)
 
 
 class SlotPool:
@@ -69,31 +76,45 @@ class SlotPool:
     slots_setting: int | str
     workers: list[WorkerHandle]
     grown: set[str]
+    memory: WorkerSettings
 
-    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
+    def spawn(self, device: str, slot: int, replacing: str | None = None) -> WorkerHandle:
         raise NotImplementedError
 
     def stop(self) -> None:
         raise NotImplementedError
 
+    def local_devices(self) -> list[str] | None:
+        """The devices of this machine that the workers use; None where workers run elsewhere (Ray)."""
+        return None
+
     def slots_on(self, device: str) -> int:
         return sum(worker.device == device for worker in self.workers)
+
+    def units(self, worker: WorkerHandle) -> tuple[str, ...]:
+        """The slots `worker` holds while it trains: its own, or for a gang every slot of its devices."""
+        if not worker.gang:
+            return (slot_unit(worker.device, worker.slot),)
+        return tuple(slot_unit(device, slot) for device in units_of(worker.layout) for slot in range(max(1, self.slots_on(device))))
 
     def grow(self, device: str, slots: int) -> list[WorkerHandle]:
         """Add workers on `device` up to `slots` (once per device, for `runs_per_device: auto`)."""
         if self.slots_setting != "auto" or device in self.grown or device == "cpu":
             return []
         self.grown.add(device)
-        added = [self.spawn(device) for _ in range(slots - self.slots_on(device))]
-        self.workers.extend(added)
+        added: list[WorkerHandle] = []
+        self.memory.workers_on_host += max(0, slots - self.slots_on(device))
+        for _ in range(slots - self.slots_on(device)):
+            added.append(self.spawn(device, self.slots_on(device)))
+            self.workers.append(added[-1])  # counted by slots_on: the next one gets the next slot
         return added
 
     def worker(self, worker_id: str) -> WorkerHandle:
         return next(worker for worker in self.workers if worker.worker_id == worker_id)
 
     def respawn(self, worker: WorkerHandle) -> WorkerHandle:
-        """A new worker in a dead one's place, with its name."""
-        return self.spawn(worker.device, replacing=worker.worker_id)
+        """A new worker in a dead one's place, with its name and slot."""
+        return self.spawn(worker.device, worker.slot, replacing=worker.worker_id)
 
     def ensure_workers(self, kind: str) -> list[WorkerHandle]:
         """Workers for runs of `kind` ("" one device, "ddp:2" a gang), started on first need; the new ones.
@@ -106,27 +127,34 @@ class SlotPool:
 class WorkerPool(SlotPool):
     """Worker processes, started early so that their imports overlap the controller's set-up."""
 
-    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: MemorySettings | None = None,
+    def __init__(self, devices: list[str], slots: int | str, root: Path, memory: WorkerSettings | None = None,
                  kinds: Iterable[str] = ("",)) -> None:
         self.root = root
         self.slots_setting = slots
-        self.memory = memory or MemorySettings()
+        self.memory = memory or WorkerSettings()
         self.context = multiprocessing.get_context("spawn")
         self.results = self.context.Queue()
         self.devices = devices
         self.workers = []
         self.grown = set()
-        self.memory.workers_on_host = sum(initial_slots(slots, device) for device in devices)
-        for kind in dict.fromkeys(kinds):
+        kinds = list(dict.fromkeys(kinds))
+        self.memory.workers_on_host = sum(
+            len(devices) * initial_slots(slots) if not kind else parse_kind(kind)[1] * len(gang_layouts(devices, parse_kind(kind)[1]))
+            for kind in kinds
+        )
+        for kind in kinds:
             self.ensure_workers(kind)
 
-    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
-        worker_id = replacing or f"{device}/{self.slots_on(device)}"
+    def local_devices(self) -> list[str] | None:
+        return self.devices
+
+    def spawn(self, device: str, slot: int, replacing: str | None = None) -> WorkerHandle:
+        worker_id = replacing or f"{device}/{slot}"
         memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
         tasks = self.context.Queue()
-        return WorkerHandle(worker_id, device, self._start(worker_id, device, memory, tasks), tasks)
+        return WorkerHandle(worker_id, device, self._start(worker_id, device, memory, tasks), tasks, slot=slot)
 
-    def _start(self, worker_id: str, device: str, memory: dict[str, Any], tasks: Any, gang: dict[str, Any] | None = None) -> Any:
+    def _start(self, worker_id: str, device: str, memory: WorkerResources, tasks: Any, gang: dict[str, Any] | None = None) -> Any:
         from finetune.schedule.worker import worker_main
 
         process = self.context.Process(
@@ -147,10 +175,9 @@ class WorkerPool(SlotPool):
             return added
         added = []
         for device in self.devices:
-            for _ in range(initial_slots(self.slots_setting, device)):
-                worker = self.spawn(device)
-                self.workers.append(worker)  # counted by slots_on: the next one on the device gets the next name
-                added.append(worker)
+            for slot in range(initial_slots(self.slots_setting)):
+                added.append(self.spawn(device, slot))
+                self.workers.append(added[-1])
         return added
 
     def spawn_gang(self, kind: str, layout: tuple[str, ...], replacing: str | None = None) -> WorkerHandle:

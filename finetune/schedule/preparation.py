@@ -25,7 +25,7 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
     """Prepare (and cache) each data setting once, then derive steps and chunks from the real sizes."""
     from finetune.data.pipeline import prepare_data, prepare_tokenizer
     from finetune.plan.derive import derive
-    from finetune.train.workbench import base_key
+    from finetune.train.bases import base_key
     from finetune.train.model import load_tokenizer
 
     tokenizers: dict[str, Any] = {}

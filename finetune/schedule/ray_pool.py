@@ -1,7 +1,10 @@
 """Workers as Ray actors: the same worker loop and messages as the local processes, on a cluster.
 
-One actor per device slot: GPUs are Ray resources (`runs_per_device` slots on a GPU each ask for
-1/runs_per_device of it), and Ray sets each actor's visible GPU, so inside the actor it is cuda:0.
+One actor per device slot: GPUs are Ray resources (`runs_per_device: k` slots on a GPU each ask for
+1/k of it; with `auto` each asks 1/MAX_AUTO_SLOTS, so the slots added after the first chunk fit
+beside the first), and Ray sets each actor's visible GPU, so inside the actor it is cuda:0. Ray
+fills one GPU with fractional actors before it uses the next: on nodes of several GPUs give
+`runs_per_device` as a number, which spreads the actors evenly.
 Tasks and results travel through Ray queues instead of multiprocessing queues; the controller,
 the policy and the state store do not change. The experiment directory must be on storage that
 every node sees at the same path (NFS, a shared PersistentVolume).
@@ -13,7 +16,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.schedule.pool import MemorySettings, SlotPool, WorkerHandle, initial_slots
+from finetune.schedule.messages import WorkerResources
+from finetune.schedule.policy import MAX_AUTO_SLOTS
+from finetune.schedule.pool import SlotPool, WorkerHandle, WorkerSettings, initial_slots
 
 LOCAL_OBJECT_STORE_BYTES = 256 * 1024 * 1024  # a local runtime carries small messages only
 
@@ -52,12 +57,20 @@ def _worker_actor_class() -> Any:
 
     @ray.remote
     class WorkerActor:
-        def serve(self, worker_id: str, device: str, root: str, budgets: dict[str, int], tasks: Any, results: Any) -> None:
+        def serve(self, worker_id: str, device: str, root: str, resources: WorkerResources, tasks: Any, results: Any) -> None:
             from finetune.schedule.worker import worker_main
 
-            worker_main(worker_id, device, root, budgets, tasks, results)
+            worker_main(worker_id, device, root, resources, tasks, results)
 
     return WorkerActor
+
+
+def actor_resources(device: str, slots_setting: int | str) -> dict[str, float]:
+    """What one slot's actor asks of Ray: a CPU, and its share of a GPU."""
+    if device == "cpu":
+        return {"num_cpus": 1, "num_gpus": 0}
+    share = MAX_AUTO_SLOTS if slots_setting == "auto" else int(slots_setting)
+    return {"num_cpus": 1, "num_gpus": 1 / share}
 
 
 def cluster_devices(setting: Any) -> list[str]:
@@ -74,7 +87,7 @@ def cluster_devices(setting: Any) -> list[str]:
 class RayWorkerPool(SlotPool):
     """Workers as Ray actors, one per device slot."""
 
-    def __init__(self, device_setting: Any, slots: int | str, root: Path, address: str | None, memory: MemorySettings | None = None) -> None:
+    def __init__(self, device_setting: Any, slots: int | str, root: Path, address: str | None, memory: WorkerSettings | None = None) -> None:
         import ray
         from ray.util.queue import Queue
 
@@ -83,29 +96,28 @@ class RayWorkerPool(SlotPool):
                 ray.init(address=address, log_to_driver=False)
             else:
                 ray.init(include_dashboard=False, log_to_driver=False, object_store_memory=LOCAL_OBJECT_STORE_BYTES)
-        self.root, self.slots_setting, self.memory = root, slots, memory or MemorySettings()
+        self.root, self.slots_setting, self.memory = root, slots, memory or WorkerSettings()
         self.owns_runtime = not address
         self.actor_class = _worker_actor_class()
         self.results = Queue()
         self.devices = cluster_devices(device_setting)
-        self.memory.workers_on_host = 1
         self.grown: set[str] = set()
         self.workers: list[WorkerHandle] = []
         for device in self.devices:
-            for _ in range(initial_slots(slots, "cpu" if device == "cpu" else "cuda")):
-                self.workers.append(self.spawn(device))
+            for slot in range(initial_slots(slots)):
+                self.workers.append(self.spawn(device, slot))
 
-    def spawn(self, device: str, replacing: str | None = None) -> WorkerHandle:
+    def spawn(self, device: str, slot: int, replacing: str | None = None) -> WorkerHandle:
         from ray.util.queue import Queue
 
-        worker_id = replacing or f"ray-{device}/{self.slots_on(device)}"
-        slots = 1 if self.slots_setting == "auto" else int(self.slots_setting)
-        actor = self.actor_class.options(num_cpus=1, num_gpus=0 if device == "cpu" else 1 / slots).remote()
+        worker_id = replacing or f"ray-{device}/{slot}"
+        actor = self.actor_class.options(**actor_resources(device, self.slots_setting)).remote()
         tasks = Queue()
         inner_device = "cpu" if device == "cpu" else "cuda:0"  # Ray makes the actor's GPU its only visible one
-        memory = {**self.memory.for_worker(slots), "host_share": slots}
-        serving = actor.serve.remote(worker_id, inner_device, str(self.root), memory, tasks, self.results)
-        return WorkerHandle(worker_id, device, ActorProcess(actor, serving), tasks)
+        sharing = initial_slots(self.slots_setting)  # the workers on a node: as many as its devices' slots
+        resources = self.memory.for_worker(sharing, host_share=sharing)
+        serving = actor.serve.remote(worker_id, inner_device, str(self.root), resources, tasks, self.results)
+        return WorkerHandle(worker_id, device, ActorProcess(actor, serving), tasks, slot=slot)
 
     def stop(self) -> None:
         import ray

@@ -25,6 +25,7 @@ CREATE TABLE IF NOT EXISTS chunks (
     run_id TEXT NOT NULL, chunk INTEGER NOT NULL, global_step INTEGER NOT NULL,
     checkpoint TEXT NOT NULL, metrics TEXT NOT NULL, seconds REAL NOT NULL, step_seconds REAL NOT NULL,
     finished_at REAL NOT NULL, eval_seconds REAL NOT NULL DEFAULT 0,
+    started_at REAL, trained_at REAL,
     PRIMARY KEY (run_id, chunk)
 );
 CREATE TABLE IF NOT EXISTS metrics (
@@ -40,6 +41,7 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+LATER_CHUNK_COLUMNS = {"eval_seconds": "REAL NOT NULL DEFAULT 0", "started_at": "REAL", "trained_at": "REAL"}
 ACTIVE_STATES = ("pending", "running")
 RUN_STATES = ("pending", "running", "stopped", "completed", "failed", "deleted")
 
@@ -68,8 +70,9 @@ class StateStore:
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
-        if "eval_seconds" not in columns:  # a state store written before evaluation was timed apart
-            self._db.execute("ALTER TABLE chunks ADD COLUMN eval_seconds REAL NOT NULL DEFAULT 0")
+        for column, kind in LATER_CHUNK_COLUMNS.items():  # a state store written by an earlier version
+            if column not in columns:
+                self._db.execute(f"ALTER TABLE chunks ADD COLUMN {column} {kind}")
 
     def close(self) -> None:
         self._db.close()
@@ -121,22 +124,26 @@ class StateStore:
 
     def record_chunk(
         self, run_id: str, chunk: int, global_step: int, checkpoint: str, metrics: dict[str, float], seconds: float,
-        step_seconds: float, eval_seconds: float = 0.0,
+        step_seconds: float, eval_seconds: float = 0.0, started_at: float | None = None, trained_at: float | None = None,
     ) -> None:
         """Make a chunk durable; its checkpoint must already be complete on disk.
 
         `seconds` is the chunk's wall time on its worker, `step_seconds` the part spent in optimizer
-        steps and `eval_seconds` in evaluation; the rest is switching and bookkeeping.
+        steps and `eval_seconds` in evaluation; the rest is switching and bookkeeping. `started_at` and
+        `trained_at` (wall clock) bound the interval in which its worker trained it: the intervals of
+        runs on several slots of one device overlap.
         """
         with self.transaction() as db:
             db.execute(
-                "INSERT INTO chunks (run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at, eval_seconds) "
-                "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time(), eval_seconds),
+                "INSERT INTO chunks (run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at, "
+                "eval_seconds, started_at, trained_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time(), eval_seconds,
+                 started_at, trained_at),
             )
 
     def chunk_rows(self, run_id: str | None = None) -> list[dict[str, Any]]:
-        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "step_seconds", "finished_at", "eval_seconds")
+        keys = ("run_id", "chunk", "global_step", "checkpoint", "metrics", "seconds", "step_seconds", "finished_at", "eval_seconds",
+                "started_at", "trained_at")
         query = f"SELECT {', '.join(keys)} FROM chunks"
         rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
         return [dict(zip(keys, row)) | {"metrics": json.loads(row[4])} for row in rows]

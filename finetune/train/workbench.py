@@ -1,28 +1,32 @@
-"""A worker's bench: loaded base models, the runs resident on them, and the chunk step.
+"""A worker's bench: the chunk step, over three pieces chosen once per worker.
 
 `Workbench.train_chunk` is what a worker does for a (run, chunk) task: find the run's session
 (building it on the run's first chunk, or restoring it from its durable checkpoint after a crash
 or a move), train to the chunk boundary, evaluate, take a CPU snapshot and hand it to the
 background writer, which makes the chunk durable while the device trains the next one.
+
+The pieces: the model cache (`bases.BaseCache`), the session cache (`session_cache.SessionCache`)
+and how runs share them (`sharing`: a shared base on one device, or a gang rank's own model).
 """
 
 from __future__ import annotations
 
 import copy
-import hashlib
-import json
 import time
-from collections import OrderedDict
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from finetune.plan.model import PlannedRun
+from finetune.train.bases import BaseCache, LoadedBase
 from finetune.train.checkpoint import DurableWriter, WriteJob, is_run_state, read_run_state, write_run_state
-from finetune.train.residency import Budgets, Resident, plan_placement
+from finetune.train.residency import Budgets
 from finetune.train.session import MetricsSink, RunSession, RunState
+from finetune.train.session_cache import SessionCache
+from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStrategy
 
-MAX_RESIDENT_BASES = 2
+DurableListener = Callable[[str, int, str, "str | None"], None]  # (run_id, chunk, checkpoint, final checkpoint)
+WriteFailureListener = Callable[[str, int, str], None]  # (run_id, chunk, error)
 
 
 @dataclass
@@ -36,37 +40,10 @@ class ChunkOutcome:
     step_seconds: float
     eval_seconds: float
     seconds: float
+    started_at: float  # wall clock
+    finished_at: float
     peak_memory: int = 0
     total_memory: int = 0
-
-
-@dataclass
-class LoadedBase:
-    """A (tokenizer, base model) pair and what the runs that share it share: data, the PeftModel."""
-
-    key: str
-    tokenizer: Any
-    model: Any
-    new_token_ids: list[int]
-    input_pad_id: int
-    shared: Any = None  # the PeftModel holding every resident run's adapter
-    data: dict[str, Any] = field(default_factory=dict)
-    data_keys: dict[str, str] = field(default_factory=dict)
-    saved_as: Path | None = None
-
-
-def base_key(config: Any) -> str:
-    """Runs with the same key share a loaded base model (and tokenizer) on a worker."""
-    from finetune.train.adapter import adapter_family
-
-    run_conf, args = config.run_conf, config.training_args
-    shaping = [
-        run_conf.model, run_conf.tokenizer, run_conf.use_fast_tokenizer, run_conf.model_args.model_dump_json(),
-        config.quant_conf.model_dump_json(), config.data_conf.chat_template_name,
-        config.data_conf.missing_pad_token_strategy, config.data_conf.padding_side, adapter_family(config.peft_conf),
-        bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)), bool(getattr(args, "gradient_checkpointing", False)),
-    ]
-    return json.dumps(shaping, default=str)
 
 
 def chunk_boundary(run: PlannedRun, chunk: int) -> int:
@@ -82,26 +59,31 @@ def eval_subset(dataset: Any, limit: int | None) -> Any:
 
 
 class Workbench:
-    """What a worker holds. In a gang (one rank of the k processes training one run) each run owns
-    its model, one run is resident at a time, and rank 0 writes the checkpoints."""
+    """What a worker holds. `gang_rank`: this process is that rank of a gang (`sharing.GangStrategy`)."""
 
     def __init__(self, root: Path, device: str, budgets: Budgets, writer: DurableWriter | None = None,
-                 sink: MetricsSink | None = None, on_durable: Callable[[dict[str, Any]], None] | None = None,
-                 gang_rank: int | None = None) -> None:
+                 sink: MetricsSink | None = None, on_durable: DurableListener | None = None,
+                 on_write_failed: WriteFailureListener | None = None, gang_rank: int | None = None) -> None:
         self.root, self.device, self.budgets = root, device, budgets
-        self.gang_rank = gang_rank
+        self.strategy: SharingStrategy = SharedBaseStrategy() if gang_rank is None else GangStrategy(gang_rank)
         self.writer = writer or DurableWriter()
         self.sink = sink
-        self.on_durable = on_durable or (lambda message: None)
-        self.bases: OrderedDict[str, LoadedBase] = OrderedDict()
-        self.sessions: OrderedDict[str, RunSession] = OrderedDict()
-        self.session_base: dict[str, str] = {}
+        self.on_durable = on_durable or (lambda run_id, chunk, checkpoint, final: None)
+        self.on_write_failed = on_write_failed or (lambda run_id, chunk, error: None)
+        self.bases = BaseCache(root, device, self.strategy.writes_files, self.strategy.freeze_bases)
+        self.sessions = SessionCache(self.writer.wait_for)
+
+    def resident_runs(self) -> tuple[str, ...]:
+        return self.sessions.run_ids()
+
+    def loaded_bases(self) -> tuple[str, ...]:
+        return self.bases.keys()
 
     # ------------------------------------------------------------ the chunk step
 
     def train_chunk(self, run: PlannedRun, config: Any, chunk: int, resume_from: str | None,
                     max_eval_samples: int | None, evaluate: bool = True) -> ChunkOutcome:
-        started = time.perf_counter()
+        started, started_at = time.perf_counter(), time.time()
         session = self._session(run, config, chunk_boundary(run, chunk - 1), resume_from, max_eval_samples)
         self._place(run.run_id)
         step_seconds = session.train_until(chunk_boundary(run, chunk))
@@ -119,12 +101,12 @@ class Workbench:
             self.close(run.run_id, wait=False)
         peak, total = _memory(self.device)
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
-                            time.perf_counter() - started, peak, total)
+                            time.perf_counter() - started, started_at, time.time(), peak, total)
 
     def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, state: RunState, chunk: int,
                        target: Path, final: bool) -> None:
         adapter_config = self._adapter_config(session)
-        base = self.bases[self.session_base[run.run_id]]
+        base = self._base_of(run.run_id)
         full_model = session.model if session.adapter_name is None else None
 
         def write() -> str | None:
@@ -136,35 +118,37 @@ class Workbench:
             return str(write_final(config, run.run_id, self.root, state.trainable, adapter_config, base, full_model))
 
         def done(final_checkpoint: str | None) -> None:
-            self.on_durable({"type": "chunk_durable", "run_id": run.run_id, "chunk": chunk, "checkpoint": str(target),
-                             "final_checkpoint": final_checkpoint})
+            self.on_durable(run.run_id, chunk, str(target), final_checkpoint)
 
         def failed(error: BaseException) -> None:
-            self.on_durable({"type": "write_failed", "run_id": run.run_id, "chunk": chunk, "error": f"{type(error).__name__}: {error}"})
+            self.on_write_failed(run.run_id, chunk, f"{type(error).__name__}: {error}")
 
         self.writer.submit(WriteJob(run.run_id, write, done, failed))
 
     def _adapter_config(self, session: RunSession) -> Any | None:
         if session.adapter_name is None:
             return None
-        base = self.bases[self.session_base[session.run_id]]
+        base = self._base_of(session.run_id)
         adapter_config = copy.copy(session.model.peft_config[session.adapter_name])
         adapter_config.base_model_name_or_path = str(base.saved_as) if base.saved_as else adapter_config.base_model_name_or_path
         return adapter_config
 
     # ------------------------------------------------------------ sessions
 
+    def _base_of(self, run_id: str) -> LoadedBase:
+        base = self.bases.get(self.sessions.base_of[run_id])
+        assert base is not None, f"run {run_id} is resident on a base that was evicted"
+        return base
+
     def _session(self, run: PlannedRun, config: Any, start_step: int, resume_from: str | None,
                  max_eval_samples: int | None) -> RunSession:
-        session = self.sessions.get(run.run_id)
+        session = self.sessions.touch(run.run_id)
         if session is not None and session.step == start_step:
-            self.sessions.move_to_end(run.run_id)
             return session
         if session is not None:
             self.close(run.run_id)  # stale: the run went on elsewhere
-        if self.gang_rank is not None:
-            for other in list(self.sessions):  # a gang's runs are large: one at a time in memory
-                self.close(other)
+        for other in self.strategy.make_room(self.sessions):
+            self.close(other)
         session = self._open(run, config, max_eval_samples)
         if resume_from and is_run_state(resume_from):
             session.restore(read_run_state(resume_from))
@@ -178,119 +162,39 @@ class Workbench:
         return session
 
     def _open(self, run: PlannedRun, config: Any, max_eval_samples: int | None) -> RunSession:
-        from finetune.train.adapter import attach_adapter
         from finetune.train.trainer import build_trainer
 
-        base = self._base(config)
-        data = self._data(base, run.run_id, config)
+        base = self.bases.acquire(config, evict=self._evict_base)
+        data = self.bases.data(base, run.run_id, config)
         seed = int(config.training_args.seed if getattr(config.training_args, "seed", None) is not None else 42)
-        if self.gang_rank is not None:
-            # DDP and FSDP wrap one model with one set of trainable weights: the run owns the loaded base.
-            model, base.model = base.model, None
-            if config.peft_conf.peft_type != "NO_PEFT":
-                model = attach_adapter(model, None, config.peft_conf, base.new_token_ids, "default", seed)
-            adapter_name = None if config.peft_conf.peft_type == "NO_PEFT" else "default"
-        elif config.peft_conf.peft_type == "NO_PEFT":
-            model, adapter_name = copy.deepcopy(base.model), None
-        elif config.method == "dpo":
-            # TRL's DPO keeps its reference as an adapter copied from one named "default": a private model.
-            model = attach_adapter(copy.deepcopy(base.model), None, config.peft_conf, base.new_token_ids, "default", seed)
-            adapter_name = "default"
-        else:
-            base.shared = attach_adapter(base.model, base.shared, config.peft_conf, base.new_token_ids, run.run_id, seed)
-            model, adapter_name = base.shared, run.run_id
+        model, adapter_name = self.strategy.make_model(base, config, run.run_id, seed)
         run_dir = self.root / "runs" / run.run_id
         callbacks = [_metrics_callback(run.run_id, self.sink)]
         trainer = build_trainer(config, run.derived, model, base.tokenizer, data.train, eval_subset(data.eval, max_eval_samples),
                                 run_dir, self.device, callbacks, base.input_pad_id)
         assert run.derived.total_steps is not None
         session = RunSession(run.run_id, trainer, adapter_name, self.device, run.derived.total_steps)
-        self.sessions[run.run_id] = session
-        self.session_base[run.run_id] = base.key
+        self.sessions.add(session, base.key)
         return session
+
+    def _evict_base(self, key: str) -> None:
+        for run_id in self.sessions.of_base(key):
+            self.close(run_id)
 
     def close(self, run_id: str, wait: bool = True) -> None:
         """Forget a run's in-memory state (its durable checkpoint stays)."""
-        from finetune.train.adapter import detach_adapter
-
-        session = self.sessions.pop(run_id, None)
-        if session is None:
-            return
-        if wait:
-            self.writer.wait_for(run_id)
-        base = self.bases.get(self.session_base.pop(run_id))
-        if base is not None and base.shared is not None and session.model is base.shared:
-            detach_adapter(base.shared, session.adapter_name)
+        if run_id in self.sessions:
+            self.sessions.close(run_id, self.bases.get(self.sessions.base_of[run_id]), wait)
 
     def _place(self, active: str) -> None:
         """Bring the active run's state to the device; move or drop others to stay within budget."""
-        if self.gang_rank is not None:
-            return  # alone on its devices
-        device_type = "cuda" if self.device.startswith("cuda") else "cpu"
-        residents = [Resident(run_id, s.resident_bytes("cuda"), s.resident_bytes("cpu")) for run_id, s in self.sessions.items()]
-        offload, drop = plan_placement(residents, active, self.budgets)
+        offload, drop = self.strategy.placement(self.sessions, active, self.budgets)
         for run_id in drop:
             self.close(run_id)
         for run_id in offload:
             self.sessions[run_id].move_state("cpu")
-        if device_type == "cuda":
+        if self.device.startswith("cuda"):
             self.sessions[active].move_state(self.device)
-
-    # ------------------------------------------------------------ base models and data
-
-    def _base(self, config: Any) -> LoadedBase:
-        key = base_key(config)
-        if key in self.bases:
-            self.bases.move_to_end(key)
-            base = self.bases[key]
-            if base.model is None:  # a gang's run took it
-                from finetune.train.model import load_base_model
-
-                base.model = load_base_model(config, len(base.tokenizer), self.device)
-            return base
-        while len(self.bases) >= MAX_RESIDENT_BASES:
-            oldest = next(iter(self.bases))
-            for run_id in [r for r, k in self.session_base.items() if k == oldest]:
-                self.close(run_id)
-            self.bases.pop(oldest)
-        self.bases[key] = self._load_base(key, config)
-        return self.bases[key]
-
-    def _load_base(self, key: str, config: Any) -> LoadedBase:
-        from finetune.data.pipeline import input_pad_token_id, prepare_tokenizer
-        from finetune.runtime import freeze_long_lived_objects
-        from finetune.train.model import load_base_model, load_tokenizer
-
-        tokenizer = load_tokenizer(config)
-        added = prepare_tokenizer(tokenizer, config.data_conf)
-        model = load_base_model(config, len(tokenizer), self.device)
-        new_ids = list(range(len(tokenizer) - added, len(tokenizer)))
-        base = LoadedBase(key, tokenizer, model, new_ids, input_pad_token_id(tokenizer, config.data_conf))
-        target = self.root / "base-models" / _short_hash(key)
-        if added and self.gang_rank in (None, 0):
-            from finetune.train.export import save_base_once
-
-            base.saved_as = save_base_once(model, tokenizer, target)
-        elif added:  # another rank of the gang: HF's save_pretrained writes no weights off rank 0
-            base.saved_as = target.resolve()
-        if self.gang_rank is None:  # a gang's models come and go with its runs: frozen, their cycles would leak
-            freeze_long_lived_objects()
-        return base
-
-    def _data(self, base: LoadedBase, run_id: str, config: Any) -> Any:
-        """The run's datasets; the content hash (which reads every data file) is computed once per run."""
-        from finetune.data.pipeline import data_cache_key, prepare_data
-
-        if run_id not in base.data_keys:
-            base.data_keys[run_id] = data_cache_key(config, base.tokenizer)
-        key = base.data_keys[run_id]
-        if key not in base.data:
-            base.data[key] = prepare_data(config, base.tokenizer, self.root / "cache")
-        return base.data[key]
-
-
-def _short_hash(text: str) -> str:
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
 
 
 def _memory(device: str) -> tuple[int, int]:

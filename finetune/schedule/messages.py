@@ -1,0 +1,128 @@
+"""What the controller and its workers say to each other: typed, frozen values.
+
+Tasks go to a worker's task queue (`ChunkTask`, or None to stop); everything a worker reports goes
+to the pool's one result queue as a `WorkerMessage`. The same values travel through multiprocessing
+queues and Ray queues (both pickle them); the controller handles them in one `match` that refuses
+any other kind. Nothing here imports torch.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Union
+
+from finetune.plan.model import PlannedRun
+
+
+@dataclass(frozen=True)
+class WorkerResources:
+    """What a worker process may use: its state budgets (None: the defaults), how many workers share
+    its device and the machine, and its torch CPU threads (None: its machine's cores / host_share)."""
+
+    gpu_gb: float | None
+    cpu_gb: float | None
+    gpu_share: int
+    host_share: int
+    threads: int | None = None
+
+    def torch_threads(self, cores: int) -> int:
+        return self.threads or max(1, cores // self.host_share)
+
+
+@dataclass(frozen=True)
+class ChunkTask:
+    """Train chunk `chunk` of `run`. `ticket` names this dispatch; the worker's reports of it carry it,
+    so that a report of an earlier attempt (from a worker that died since) is told apart."""
+
+    ticket: int
+    run: PlannedRun
+    chunk: int
+    resume_from: str | None
+    max_eval_samples: int | None
+    evaluate: bool
+
+
+@dataclass(frozen=True)
+class MetricsLogged:
+    """Training metrics at a logging step (loss, learning rate, grad norm, rewards)."""
+
+    worker: str
+    run_id: str
+    step: int
+    metrics: dict[str, float]
+
+
+@dataclass(frozen=True)
+class ChunkDone:
+    """A chunk is trained and evaluated; its worker is free. `resident_runs` and `loaded_bases` are what
+    the worker holds in memory now (after any eviction), so the policy's affinity stays true."""
+
+    worker: str
+    ticket: int
+    run_id: str
+    chunk: int
+    global_step: int
+    metrics: dict[str, float]
+    seconds: float
+    step_seconds: float
+    eval_seconds: float
+    started_at: float  # wall clock (time.time()) when the worker began the chunk
+    finished_at: float
+    peak_memory: int = 0
+    total_memory: int = 0
+    resident_runs: tuple[str, ...] = ()
+    loaded_bases: tuple[str, ...] = ()
+
+
+@dataclass(frozen=True)
+class ChunkDurable:
+    """A chunk's checkpoint is on disk (written in the background; may arrive before its ChunkDone)."""
+
+    worker: str
+    ticket: int
+    run_id: str
+    chunk: int
+    checkpoint: str
+    final_checkpoint: str | None = None
+
+
+@dataclass(frozen=True)
+class RunFailed:
+    """Training the run raised; the worker has dropped it and goes on."""
+
+    worker: str
+    run_id: str
+    error: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class WriteFailed:
+    """The background writer could not make a chunk durable."""
+
+    worker: str
+    run_id: str
+    chunk: int
+    error: str
+
+
+@dataclass(frozen=True)
+class RankError:
+    """One rank of a gang failed and exits; the controller ends and replaces the whole gang."""
+
+    worker: str
+    rank: int
+    run_id: str
+    error: str
+    traceback: str = ""
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    """A worker stopped serving (it was asked to)."""
+
+    worker: str
+    resident_runs: tuple[str, ...] = field(default=())
+
+
+WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit]

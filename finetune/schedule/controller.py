@@ -11,12 +11,11 @@ change goes through `_set_status`, every worker message through the one `match` 
 
 from __future__ import annotations
 
-import json
 import queue
 import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
@@ -38,21 +37,10 @@ from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import initial_checkpoint
 from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
 from finetune.schedule.store import StateStore
+from finetune.schedule.tracking import ExperimentTracking, Tracker
 
 POLL_SECONDS = 0.2
 MAX_LOST_CHUNKS = 1  # a chunk whose worker dies again (out of memory, say) fails its run rather than loops
-
-
-class Tracker(Protocol):
-    """What the controller needs of experiment tracking (`finetune.track.mlflow_tracker.Tracker`)."""
-
-    uri: str
-
-    def parent_run(self, known_id: str | None) -> str: ...
-    def child_run(self, parent_id: str, run: PlannedRun) -> str: ...
-    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
-    def log_artifacts(self, run_id: str, directory: str) -> None: ...
-    def finish(self, run_id: str, status: str) -> None: ...
 
 
 @dataclass
@@ -66,9 +54,12 @@ class Controller:
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
     runs: dict[str, RunRecord] = field(default_factory=dict)  # in plan order
     chunks: dict[tuple[str, int], ChunkRecord] = field(default_factory=dict)  # dispatched, not yet in the store
-    parent_mlflow_id: str | None = None
     poll_seconds: float = POLL_SECONDS
     tickets: int = 0  # dispatches so far
+    tracking: ExperimentTracking = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.tracking = ExperimentTracking(self.tracker, self.root, self.store)
 
     # ------------------------------------------------------------ set-up
 
@@ -87,7 +78,7 @@ class Controller:
                 self._set_status(self.runs[run_id], RunStatus.FAILED, error)
                 self.store.event("run_failed", run_id, error=error, stage="preparing data")
         self._setup_sha()
-        self._setup_tracking()
+        self.tracking.start(list(self.runs.values()))
 
     def _register(self, run: PlannedRun) -> RunRecord:
         """Add a run to the store and the records, validating its config once for the whole experiment."""
@@ -122,20 +113,6 @@ class Controller:
                 if done in policy.rungs() and policy.metric in chunk["metrics"]:
                     policy.rung_results.setdefault(done, {})[chunk["run_id"]] = chunk["metrics"][policy.metric]
 
-    def _setup_tracking(self) -> None:
-        state_file = self.root / "tracking.json"
-        known = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        self.parent_mlflow_id = self.tracker.parent_run(known.get("parent_run_id"))
-        write_json_atomic(state_file, {"parent_run_id": self.parent_mlflow_id, "uri": self.tracker.uri})
-        for record in self.runs.values():
-            if record.mlflow_run_id is None:
-                self._track(record)
-
-    def _track(self, record: RunRecord) -> None:
-        assert self.parent_mlflow_id is not None
-        record.mlflow_run_id = self.tracker.child_run(self.parent_mlflow_id, record.planned)
-        self.store.set_mlflow_run(record.run_id, record.mlflow_run_id)
-
     # ------------------------------------------------------------ the interface of interactive control
 
     def record(self, run_id: str) -> RunRecord | None:
@@ -155,9 +132,7 @@ class Controller:
     def add_run(self, run: PlannedRun) -> None:
         self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
         write_json_atomic(self.root / "plan.json", self.plan.model_dump(mode="json"))
-        record = self._register(run)
-        if self.parent_mlflow_id:
-            self._track(record)
+        self.tracking.add(self._register(run))
 
     def local_devices(self) -> list[str] | None:
         """The devices of this machine's workers; None on a Ray cluster, whose workers check their own."""
@@ -168,7 +143,7 @@ class Controller:
     def run(self) -> None:
         while self.step():
             pass
-        self._finish_tracking()
+        self.tracking.finish()
 
     def step(self) -> bool:
         """One turn: control requests, new tasks, worker messages, dead workers. False once all is done."""
@@ -262,9 +237,7 @@ class Controller:
 
     def _metrics(self, message: MetricsLogged) -> None:
         self.store.log_metrics(message.run_id, message.step, message.metrics)
-        record = self.runs.get(message.run_id)
-        if record is not None and record.mlflow_run_id:
-            self.tracker.log_metrics(record.mlflow_run_id, message.step, message.metrics)
+        self.tracking.log_metrics(self.runs.get(message.run_id), message.step, message.metrics)
 
     def _fail(self, run_id: str, error: str, **detail: object) -> None:
         record = self.runs[run_id]
@@ -275,7 +248,7 @@ class Controller:
             raise AssertionError(f"run {run_id} failed after it completed: {error}")
         self._set_status(record, RunStatus.FAILED, error)
         self.store.event("run_failed", run_id, error=error, **detail)
-        self._end_mlflow(record, "FAILED")
+        self.tracking.end(record, "FAILED")
 
     def _chunk_done(self, message: ChunkDone) -> None:
         worker = self._release(message.worker)
@@ -309,7 +282,7 @@ class Controller:
             self.store.event(f"sha_{decision}", record.run_id, **detail)
         if decision == "stop":
             self._set_status(record, RunStatus.STOPPED)
-            self._end_mlflow(record, "KILLED")
+            self.tracking.end(record, "KILLED")
 
     def _chunk_durable(self, message: ChunkDurable) -> None:
         """A chunk's checkpoint is on disk; its `ChunkDone` may still be on its way. A message of an attempt
@@ -336,7 +309,7 @@ class Controller:
         if record.durable_chunks >= record.total_chunks and record.status is RunStatus.PENDING:
             self._set_status(record, RunStatus.COMPLETED)
             self.store.event("run_completed", record.run_id, final_checkpoint=durable.final_checkpoint)
-            self._end_mlflow(record, "FINISHED", durable.final_checkpoint)
+            self.tracking.end(record, "FINISHED", durable.final_checkpoint)
 
     def _grow_slots(self, worker: WorkerHandle, message: ChunkDone) -> None:
         """`runs_per_device: auto`: after the first chunk on a GPU, add slots for what its memory allows."""
@@ -351,14 +324,6 @@ class Controller:
         worker = self.pool.worker(worker_id)
         worker.busy_with = None
         return worker
-
-    def _end_mlflow(self, record: RunRecord, status: str, final_checkpoint: str | None = None) -> None:
-        if not record.mlflow_run_id:
-            return
-        tracking = record.config.tracking
-        if final_checkpoint and tracking is not None and tracking.log_artifacts:
-            self.tracker.log_artifacts(record.mlflow_run_id, final_checkpoint)
-        self.tracker.finish(record.mlflow_run_id, status)
 
     def _check_workers(self) -> None:
         """A dead worker (killed, out of memory, its node lost; for a gang, any of its ranks): the chunk
@@ -398,10 +363,6 @@ class Controller:
                        if key[0] != record.run_id or chunk.status is ChunkStatus.LOST}
         record.trained_chunks = record.durable_chunks
         self.store.forget_metrics_after(record.run_id, record.steps_through(record.durable_chunks))
-
-    def _finish_tracking(self) -> None:
-        if self.parent_mlflow_id:
-            self.tracker.finish(self.parent_mlflow_id, "FINISHED")
 
     # ------------------------------------------------------------ interactive control
 

@@ -12,12 +12,13 @@ from rich.live import Live
 from finetune.config.scheduling import ExperimentConfig
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
-from finetune.schedule.controller import Controller, Tracker
+from finetune.schedule.controller import Controller
 from finetune.schedule.display import runs_table
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
 from finetune.schedule.preparation import ExperimentError, experiment_dir, initial_checkpoint, load_or_create_plan
 from finetune.schedule.store import StateStore
+from finetune.schedule.tracking import Tracker
 
 REDRAW_SECONDS = 0.5
 TrackerFactory = Callable[[Path, RunPlan], Tracker]

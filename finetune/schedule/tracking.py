@@ -1,0 +1,64 @@
+"""The controller's side of experiment tracking: one parent run per experiment, one child per run.
+
+`Tracker` is what it needs of a tracking backend (`finetune.track.mlflow_tracker.Tracker`); the
+parent run's id is kept in `tracking.json` so that `finetune run --resume` continues it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Protocol
+
+from finetune.io import write_json_atomic
+from finetune.plan.model import PlannedRun
+from finetune.schedule.records import RunRecord
+from finetune.schedule.store import StateStore
+
+
+class Tracker(Protocol):
+    uri: str
+
+    def parent_run(self, known_id: str | None) -> str: ...
+    def child_run(self, parent_id: str, run: PlannedRun) -> str: ...
+    def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
+    def log_artifacts(self, run_id: str, directory: str) -> None: ...
+    def finish(self, run_id: str, status: str) -> None: ...
+
+
+class ExperimentTracking:
+    def __init__(self, tracker: Tracker, root: Path, store: StateStore) -> None:
+        self.tracker, self.root, self.store = tracker, root, store
+        self.parent_id: str | None = None
+
+    def start(self, records: list[RunRecord]) -> None:
+        state_file = self.root / "tracking.json"
+        known = json.loads(state_file.read_text()) if state_file.is_file() else {}
+        self.parent_id = self.tracker.parent_run(known.get("parent_run_id"))
+        write_json_atomic(state_file, {"parent_run_id": self.parent_id, "uri": self.tracker.uri})
+        for record in records:
+            if record.mlflow_run_id is None:
+                self.add(record)
+
+    def add(self, record: RunRecord) -> None:
+        """A child run for `record` (once tracking has started; before, `start` adds it)."""
+        if self.parent_id is None:
+            return
+        record.mlflow_run_id = self.tracker.child_run(self.parent_id, record.planned)
+        self.store.set_mlflow_run(record.run_id, record.mlflow_run_id)
+
+    def log_metrics(self, record: RunRecord | None, step: int, metrics: dict[str, float]) -> None:
+        if record is not None and record.mlflow_run_id:
+            self.tracker.log_metrics(record.mlflow_run_id, step, metrics)
+
+    def end(self, record: RunRecord, status: str, final_checkpoint: str | None = None) -> None:
+        if not record.mlflow_run_id:
+            return
+        tracking = record.config.tracking
+        if final_checkpoint and tracking is not None and tracking.log_artifacts:
+            self.tracker.log_artifacts(record.mlflow_run_id, final_checkpoint)
+        self.tracker.finish(record.mlflow_run_id, status)
+
+    def finish(self) -> None:
+        if self.parent_id:
+            self.tracker.finish(self.parent_id, "FINISHED")

@@ -260,3 +260,44 @@ def test_unknown_messages_and_illegal_transitions_fail_loudly(tmp_path) -> None:
     with pytest.raises(IllegalTransition, match="running -> completed"):
         controller.set_status("a", RunStatus.COMPLETED)
     assert status(controller, "a") == "running", "a refused transition changes nothing"
+
+
+def test_a_stop_takes_effect_before_the_next_chunk_even_while_the_last_is_written(tmp_path) -> None:
+    """The chunk is trained (not yet on disk) when the stop is seen: the run stops, no next chunk starts,
+    and the resume sent after the stop is applied after it."""
+    controller, pool, _ = make_controller(tmp_path, [planned("a", chunks=3)])
+    worker = pool.workers[0]
+    controller.step()
+    controller.store.request("stop", "a")
+    controller.store.request("resume", "a")
+    controller.store.request("stop", "a")
+    send(controller, pool, done(controller, worker.worker_id, "a", 0))  # trained; its checkpoint is still being written
+    controller.step()
+    assert [task.chunk for task in worker.tasks.items] == [0], "no chunk started after the stop"
+    statuses = [row[0] for row in controller.store._db.execute("SELECT status FROM requests ORDER BY id")]
+    assert statuses == ["applied", "applied", "applied"] and status(controller, "a") == "stopped"
+    send(controller, pool, durable(controller, worker.worker_id, "a", 0))
+    assert controller.store.run("a").chunks_done == 1 and status(controller, "a") == "stopped"
+
+
+@pytest.mark.parametrize("change", ["experiment.name=other", "experiment.runs_per_device=4", "experiment={devices: cpu}"])
+def test_a_clone_cannot_change_what_the_whole_experiment_shares(tmp_path, change) -> None:
+    controller, _, _ = make_controller(tmp_path, [planned("a")])
+    controller.store.request("clone", "a", {"set": [change]})
+    controller.step()
+    (answer,) = [row[0] for row in controller.store._db.execute("SELECT status FROM requests")]
+    assert answer.startswith("rejected: experiment.") and "whole experiment" in answer
+    assert list(controller.runs) == ["a"]
+
+
+def test_a_warm_start_from_a_deleted_run_is_rejected_and_the_experiment_goes_on(tmp_path) -> None:
+    controller, pool, _ = make_controller(tmp_path, [planned("a"), planned("b", learning_rate=2e-4)])
+    worker = pool.workers[0].worker_id
+    controller.step()
+    send(controller, pool, done(controller, worker, "a", 0), durable(controller, worker, "a", 0))
+    controller.store.request("delete", "a")
+    controller.store.request("clone", "a", {"set": [], "warm_start": True})
+    controller.step()
+    statuses = [row[0] for row in controller.store._db.execute("SELECT status FROM requests ORDER BY id")]
+    assert statuses[0] == "applied" and statuses[1] == "rejected: warm start copies the parent's checkpoint; the parent is deleted"
+    assert pool.workers[0].busy_with == "b"

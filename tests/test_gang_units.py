@@ -139,6 +139,9 @@ class _Target:
     def busy(self, run_id):
         return False
 
+    def training(self, run_id):
+        return False
+
     def set_status(self, run_id, status):
         raise AssertionError("a clone changes no run's state")
 

@@ -77,3 +77,38 @@ def test_ray_places_k_slot_actors_on_one_gpu_and_no_more() -> None:
         assert len(ray.get([probe.gpu.remote() for probe in auto], timeout=60)) == 8
     finally:
         ray.shutdown()
+
+
+@pytest.mark.slow
+def test_a_run_that_moves_between_slots_and_back_trains_as_if_it_had_stayed(tmp_path, demo_dir) -> None:
+    """Two slots take turns at one run: its chunk 1 on the second worker, chunk 2 back on the first, whose
+    stale session (and the adapter left on its shared model) must give way. The weights equal those of
+    the run trained straight through on one worker."""
+    import torch
+
+    from finetune.config.loading import load_document
+    from finetune.config.validation import CONFIG_ADAPTER
+    from finetune.plan.build import build_plan
+    from finetune.train.residency import Budgets
+    from finetune.train.workbench import Workbench
+    from tests.test_training import _final_weights
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "moves")
+    run = build_plan(load_document(config, overrides=["training_args.max_steps=9"])).runs[0]
+    run.derived.chunk_steps = [3, 3, 3]
+    validated = CONFIG_ADAPTER.validate_python(run.config)
+
+    def train(directory: str, order: list[int]) -> dict:
+        root = tmp_path / directory
+        benches = [Workbench(root, "cpu", Budgets(0, 1 << 40)) for _ in range(2)]
+        checkpoint = None
+        for chunk, slot in enumerate(order):
+            checkpoint = benches[slot].train_chunk(run, validated, chunk, checkpoint, 8).checkpoint
+            benches[slot].writer.wait_for()
+        for bench in benches:
+            bench.writer.close()
+        return _final_weights(root, run.run_id)
+
+    moved, stayed = train("moved", [0, 1, 0]), train("stayed", [0, 0, 0])
+    assert moved.keys() == stayed.keys()
+    assert all(torch.equal(moved[key], stayed[key]) for key in moved)

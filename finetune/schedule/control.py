@@ -1,7 +1,9 @@
 """Interactive control requests (stop, resume, delete, clone), applied by the controller at chunk boundaries.
 
-The controller is seen here only through `ControlTarget`: its records, whether a run is busy, a
-state change (checked there like any other), and adding a run.
+The controller is seen here only through `ControlTarget`: its records, whether a run is training
+(or busy: training, or a trained chunk not yet on disk), a state change (checked there like any
+other), and adding a run. A stop takes effect at the end of the chunk in training, before the run's
+next chunk starts; a delete also waits for the run's checkpoints to be written.
 """
 
 from __future__ import annotations
@@ -13,6 +15,7 @@ from typing import Any, Protocol
 
 from finetune.config.knobs import set_at
 from finetune.config.loading import ConfigLoadError, parse_override
+from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS
 from finetune.config.validation import validate_concrete
 from finetune.plan.build import run_id_of
 from finetune.plan.derive import DeriveError, derive
@@ -29,6 +32,7 @@ class ControlTarget(Protocol):
     root: Path
 
     def record(self, run_id: str) -> RunRecord | None: ...
+    def training(self, run_id: str) -> bool: ...
     def busy(self, run_id: str) -> bool: ...
     def set_status(self, run_id: str, status: RunStatus) -> None: ...
     def add_run(self, run: PlannedRun) -> None: ...
@@ -44,7 +48,7 @@ def apply_request(target: ControlTarget, kind: str, run_id: str, payload: dict[s
     if kind == "stop":
         if not record.active:
             return f"rejected: the run is {state}; only a pending or running run can be stopped"
-        if target.busy(run_id):
+        if target.training(run_id):
             return None
         target.set_status(run_id, RunStatus.STOPPED)
         return "applied"
@@ -83,6 +87,15 @@ def _with_parents(tree: dict[str, Any], path: tuple) -> dict[str, Any]:
     return tree
 
 
+def _experiment_keys(path: tuple, value: Any) -> list[Any]:
+    """The keys of `experiment` that a `--set path=value` change sets."""
+    if not path or path[0] != "experiment":
+        return []
+    if len(path) > 1:
+        return [path[1]]
+    return list(value) if isinstance(value, dict) else []
+
+
 def _keep_warm_start(root: Path, record: RunRecord) -> str:
     """Copy the parent's latest checkpoint where chunk clean-up will not delete it."""
     assert record.last_checkpoint is not None
@@ -98,11 +111,23 @@ def _keep_warm_start(root: Path, record: RunRecord) -> str:
 def _clone(target: ControlTarget, record: RunRecord, payload: dict[str, Any]) -> str:
     parent = record.planned
     warm = bool(payload.get("warm_start"))
+    if warm and record.status is RunStatus.DELETED:
+        return "rejected: warm start copies the parent's checkpoint; the parent is deleted"
     if warm and not record.last_checkpoint:
         return "rejected: warm start needs a finished chunk of the parent"
     if warm and record.config.peft_conf.peft_type == "NO_PEFT":
         return "rejected: warm start copies an adapter; the parent has none"
-    warm_from = _keep_warm_start(target.root, record) if warm else None
+    try:
+        changes = [parse_override(change) for change in payload.get("set", [])]
+    except ConfigLoadError as error:
+        return f"rejected: {error}"
+    shared = [f"experiment.{key}" for path, value in changes for key in _experiment_keys(path, value) if key in EXPERIMENT_WIDE_KEYS]
+    if shared:
+        return f"rejected: {', '.join(shared)} belong(s) to the whole experiment; a clone cannot change it"
+    try:
+        warm_from = _keep_warm_start(target.root, record) if warm else None
+    except OSError as error:
+        return f"rejected: the parent's checkpoint could not be copied for the warm start ({error})"
     try:
         config = clone_config(parent, list(payload.get("set", [])), warm_from)
     except ConfigLoadError as error:

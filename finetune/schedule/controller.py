@@ -118,9 +118,13 @@ class Controller:
     def record(self, run_id: str) -> RunRecord | None:
         return self.runs.get(run_id)
 
+    def training(self, run_id: str) -> bool:
+        """A worker is training one of its chunks."""
+        return any(worker.busy_with == run_id for worker in self.workers)
+
     def busy(self, run_id: str) -> bool:
         """Training a chunk, or a trained chunk not yet durable."""
-        return any(worker.busy_with == run_id for worker in self.workers) or any(
+        return self.training(run_id) or any(
             chunk.run_id == run_id and chunk.status is ChunkStatus.TRAINED for chunk in self.chunks.values())
 
     def set_status(self, run_id: str, status: RunStatus) -> None:
@@ -369,10 +373,12 @@ class Controller:
     def _apply_requests(self) -> None:
         from finetune.schedule.control import apply_request
 
+        waiting: set[str] = set()  # runs with a request put off: their later requests wait behind it, in order
         for request_id, kind, run_id, payload in self.store.pending_requests():
-            status = apply_request(self, kind, run_id, payload)
+            status = None if run_id in waiting else apply_request(self, kind, run_id, payload)
             if status is None:
-                continue  # the run is training a chunk: applied at its boundary
+                waiting.add(run_id)  # the run is training a chunk: applied at its boundary
+                continue
             self.store.finish_request(request_id, status)
             self.store.event(f"ctl_{kind}", run_id, status=status, **payload)
             self.on_change()

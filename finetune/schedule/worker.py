@@ -80,7 +80,8 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
     task: ChunkTask | None
     while (task := tasks.get()) is not None:
         run = task.run
-        tickets[(run.run_id, task.chunk)] = task.ticket
+        if speaks:  # only the speaking rank writes checkpoints
+            tickets[(run.run_id, task.chunk)] = task.ticket
         try:
             if run.run_id not in configs:
                 configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
@@ -94,6 +95,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
         except Exception as error:
             if rank is not None:
                 _leave_gang(worker_id, rank.rank, run.run_id, error, results)
+            tickets.pop((run.run_id, task.chunk), None)
             bench.close(run.run_id)  # a bad run fails alone; the worker goes on
             results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc()))
     bench.writer.close()

@@ -12,6 +12,7 @@ only rank 0 writes files.
 from __future__ import annotations
 
 import copy
+import itertools
 from typing import Any, Protocol
 
 from finetune.train.bases import LoadedBase
@@ -23,7 +24,7 @@ class SharingStrategy(Protocol):
     writes_files: bool
     freeze_bases: bool
 
-    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int) -> tuple[Any, str | None]:
+    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int, sessions: SessionCache) -> tuple[Any, str | None]:
         """The model the run trains and the name of its adapter (None: it trains whole weights)."""
         ...
 
@@ -37,19 +38,30 @@ class SharingStrategy(Protocol):
 
 
 class SharedBaseStrategy:
+    """Each opening of a run gets an adapter of its own name (`<run>_<n>`): a run that comes back to this
+    worker after it trained elsewhere never meets its old adapter, which may have stayed on the shared
+    model (PEFT keeps a model's last adapter); adapters of no open session are deleted here."""
+
     writes_files = True
     freeze_bases = True
 
-    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int) -> tuple[Any, str | None]:
-        from finetune.train.adapter import attach_adapter
+    def __init__(self) -> None:
+        self.openings = itertools.count()
+
+    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int, sessions: SessionCache) -> tuple[Any, str | None]:
+        from finetune.train.adapter import attach_adapter, detach_adapter
 
         if config.peft_conf.peft_type == "NO_PEFT":
             return copy.deepcopy(base.model), None
         if config.method == "dpo":
             # TRL's DPO keeps its reference as an adapter copied from one named "default": a private model.
             return attach_adapter(copy.deepcopy(base.model), None, config.peft_conf, base.new_token_ids, "default", seed), "default"
-        base.shared = attach_adapter(base.model, base.shared, config.peft_conf, base.new_token_ids, run_id, seed)
-        return base.shared, run_id
+        name = f"{run_id}_{next(self.openings)}"
+        base.shared = attach_adapter(base.model, base.shared, config.peft_conf, base.new_token_ids, name, seed)
+        in_use = {sessions[other].adapter_name for other in sessions.run_ids()} | {name}
+        for leftover in [adapter for adapter in base.shared.peft_config if adapter not in in_use]:
+            detach_adapter(base.shared, leftover)
+        return base.shared, name
 
     def make_room(self, sessions: SessionCache) -> list[str]:
         return []
@@ -66,7 +78,7 @@ class GangStrategy:
     def __init__(self, rank: int) -> None:
         self.writes_files = rank == 0
 
-    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int) -> tuple[Any, str | None]:
+    def make_model(self, base: LoadedBase, config: Any, run_id: str, seed: int, sessions: SessionCache) -> tuple[Any, str | None]:
         from finetune.train.adapter import attach_adapter
 
         model, base.model = base.model, None

@@ -167,7 +167,7 @@ class Workbench:
         base = self.bases.acquire(config, evict=self._evict_base)
         data = self.bases.data(base, run.run_id, config)
         seed = int(config.training_args.seed if getattr(config.training_args, "seed", None) is not None else 42)
-        model, adapter_name = self.strategy.make_model(base, config, run.run_id, seed)
+        model, adapter_name = self.strategy.make_model(base, config, run.run_id, seed, self.sessions)
         run_dir = self.root / "runs" / run.run_id
         callbacks = [_metrics_callback(run.run_id, self.sink)]
         trainer = build_trainer(config, run.derived, model, base.tokenizer, data.train, eval_subset(data.eval, max_eval_samples),

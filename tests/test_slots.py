@@ -112,3 +112,30 @@ def test_a_run_that_moves_between_slots_and_back_trains_as_if_it_had_stayed(tmp_
     moved, stayed = train("moved", [0, 1, 0]), train("stayed", [0, 0, 0])
     assert moved.keys() == stayed.keys()
     assert all(torch.equal(moved[key], stayed[key]) for key in moved)
+
+
+@pytest.mark.slow
+def test_workers_end_when_their_controller_is_killed(tmp_path, demo_dir) -> None:
+    """SIGKILL of the `finetune run` process alone (not its group): its two workers exit by themselves."""
+    import contextlib
+    import os
+    import signal
+
+    import psutil
+
+    from tests.test_training import _wait_for_chunks, start_experiment
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "orphans")
+    process = start_experiment(tmp_path, ["run", str(config), *small("orphans", steps=40, chunks=4),
+                                          "--set", "experiment.devices=cpu", "--set", "experiment.runs_per_device=2"])
+    try:
+        _wait_for_chunks(tmp_path / "runs" / "orphans", 1, process)
+        workers = [child for child in psutil.Process(process.pid).children() if "spawn_main" in " ".join(child.cmdline())]
+        assert len(workers) == 2
+        os.kill(process.pid, signal.SIGKILL)
+        process.wait()
+        _, alive = psutil.wait_procs(workers, timeout=20)
+        assert not alive, f"workers outlived their controller: {[worker.pid for worker in alive]}"
+    finally:
+        with contextlib.suppress(ProcessLookupError):  # nothing left of the group is what this test wants
+            os.killpg(process.pid, signal.SIGKILL)

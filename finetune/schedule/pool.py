@@ -158,7 +158,8 @@ class WorkerPool(SlotPool):
         from finetune.schedule.worker import worker_main
 
         process = self.context.Process(
-            target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True), daemon=True
+            target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True, os.getpid()),
+            daemon=True,
         )
         process.start()
         return process

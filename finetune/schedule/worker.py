@@ -29,14 +29,17 @@ from finetune.schedule.messages import (
 
 
 def worker_main(worker_id: str, device: str, experiment_dir: str, resources: WorkerResources, tasks: Any, results: Any,
-                gang: dict[str, Any] | None = None, isolate: bool = False) -> None:
+                gang: dict[str, Any] | None = None, isolate: bool = False, parent_pid: int | None = None) -> None:
     """Serve `ChunkTask`s until a None arrives.
 
     `resources`: state budgets, how many workers share the device and the machine, torch threads.
     `gang`: this rank's place in a gang (`train.distributed.GangRank`). `isolate`: make the worker's
-    GPUs the only ones it sees. The ML stack is imported first, while the controller is still
-    preparing the plan.
+    GPUs the only ones it sees. `parent_pid`: the controller's process; the worker exits when it is
+    gone (killed, even with SIGKILL) rather than hold its memory and GPU for ever. The ML stack is
+    imported first, while the controller is still preparing the plan.
     """
+    if parent_pid is not None:
+        _exit_with(parent_pid)
     from finetune.runtime import freeze_long_lived_objects, quiet_libraries
     from finetune.train.distributed import GangRank, join_gang, visible_device
 
@@ -100,6 +103,20 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
             results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc()))
     bench.writer.close()
     results.put(WorkerExit(worker_id, bench.resident_runs()))
+
+
+def _exit_with(parent_pid: int, every_seconds: float = 1.0) -> None:
+    """End this process once its parent has ended (it is then adopted by another process)."""
+    import os
+    import threading
+    import time
+
+    def watch() -> None:
+        while os.getppid() == parent_pid:
+            time.sleep(every_seconds)
+        os._exit(1)
+
+    threading.Thread(target=watch, name="exit-with-controller", daemon=True).start()
 
 
 def _leave_gang(worker_id: str, rank: int, run_id: str, error: Exception, results: Any) -> None:

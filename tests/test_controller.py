@@ -171,6 +171,9 @@ def test_a_chunk_whose_worker_dies_is_retried_once_then_its_run_fails(tmp_path) 
     assert kinds.count("chunk_lost") == 1 and kinds.count("run_failed") == 1
     assert tracker.finished["mlflow-a"] == "FAILED"
     assert controller.step() is False
+    controller.store.request("resume", "a")  # the user retries it: the tries start afresh
+    controller.step()
+    assert status(controller, "a") == "running" and controller.chunks[("a", 0)].attempts == 1
 
 
 def test_a_failed_write_fails_the_run_even_while_its_next_chunk_trains(tmp_path) -> None:

@@ -130,7 +130,8 @@ class Controller:
     def set_status(self, run_id: str, status: RunStatus) -> None:
         record = self.runs[run_id]
         if status is RunStatus.PENDING and record.status is RunStatus.FAILED:
-            self._forget_progress(record)  # retried from its last durable chunk
+            self._forget_progress(record)  # retried from its last durable chunk, with fresh tries
+            self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] != run_id}
         self._set_status(record, status)
 
     def add_run(self, run: PlannedRun) -> None:

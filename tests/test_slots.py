@@ -5,7 +5,7 @@ from __future__ import annotations
 import importlib.util
 import pytest
 
-from finetune.schedule.pool import WorkerSettings, WorkerHandle, WorkerPool
+from finetune.schedule.pool import SlotPool, WorkerHandle, WorkerSettings
 from finetune.schedule.ray_pool import actor_resources
 from finetune.track.timeline import overlap_fraction, seconds_with_at_least, training_intervals
 from tests.test_training import _adapters, demo_config, finetune, small, states
@@ -40,7 +40,7 @@ def test_workers_on_one_machine_split_its_cores() -> None:
 
 
 def test_a_gang_holds_every_slot_of_its_devices_in_the_pool() -> None:
-    pool = WorkerPool.__new__(WorkerPool)  # no processes: only the bookkeeping of slots
+    pool = SlotPool()  # no processes: only the bookkeeping of slots
     pool.workers = [WorkerHandle(f"cuda:{d}/{s}", f"cuda:{d}", None, None, slot=s) for d in (0, 1) for s in (0, 1)]
     gang = WorkerHandle("ddp:2@cuda:0+cuda:1/0", "cuda:0+cuda:1", None, None, gang="ddp:2", layout=("cuda:0", "cuda:1"))
     assert pool.units(pool.workers[1]) == ("cuda:0#1",)

@@ -8,7 +8,7 @@ any other kind. Nothing here imports torch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Union
 
 from finetune.plan.model import PlannedRun
@@ -122,7 +122,7 @@ class WorkerExit:
     """A worker stopped serving (it was asked to)."""
 
     worker: str
-    resident_runs: tuple[str, ...] = field(default=())
+    resident_runs: tuple[str, ...] = ()
 
 
 WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit]

@@ -138,12 +138,16 @@ class WorkerPool(SlotPool):
         self.workers = []
         self.grown = set()
         kinds = list(dict.fromkeys(kinds))
-        self.memory.workers_on_host = sum(
-            len(devices) * initial_slots(slots) if not kind else parse_kind(kind)[1] * len(gang_layouts(devices, parse_kind(kind)[1]))
-            for kind in kinds
-        )
+        self.memory.workers_on_host = sum(self._processes_of(kind) for kind in kinds)
         for kind in kinds:
             self.ensure_workers(kind)
+
+    def _processes_of(self, kind: str) -> int:
+        """The worker processes `ensure_workers(kind)` starts: a slot each, or a rank each."""
+        if not kind:
+            return len(self.devices) * initial_slots(self.slots_setting)
+        width = parse_kind(kind)[1]
+        return width * len(gang_layouts(self.devices, width))
 
     def local_devices(self) -> list[str] | None:
         return self.devices

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, NoReturn, Optional
 
 import typer
+from rich.markup import escape
 
 from finetune.cli_common import (
     EXIT_INVALID,
@@ -24,7 +25,9 @@ from finetune.cli_common import (
     ValuesKeyOpt,
     console,
     errors,
+    exit_with,
     experiment_or_exit,
+    say_error,
 )
 from finetune.cli_experiment import ctl_app, dashboard, export
 from finetune.config import ConfigLoadError, SourceDoc, load_document, validate_document
@@ -46,11 +49,11 @@ def load_or_exit(config: Path, values_key: str | None, overrides: list[str] | No
         if as_json:
             console.print_json(json.dumps({"valid": False, "usable": False, "error": str(error)}))
         else:
-            errors.print(f"[red]error:[/] {error}", highlight=False, soft_wrap=True)
+            say_error(str(error))
         raise typer.Exit(EXIT_UNUSABLE) from None
     if not as_json:
         for notice in doc.notices:
-            errors.print(f"[yellow]note:[/] {notice}", highlight=False, soft_wrap=True)
+            errors.print(f"[yellow]note:[/] {escape(notice)}", highlight=False, soft_wrap=True)
     return doc
 
 
@@ -80,7 +83,7 @@ def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool) -> RunPlan:
         if as_json:
             console.print_json(json.dumps({"valid": False, "errors": [{"message": str(error)}]}))
         else:
-            errors.print(f"[red]✗ cannot plan {config}:[/] {error}", highlight=False)
+            say_error(str(error), f"✗ cannot plan {config}")
     raise typer.Exit(EXIT_INVALID)
 
 
@@ -88,7 +91,7 @@ def report_issues(config: Path, issues: list, as_json: bool, notices: list[str] 
     if as_json:
         console.print_json(json.dumps({"valid": not issues, "errors": [issue.as_dict() for issue in issues], "notices": notices or []}))
     elif issues:
-        errors.print(f"[red]✗ {len(issues)} problem(s) in {config}[/]", highlight=False, soft_wrap=True)
+        errors.print(f"[red]✗ {len(issues)} problem(s) in {escape(str(config))}[/]", highlight=False, soft_wrap=True)
         for issue in issues:
             errors.print(str(issue), highlight=False, markup=False, soft_wrap=True)
 
@@ -115,24 +118,27 @@ def run(
     resume: Annotated[Optional[Path], typer.Option("--resume", help="Continue the experiment in this directory")] = None,
 ) -> None:
     """Train every run of the plan with the chunk scheduler (running it again resumes)."""
-    from finetune.plan.model import RunPlan
     from finetune.schedule.experiment import run_experiment
+    from finetune.schedule.folder import ExperimentLocked, read_plan
     from finetune.schedule.preparation import ExperimentError
     from finetune.track.mlflow_tracker import tracker_for
     from finetune.track.report import report_markdown
 
+    if resume is not None and (config is not None or set_ or values_key):
+        exit_with("--resume continues an experiment as planned: give CONFIG (with --set) or --resume, not both; "
+                  "change a run with `finetune ctl clone`", EXIT_UNUSABLE)
     if resume is not None:
-        run_plan = RunPlan.model_validate_json((experiment_or_exit(resume) / "plan.json").read_text())
+        run_plan = read_plan(experiment_or_exit(resume))
     elif config is not None:
         run_plan = build_plan_or_exit(load_or_exit(config, values_key, set_, False), config, False)
     else:
-        errors.print("[red]error:[/] give a CONFIG, or --resume EXPERIMENT_DIR")
-        raise typer.Exit(EXIT_UNUSABLE)
+        exit_with("give a CONFIG, or --resume EXPERIMENT_DIR", EXIT_UNUSABLE)
     try:
         root = run_experiment(run_plan, console, tracker_for, resume_dir=resume)
+    except ExperimentLocked as locked:
+        exit_with(str(locked), EXIT_UNUSABLE)
     except (ExperimentError, ValueError, RuntimeError) as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False, markup=False, soft_wrap=True)
-        raise typer.Exit(EXIT_INVALID) from None
+        exit_with(str(error), EXIT_INVALID)
     from rich.markdown import Markdown
 
     console.print(Markdown(report_markdown(root)))
@@ -142,14 +148,14 @@ def run(
     failed = _failed_runs(root)
     if failed:
         for run_id, error in failed:
-            errors.print(f"[red]run {run_id} failed:[/] {error}", highlight=False)
+            say_error(error, f"run {run_id} failed")
         raise typer.Exit(EXIT_INVALID)
 
 
 def _failed_runs(root: Path) -> list[tuple[str, str]]:
-    from finetune.schedule.store import StateStore
+    from finetune.schedule.folder import open_store
 
-    store = StateStore(root / "state.db")
+    store = open_store(root)
     failed = [(row.run_id, row.error or "unknown error") for row in store.runs() if row.state == "failed"]
     store.close()
     return failed
@@ -161,9 +167,9 @@ def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated
     import time as _time
 
     from finetune.schedule.display import runs_table
-    from finetune.schedule.store import StateStore
+    from finetune.schedule.folder import open_store
 
-    store = StateStore(experiment_or_exit(experiment) / "state.db")
+    store = open_store(experiment_or_exit(experiment))
     if as_json:
         console.print_json(json.dumps([row.__dict__ for row in store.runs()]))
         return
@@ -225,8 +231,7 @@ def data_preview(
     try:
         preview(run_plan.runs[0].config, n, console)
     except ValueError as error:
-        errors.print(f"[red]error:[/] {error}", highlight=False)
-        raise typer.Exit(EXIT_INVALID) from None
+        exit_with(str(error), EXIT_INVALID)
 
 
 def _generated_files(generators: dict[Path, Callable[[], str]], check: bool) -> None:
@@ -246,8 +251,7 @@ def _generated_files(generators: dict[Path, Callable[[], str]], check: bool) -> 
             console.print(f"unchanged {path}", highlight=False)
     if stale:
         names = ", ".join(str(path) for path in stale)
-        errors.print(f"[red]out of date:[/] {names}; run `make docs` (or the same command without --check)")
-        raise typer.Exit(EXIT_INVALID)
+        exit_with(f"{names}; run `make docs` (or the same command without --check)", EXIT_INVALID, "out of date")
     if check:
         console.print("[green]✓[/] generated files are up to date")
 
@@ -290,7 +294,23 @@ app.command()(export)
 
 
 def main() -> None:
-    app()
+    """The entry point: a damaged experiment file is one line naming it and what to do, not a traceback."""
+    import sqlite3
+
+    from finetune.schedule.store import ExperimentDamaged
+
+    try:
+        app()
+    except ExperimentDamaged as error:
+        exit_code(str(error))
+    except sqlite3.DatabaseError as error:
+        what = "cannot be used" if isinstance(error, sqlite3.OperationalError) else "is damaged"
+        exit_code(f"an experiment's state store (state.db) {what}: {error}")
+
+
+def exit_code(message: str) -> NoReturn:
+    say_error(message)
+    raise SystemExit(EXIT_UNUSABLE)
 
 
 if __name__ == "__main__":

@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, NoReturn, Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 
 console = Console()
 errors = Console(stderr=True)
@@ -28,8 +29,17 @@ CheckOpt = Annotated[bool, typer.Option("--check", help="Fail if the committed f
 ExperimentArg = Annotated[Path, typer.Argument(help="The experiment directory (experiment.output_dir/experiment.name)")]
 
 
+def say_error(message: str, label: str = "error") -> None:
+    """One problem on stderr: the label in red, the message exactly as written (never read as markup)."""
+    errors.print(f"[red]{escape(label)}:[/] {escape(message)}", highlight=False, soft_wrap=True)
+
+
+def exit_with(message: str, code: int, label: str = "error") -> NoReturn:
+    say_error(message, label)
+    raise typer.Exit(code)
+
+
 def experiment_or_exit(experiment: Path) -> Path:
-    if not (experiment / "state.db").is_file():
-        errors.print(f"[red]error:[/] {experiment} is not an experiment directory (no state.db)")
-        raise typer.Exit(EXIT_UNUSABLE)
+    if not (experiment / "state.db").exists():
+        exit_with(f"{experiment} is not an experiment directory (no state.db)", EXIT_UNUSABLE)
     return experiment

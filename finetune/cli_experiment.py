@@ -8,44 +8,61 @@ from typing import Annotated, Optional
 
 import typer
 
-from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, errors, experiment_or_exit
+from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, exit_with, experiment_or_exit
 
 ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True)
 
 
-def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = None) -> None:
-    from finetune.schedule.store import StateStore
+WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for a live controller to apply the request (0: do not wait)")]
 
-    store = StateStore(experiment_or_exit(experiment) / "state.db")
+
+def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = None, wait: float = 0.0) -> None:
+    """Check and queue a request; exit 1 with the reason if it cannot be done (the run's state, a bad clone)."""
+    from finetune.schedule.control import RequestRejected
+    from finetune.schedule.requests import submit_request, wait_for
+
+    root = experiment_or_exit(experiment)
     try:
-        store.run(run_id)
+        submitted = submit_request(root, kind, run_id, payload)
     except KeyError:
-        errors.print(f"[red]error:[/] no run {run_id} in {experiment}")
-        raise typer.Exit(EXIT_INVALID) from None
-    request = store.request(kind, run_id, payload)
-    console.print(f"request {request}: {kind} {run_id}, applied at the next chunk boundary "
-                  "(run `finetune run --resume` if the experiment is not running)", highlight=False)
+        exit_with(f"no run {run_id} in {experiment} (see `finetune status {experiment}`)", EXIT_INVALID)
+    except RequestRejected as rejected:
+        exit_with(str(rejected), EXIT_INVALID, label="rejected")
+    where = "at the run's next chunk boundary" if submitted.live else "when the experiment next runs (`finetune run --resume`)"
+    console.print(f"request {submitted.request_id} accepted: {kind} {run_id}, applied {where}", highlight=False, soft_wrap=True)
+    if not (wait and submitted.live):
+        return
+    status = wait_for(root, submitted.request_id, wait)
+    console.print(f"request {submitted.request_id}: {status}", highlight=False, soft_wrap=True, markup=False)
+    if status.startswith("rejected"):
+        raise typer.Exit(EXIT_INVALID)
 
 
 RunIdArg = Annotated[str, typer.Argument(help="Run id (see `finetune status`)")]
 
 
 @ctl_app.command("stop")
-def ctl_stop(experiment: ExperimentArg, run_id: RunIdArg) -> None:
-    """Stop a run after its current chunk (resumable)."""
-    _control(experiment, "stop", run_id)
+def ctl_stop(experiment: ExperimentArg, run_id: RunIdArg, wait: WaitOpt = 0.0) -> None:
+    """Stop a pending or running run after its current chunk (`resume` continues it)."""
+    _control(experiment, "stop", run_id, wait=wait)
 
 
 @ctl_app.command("resume")
-def ctl_resume(experiment: ExperimentArg, run_id: RunIdArg) -> None:
-    """Resume a stopped run from its last chunk."""
-    _control(experiment, "resume", run_id)
+def ctl_resume(experiment: ExperimentArg, run_id: RunIdArg, wait: WaitOpt = 0.0) -> None:
+    """Resume a stopped run from its last durable chunk."""
+    _control(experiment, "resume", run_id, wait=wait)
+
+
+@ctl_app.command("retry")
+def ctl_retry(experiment: ExperimentArg, run_id: RunIdArg, wait: WaitOpt = 0.0) -> None:
+    """Try a failed run again from its last durable chunk, with fresh tries."""
+    _control(experiment, "retry", run_id, wait=wait)
 
 
 @ctl_app.command("delete")
-def ctl_delete(experiment: ExperimentArg, run_id: RunIdArg) -> None:
+def ctl_delete(experiment: ExperimentArg, run_id: RunIdArg, wait: WaitOpt = 0.0) -> None:
     """Delete a run and its checkpoints."""
-    _control(experiment, "delete", run_id)
+    _control(experiment, "delete", run_id, wait=wait)
 
 
 @ctl_app.command("clone")
@@ -54,9 +71,27 @@ def ctl_clone(
     run_id: RunIdArg,
     set_: SetOpt = None,
     warm_start: Annotated[bool, typer.Option("--warm-start", help="Start from the parent's latest adapter")] = False,
+    wait: WaitOpt = 0.0,
 ) -> None:
-    """A new run from RUN with changed values (--set key=value)."""
-    _control(experiment, "clone", run_id, {"set": set_ or [], "warm_start": warm_start})
+    """A new run from RUN with changed values (--set key=value), validated and planned now like a new run."""
+    _control(experiment, "clone", run_id, {"set": set_ or [], "warm_start": warm_start}, wait)
+
+
+@ctl_app.command("requests")
+def ctl_requests(experiment: ExperimentArg) -> None:
+    """Every control request of the experiment and what became of it."""
+    from rich.table import Table
+
+    from finetune.schedule.folder import open_store
+
+    store = open_store(experiment_or_exit(experiment))
+    table = Table("id", "kind", "run", "details", "status", title=f"requests of {experiment}")
+    for request in store.requests():
+        payload = request["payload"] if isinstance(request["payload"], dict) else {}
+        details = ", ".join(payload.get("set", [])) + (" (warm)" if payload.get("warm_start") else "")
+        table.add_row(str(request["id"]), request["kind"], request["run_id"], details, request["status"])
+    store.close()
+    console.print(table)
 
 
 def dashboard(
@@ -80,23 +115,22 @@ def export(
     """Write a completed run's model: the adapter merged into its base (--merged), or a copy of checkpoint-final."""
     import shutil
 
-    from finetune.plan.model import RunPlan
     from finetune.runtime import quiet_libraries
+    from finetune.schedule.folder import read_plan
 
-    plan = RunPlan.model_validate_json((experiment_or_exit(experiment) / "plan.json").read_text())
+    plan = read_plan(experiment_or_exit(experiment))
     try:
         name = (plan.run(run_id).config.get("run_conf") or {}).get("final_checkpoint_name", "checkpoint-final")
     except KeyError:
-        errors.print(f"[red]error:[/] {experiment} has no run {run_id}")
-        raise typer.Exit(EXIT_UNUSABLE) from None
+        exit_with(f"{experiment} has no run {run_id}", EXIT_UNUSABLE)
     run_dir = experiment / "runs" / run_id
     final = run_dir / name
     if not final.is_dir():
-        errors.print(f"[red]error:[/] run {run_id} has no {name} yet (is it completed?)")
-        raise typer.Exit(EXIT_UNUSABLE)
+        exit_with(f"run {run_id} has no {name} yet (is it completed?)", EXIT_UNUSABLE)
+    if output is not None and output.exists():
+        exit_with(f"{output} exists; give --output a path that does not exist yet", EXIT_UNUSABLE)
     if merged and not (final / "adapter_config.json").is_file():
-        errors.print(f"[red]error:[/] run {run_id} trained the full model: {final} is already a merged model")
-        raise typer.Exit(EXIT_UNUSABLE)
+        exit_with(f"run {run_id} trained the full model: {final} is already a merged model", EXIT_UNUSABLE)
     if merged:
         quiet_libraries()
         from finetune.train.export import export_merged

@@ -93,7 +93,8 @@ def planned(run_id: str, chunks: int = 2, learning_rate: float = 1e-4) -> Planne
 def make_controller(tmp_path: Path, runs: list[PlannedRun], slots: int = 1) -> tuple[Controller, FakePool, FakeTracker]:
     plan = RunPlan(experiment="t", output_dir=str(tmp_path), source="test.yaml", num_chunks=2, sweeps=[{"strategy": "grid"}], runs=runs)
     pool, tracker = FakePool(slots), FakeTracker()
-    controller = Controller(plan, tmp_path, StateStore(tmp_path / "state.db"), tracker, pool, poll_seconds=0)
+    controller = Controller(plan, tmp_path, StateStore(tmp_path / "state.db"), tracker, pool, poll_seconds=0,
+                            prepare_run=lambda plan, root, run, devices: run)  # no tokenizer or data here
     controller.start()
     return controller, pool, tracker
 
@@ -171,7 +172,7 @@ def test_a_chunk_whose_worker_dies_is_retried_once_then_its_run_fails(tmp_path) 
     assert kinds.count("chunk_lost") == 1 and kinds.count("run_failed") == 1
     assert tracker.finished["mlflow-a"] == "FAILED"
     assert controller.step() is False
-    controller.store.request("resume", "a")  # the user retries it: the tries start afresh
+    controller.store.request("retry", "a")  # the user retries it: the tries start afresh
     controller.step()
     assert status(controller, "a") == "running" and controller.chunks[("a", 0)].attempts == 1
 
@@ -225,17 +226,21 @@ def test_stop_waits_for_the_chunk_boundary_and_resume_continues(tmp_path) -> Non
     controller.store.request("resume", "a")
     controller.step()
     requests = controller.store._db.execute("SELECT id, status FROM requests ORDER BY id").fetchall()
-    assert requests[0] == (request, "applied") and requests[1][1].startswith("rejected: the run is stopped")
+    assert requests[0] == (request, "applied") and requests[1][1].startswith("rejected: run a is stopped; stop acts on a pending or running run")
     assert requests[2][1] == "applied" and status(controller, "a") == "running"
 
 
-def test_a_failed_run_can_be_resumed_from_its_last_durable_chunk(tmp_path) -> None:
+def test_a_failed_run_is_retried_from_its_last_durable_chunk_and_resume_says_to_retry(tmp_path) -> None:
     controller, pool, _ = make_controller(tmp_path, [planned("a")])
     worker = pool.workers[0].worker_id
     controller.step()
     send(controller, pool, RunFailed(worker, "a", "RuntimeError: boom"))
     assert status(controller, "a") == "failed"
-    controller.store.request("resume", "a")
+    resume = controller.store.request("resume", "a")
+    controller.step()
+    assert controller.store.request_status(resume) == (
+        "rejected: run a is failed; resume acts on a stopped run; `retry` continues a failed run from its last durable chunk")
+    controller.store.request("retry", "a")
     controller.step()
     assert status(controller, "a") == "running" and pool.workers[0].tasks.items[-1].chunk == 0
 

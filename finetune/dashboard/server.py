@@ -75,14 +75,14 @@ def create_app(root: Path, token: str, reads_need_token: bool = False) -> Starle
 
     async def control(request: Request) -> Response:
         run_id, action = request.path_params["run_id"], request.path_params["action"]
-        return _answer(lambda: {"request_id": views.request_control(root, action, run_id)}, 202)
+        return _answer(lambda: views.request_control(root, action, run_id), 202)
 
     async def clone(request: Request) -> Response:
         body = await _json_body(request)
         if not isinstance(body.get("set", {}), dict):
             return JSONResponse({"problems": [{"path": "set", "message": "set must map config keys to values"}]}, 422)
         run_id = request.path_params["run_id"]
-        return _answer(lambda: {"request_id": views.request_clone(root, run_id, body.get("set", {}), bool(body.get("warm_start")))}, 202)
+        return _answer(lambda: views.request_clone(root, run_id, body.get("set", {}), bool(body.get("warm_start"))), 202)
 
     routes = [
         Route("/", guarded(page)),
@@ -103,7 +103,7 @@ def _answer(produce: Callable[[], Any], status: int = 200) -> Response:
     except KeyError as missing:
         return JSONResponse({"error": f"no run {missing.args[0]}"}, 404)
     except views.RequestRejected as rejected:
-        return JSONResponse({"problems": rejected.problems}, 422)
+        return JSONResponse({"problems": [{"path": path, "message": message} for path, message in rejected.problems]}, 422)
 
 
 async def _json_body(request: Request) -> dict[str, Any]:

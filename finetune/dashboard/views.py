@@ -11,30 +11,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
-from finetune.config.loading import ConfigLoadError
-from finetune.config.validation import validate_concrete
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.control import clone_config
+from finetune.schedule.control import RequestRejected
+from finetune.schedule.folder import open_store, read_plan
+from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
 from finetune.track.ranking import ranked_runs, ranking_metric
 
 CURVES = ("loss", "eval_loss", "reward")
-CONTROLS = ("stop", "resume", "delete")
-
-
-class RequestRejected(ValueError):
-    """A change the dashboard refuses, with the problems by config key path."""
-
-    def __init__(self, problems: list[dict[str, str]]) -> None:
-        super().__init__("; ".join(f"{p['path']}: {p['message']}" for p in problems))
-        self.problems = problems
+CONTROLS = ("stop", "resume", "retry", "delete")
 
 
 @contextmanager
 def opened(root: Path) -> Iterator[tuple[StateStore, RunPlan]]:
-    store = StateStore(root / "state.db")
+    plan = read_plan(root)
+    store = open_store(root)
     try:
-        yield store, RunPlan.model_validate_json((root / "plan.json").read_text())
+        yield store, plan
     finally:
         store.close()
 
@@ -89,30 +82,21 @@ def run_config_view(root: Path, run_id: str) -> dict[str, Any]:
     return {"run_id": run_id, "knobs": planned.knobs, "config": planned.config}
 
 
-def request_control(root: Path, kind: str, run_id: str) -> int:
+def request_control(root: Path, kind: str, run_id: str) -> dict[str, Any]:
+    """Queue stop/resume/retry/delete, checked as `finetune ctl` checks it (`RequestRejected`: why not)."""
     if kind not in CONTROLS:
-        raise RequestRejected([{"path": "", "message": f"unknown action {kind}; one of {', '.join(CONTROLS)}"}])
-    with opened(root) as (store, plan):
-        if _planned(plan, run_id) is None and run_id not in {row.run_id for row in store.runs()}:
-            raise KeyError(run_id)
-        return store.request(kind, run_id)
+        raise RequestRejected([("", f"unknown action {kind}; one of {', '.join(CONTROLS)}")])
+    return _accepted(submit_request(root, kind, run_id))
 
 
-def request_clone(root: Path, run_id: str, changes: dict[str, Any], warm_start: bool) -> int:
-    """Validate the edited config now, so errors show next to their fields; then queue the clone."""
+def request_clone(root: Path, run_id: str, changes: dict[str, Any], warm_start: bool) -> dict[str, Any]:
+    """Validate and plan the edited config now, so errors show next to their fields; then queue the clone."""
     settings = [f"{key}={_as_yaml(value)}" for key, value in changes.items() if str(key).strip()]
-    with opened(root) as (store, plan):
-        parent = _planned(plan, run_id)
-        if parent is None:
-            raise KeyError(run_id)
-        try:
-            config = clone_config(parent, settings, None)
-        except ConfigLoadError as error:
-            raise RequestRejected([{"path": str(error).partition(":")[0].removeprefix("--set ").strip(), "message": str(error)}]) from None
-        validated, issues = validate_concrete(config, lambda path: "dashboard")  # type: ignore[arg-type,return-value]
-        if validated is None:
-            raise RequestRejected([{"path": issue.path, "message": issue.message} for issue in issues])
-        return store.request("clone", run_id, {"set": settings, "warm_start": warm_start})
+    return _accepted(submit_request(root, "clone", run_id, {"set": settings, "warm_start": warm_start}))
+
+
+def _accepted(submitted: Submitted) -> dict[str, Any]:
+    return {"request_id": submitted.request_id, "live": submitted.live}
 
 
 def _as_yaml(value: Any) -> str:

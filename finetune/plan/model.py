@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
@@ -42,6 +43,18 @@ class PlannedRun(BaseModel):
     config: dict[str, Any] = Field(description="the concrete config, knob-free")
     derived: Derived
     parent_run_id: str | None = Field(default=None, description="set for runs cloned from another run")
+    warm_start: str | None = Field(
+        default=None,
+        description="a warm-start clone's adapter, relative to the experiment folder (its config names the same path)",
+    )
+
+    def located(self, root: Path) -> PlannedRun:
+        """This run with its warm-start adapter where the experiment folder `root` holds it now (a
+        folder can be moved or copied; the plan keeps the path relative)."""
+        if self.warm_start is None:
+            return self
+        peft = {"peft_type": "PRETRAINED_PEFT", "name_or_path": str(root / self.warm_start)}
+        return self.model_copy(update={"config": {**self.config, "peft_conf": peft}})
 
 
 class RunPlan(BaseModel):

@@ -20,6 +20,7 @@ from typing import Callable
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
+from finetune.schedule.control import RequestRejected, apply_request
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.messages import (
     ChunkDone,
@@ -32,9 +33,17 @@ from finetune.schedule.messages import (
     WorkerMessage,
     WriteFailed,
 )
-from finetune.schedule.policy import RunView, SuccessiveHalving, WorkerView, assign, slots_for
+from finetune.schedule.policy import (
+    RunView,
+    SuccessiveHalving,
+    WorkerView,
+    assign,
+    replay_rungs,
+    slots_for,
+    successive_halving_policies,
+)
 from finetune.schedule.pool import SlotPool, WorkerHandle
-from finetune.schedule.preparation import initial_checkpoint
+from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
 from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import ExperimentTracking, Tracker
@@ -51,6 +60,8 @@ class Controller:
     tracker: Tracker
     pool: SlotPool
     on_change: Callable[[], None] = lambda: None
+    # How a clone is prepared as a new run (`preparation.prepare_run`: preflight, data, derived values).
+    prepare_run: Callable[[RunPlan, Path, PlannedRun, list[str] | None], PlannedRun] = prepare_run
     sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
     runs: dict[str, RunRecord] = field(default_factory=dict)  # in plan order
     chunks: dict[tuple[str, int], ChunkRecord] = field(default_factory=dict)  # dispatched, not yet in the store
@@ -86,7 +97,7 @@ class Controller:
 
         self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
         row = self.store.run(run.run_id)
-        config = CONFIG_ADAPTER.validate_python(run.config)
+        config = CONFIG_ADAPTER.validate_python(run.located(self.root).config)
         record = RunRecord(run, config, base_key(config), gang_kind(config.experiment), RunStatus(row.state), row.position,
                            row.chunks_done, row.last_checkpoint, row.mlflow_run_id, row.chunks_done)
         self.runs[run.run_id] = record
@@ -95,28 +106,17 @@ class Controller:
         return record
 
     def _setup_sha(self) -> None:
-        for group, sweep in enumerate(self.plan.sweeps):
-            if sweep.get("strategy") == "successive_halving":
-                self.sha[group] = SuccessiveHalving(
-                    metric=sweep.get("metric", "eval_loss"),
-                    direction=sweep.get("direction", "minimize"),
-                    min_chunks=sweep.get("min_chunks", 1),
-                    max_chunks=sweep.get("max_chunks") or self.plan.num_chunks,
-                    reduction_factor=sweep.get("reduction_factor", 2),
-                    min_early_stopping_rate=sweep.get("min_early_stopping_rate", 0),
-                )
-        for chunk in self.store.chunk_rows():  # replay rung results after a restart
-            record = self.runs.get(chunk["run_id"])
-            policy = self.sha.get(record.planned.group) if record else None
-            if policy is not None:
-                done = chunk["chunk"] + 1
-                if done in policy.rungs() and policy.metric in chunk["metrics"]:
-                    policy.rung_results.setdefault(done, {})[chunk["run_id"]] = chunk["metrics"][policy.metric]
+        self.sha = successive_halving_policies(self.plan.sweeps, self.plan.num_chunks)
+        groups = {run_id: record.planned.group for run_id, record in self.runs.items()}
+        replay_rungs(self.sha, groups, self.store.chunk_rows())
 
     # ------------------------------------------------------------ the interface of interactive control
 
     def record(self, run_id: str) -> RunRecord | None:
         return self.runs.get(run_id)
+
+    def run_ids(self) -> set[str]:
+        return set(self.runs)
 
     def training(self, run_id: str) -> bool:
         """A worker is training one of its chunks."""
@@ -133,6 +133,12 @@ class Controller:
             self._forget_progress(record)  # retried from its last durable chunk, with fresh tries
             self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] != run_id}
         self._set_status(record, status)
+
+    def prepare(self, run: PlannedRun) -> PlannedRun:
+        try:
+            return self.prepare_run(self.plan, self.root, run, self.local_devices())
+        except RunUnprepared as unprepared:
+            raise RequestRejected(unprepared.problems) from None
 
     def add_run(self, run: PlannedRun) -> None:
         self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
@@ -190,7 +196,7 @@ class Controller:
             every = record.config.experiment.eval_every_chunks
             self.tickets += 1
             worker.tasks.put(ChunkTask(
-                self.tickets, record.planned, task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
+                self.tickets, record.planned.located(self.root), task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
                 record.config.experiment.max_eval_samples,
                 evaluate=(task.chunk + 1) % every == 0 or task.chunk == record.total_chunks - 1,
             ))
@@ -308,12 +314,13 @@ class Controller:
                                 done.step_seconds, done.eval_seconds, done.started_at, done.finished_at)
         previous, record.last_checkpoint = record.last_checkpoint, durable.checkpoint
         record.durable_chunks += 1
-        if previous and previous != durable.checkpoint:
-            shutil.rmtree(previous, ignore_errors=True)
+        if previous and previous != durable.checkpoint and Path(previous).resolve().is_relative_to(self.store.root):
+            shutil.rmtree(previous, ignore_errors=True)  # never outside this folder (a copy's is the original's)
         self.store.event("chunk_durable", record.run_id, chunk=chunk.chunk, bytes=_directory_bytes(Path(durable.checkpoint)))
         if record.durable_chunks >= record.total_chunks and record.status is RunStatus.PENDING:
             self._set_status(record, RunStatus.COMPLETED)
-            self.store.event("run_completed", record.run_id, final_checkpoint=durable.final_checkpoint)
+            final = durable.final_checkpoint and self.store.stored_path(durable.final_checkpoint)
+            self.store.event("run_completed", record.run_id, final_checkpoint=final)
             self.tracking.end(record, "FINISHED", durable.final_checkpoint)
 
     def _grow_slots(self, worker: WorkerHandle, message: ChunkDone) -> None:
@@ -372,16 +379,17 @@ class Controller:
     # ------------------------------------------------------------ interactive control
 
     def _apply_requests(self) -> None:
-        from finetune.schedule.control import apply_request
-
         waiting: set[str] = set()  # runs with a request put off: their later requests wait behind it, in order
         for request_id, kind, run_id, payload in self.store.pending_requests():
-            status = None if run_id in waiting else apply_request(self, kind, run_id, payload)
+            try:
+                status = None if run_id in waiting else apply_request(self, kind, run_id, payload)
+            except Exception as error:  # a fault in one request never stops the experiment
+                status = f"rejected: {type(error).__name__}: {error}"
             if status is None:
                 waiting.add(run_id)  # the run is training a chunk: applied at its boundary
                 continue
             self.store.finish_request(request_id, status)
-            self.store.event(f"ctl_{kind}", run_id, status=status, **payload)
+            self.store.event(f"ctl_{kind}", run_id, status=status, **(payload if isinstance(payload, dict) else {}))
             self.on_change()
 
 

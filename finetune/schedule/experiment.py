@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import shutil
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -14,9 +15,10 @@ from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller
 from finetune.schedule.display import runs_table
+from finetune.schedule.folder import LOCK_FILE, STATE_FILE, ExperimentLock
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
-from finetune.schedule.preparation import ExperimentError, experiment_dir, initial_checkpoint, load_or_create_plan
+from finetune.schedule.preparation import ExperimentError, experiment_dir, load_or_create_plan, start_up_problems
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import Tracker
 
@@ -42,7 +44,6 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
     (`devices` None: on a Ray cluster, whose devices the workers check). Returns the validated
     config of each run."""
     from finetune.train.model import load_tokenizer
-    from finetune.train.preflight import preflight
 
     tokenizers: dict[str, Any] = {}
 
@@ -55,11 +56,7 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
     lines, configs = [], {}
     for run in plan.runs:
         config = configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
-        problems = preflight(config, devices, tokenizer_of)
-        try:
-            initial_checkpoint(config)
-        except ExperimentError as error:
-            problems.append(("run_conf.resume_from_checkpoint", str(error).partition(": ")[2]))
+        problems = start_up_problems(config, devices, tokenizer_of)
         lines += [f"run {run.run_id} ({run.label or 'the only run'}): {path}: {problem}" for path, problem in problems]
     if lines:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
@@ -74,27 +71,52 @@ def start_pool(settings: ExperimentConfig, root: Path, kinds: set[str]) -> SlotP
     if settings.backend == "ray":
         from finetune.schedule.ray_pool import RayWorkerPool
 
-        return RayWorkerPool(settings.devices, settings.runs_per_device, root.resolve(), settings.ray_address, memory)
+        return RayWorkerPool(settings.devices, settings.runs_per_device, root, settings.ray_address, memory)
     return WorkerPool(resolve_devices(settings.devices), settings.runs_per_device, root, memory, sorted(kinds))
 
 
 def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
-    """Train the plan in its experiment directory (or continue the one in `resume_dir`)."""
+    """Train the plan in its experiment directory (or continue the one in `resume_dir`), holding the
+    folder's lock throughout: a second controller on the same folder stops at once, saying who holds it."""
     from finetune.runtime import quiet_libraries
 
     quiet_libraries()
-    root = resume_dir or experiment_dir(plan)
+    root = (resume_dir or experiment_dir(plan)).resolve()
+    created = make_folder(root)
+    try:
+        with ExperimentLock(root):
+            return _train(plan, root, console, make_tracker, resume_dir is not None)
+    finally:
+        if created and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
+            shutil.rmtree(root, ignore_errors=True)
+
+
+def make_folder(root: Path) -> bool:
+    """Create the experiment folder; True if it is new."""
+    for parent in (root, *root.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ExperimentError(f"{parent} is a file; the experiment folder {root} cannot be made under it "
+                                  "(give experiment.output_dir another value)")
+    if root.is_dir():
+        return False
+    try:
+        root.mkdir(parents=True)
+    except OSError as error:
+        raise ExperimentError(f"cannot create the experiment folder {root}: {error.strerror or error}") from None
+    return True
+
+
+def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFactory, resume: bool) -> Path:
     started = time.perf_counter()
     settings = plan.settings
     local = settings.backend == "local"
     configs = check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
-    root.mkdir(parents=True, exist_ok=True)
     pool = start_pool(settings, root, {gang_kind(config.experiment) for config in configs.values()})
     devices = sorted({worker.device for worker in pool.workers})
     try:
         with console.status("preparing data (tokenised once per data setting)..."):
-            plan = load_or_create_plan(plan, root, resume=resume_dir is not None)
-        store = StateStore(root / "state.db")
+            plan = load_or_create_plan(plan, root, resume=resume)
+        store = StateStore(root / STATE_FILE, create=True)
         tracker = make_tracker(root, plan)
         title = f"{plan.experiment} on {', '.join(devices)}"
         with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:

@@ -8,7 +8,7 @@ takes next, and after each chunk's evaluation whether a run continues or stops
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 Decision = Literal["continue", "stop"]
 MAX_AUTO_SLOTS = 8  # `runs_per_device: auto` never starts more workers on one GPU
@@ -136,3 +136,28 @@ class SuccessiveHalving:
         good = value <= cutoff if self.direction == "minimize" else value >= cutoff
         detail = {"rung": chunks_done, "metric": self.metric, "value": value, "cutoff": cutoff, "seen": len(ordered)}
         return ("continue" if good else "stop"), detail
+
+
+def successive_halving_policies(sweeps: list[dict[str, Any]], num_chunks: int) -> dict[int, SuccessiveHalving]:
+    """One successive-halving policy per group whose sweep asks for it, by group index."""
+    return {
+        group: SuccessiveHalving(
+            metric=sweep.get("metric", "eval_loss"),
+            direction=sweep.get("direction", "minimize"),
+            min_chunks=sweep.get("min_chunks", 1),
+            max_chunks=sweep.get("max_chunks") or num_chunks,
+            reduction_factor=sweep.get("reduction_factor", 2),
+            min_early_stopping_rate=sweep.get("min_early_stopping_rate", 0),
+        )
+        for group, sweep in enumerate(sweeps)
+        if sweep.get("strategy") == "successive_halving"
+    }
+
+
+def replay_rungs(policies: dict[int, SuccessiveHalving], groups: dict[str, int], chunks: list[dict[str, Any]]) -> None:
+    """Feed the rung results of durable chunks (rows of the state store) back after a restart."""
+    for chunk in chunks:
+        policy = policies.get(groups[chunk["run_id"]]) if chunk["run_id"] in groups else None
+        done = chunk["chunk"] + 1
+        if policy is not None and done in policy.rungs() and policy.metric in chunk["metrics"]:
+            policy.rung_results.setdefault(done, {})[chunk["run_id"]] = chunk["metrics"][policy.metric]

@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
-from finetune.plan.model import RunPlan
+from finetune.plan.model import PlannedRun, RunPlan
+from finetune.schedule.folder import read_plan
 
 
 class ExperimentError(RuntimeError):
     pass
+
+
+class RunUnprepared(ExperimentError):
+    """A run added to a running experiment (a clone) that could not start: (key path, problem) pairs."""
+
+    def __init__(self, problems: list[tuple[str, str]]) -> None:
+        super().__init__("; ".join(f"{path}: {problem}" if path else problem for path, problem in problems))
+        self.problems = problems
 
 
 def experiment_dir(plan: RunPlan) -> Path:
@@ -47,6 +56,34 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
     return plan.model_copy(update={"runs": runs, "failed": failed})
 
 
+def prepare_run(plan: RunPlan, root: Path, run: PlannedRun, devices: list[str] | None) -> PlannedRun:
+    """A run added to `plan` while it trains, prepared as a run of the plan was: every start-up
+    problem found now, its data prepared (cached per data setting), and its steps derived from its
+    own data sizes."""
+    from finetune.train.model import load_tokenizer
+
+    problems = start_up_problems(CONFIG_ADAPTER.validate_python(run.located(root).config), devices, load_tokenizer)
+    if problems:
+        raise RunUnprepared(problems)
+    prepared = finalize_plan(plan.model_copy(update={"runs": [run], "failed": {}}), root)
+    if prepared.failed:
+        raise RunUnprepared([("", prepared.failed[run.run_id])])
+    return prepared.runs[0]
+
+
+def start_up_problems(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[tuple[str, str]]:
+    """Every problem a run would hit at start-up, as (key path, problem): `train.preflight`'s, and a
+    `resume_from_checkpoint` that is not a checkpoint."""
+    from finetune.train.preflight import preflight
+
+    problems = preflight(config, devices, load_tokenizer)
+    try:
+        initial_checkpoint(config)
+    except ExperimentError as error:
+        problems.append(("run_conf.resume_from_checkpoint", str(error).partition(": ")[2]))
+    return problems
+
+
 def initial_checkpoint(config: Any) -> str | None:
     """`run_conf.resume_from_checkpoint` as a path: the checkpoint (HF's or a finetune chunk) a run starts from.
 
@@ -67,7 +104,7 @@ def initial_checkpoint(config: Any) -> str | None:
 def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     saved = root / "plan.json"
     if saved.is_file():
-        existing = RunPlan.model_validate_json(saved.read_text())
+        existing = read_plan(root)
         original = {run.run_id for run in existing.runs if run.parent_run_id is None}
         if resume or original == {run.run_id for run in plan.runs}:
             return existing
@@ -76,7 +113,7 @@ def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
             "or give experiment.name another value"
         )
     if resume:
-        raise ExperimentError(f"nothing to resume: {saved} does not exist")
+        read_plan(root)  # missing: says so, and what to do
     final = finalize_plan(plan, root)
     write_json_atomic(saved, final.model_dump(mode="json"))
     return final

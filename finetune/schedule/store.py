@@ -2,7 +2,8 @@
 
 Everything that must survive a crash lives here: runs, durable chunks, metrics, control
 requests and events. A chunk counts only once its checkpoint is on disk and its row is
-committed here.
+committed here. Paths are stored relative to the experiment folder (and returned resolved
+against it), so a folder that is moved or copied resumes from wherever it is.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ CREATE TABLE IF NOT EXISTS metrics (
     run_id TEXT NOT NULL, step INTEGER NOT NULL, name TEXT NOT NULL, value REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (name, run_id);
+CREATE UNIQUE INDEX IF NOT EXISTS metrics_once ON metrics (run_id, name, step);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, run_id TEXT NOT NULL,
     payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending', created_at REAL NOT NULL
@@ -41,6 +43,11 @@ CREATE TABLE IF NOT EXISTS events (
 );
 """
 
+SQLITE_HEADER = b"SQLite format 3\x00"
+TABLES = frozenset({"runs", "chunks", "metrics", "requests", "events"})
+# Rows of metrics logged twice by a store written before `metrics_once` (a chunk in flight when the
+# controller stopped was logged again when retrained): the later row wins.
+DUPLICATE_METRICS = "DELETE FROM metrics WHERE rowid NOT IN (SELECT MAX(rowid) FROM metrics GROUP BY run_id, name, step)"
 LATER_CHUNK_COLUMNS = {"eval_seconds": "REAL NOT NULL DEFAULT 0", "started_at": "REAL", "trained_at": "REAL"}
 ACTIVE_STATES = ("pending", "running")
 RUN_STATES = ("pending", "running", "stopped", "completed", "failed", "deleted")
@@ -61,18 +68,71 @@ class RunRow:
     mlflow_run_id: str | None
 
 
+class ExperimentDamaged(RuntimeError):
+    """A file of an experiment folder that cannot be read; the message names it and what to do."""
+
+
+def damaged(path: Path, what: str) -> ExperimentDamaged:
+    return ExperimentDamaged(
+        f"{path} is damaged ({what}); restore it from a backup, or train again in a new folder "
+        "(the checkpoints under runs/ are intact and can be exported by hand)"
+    )
+
+
 class StateStore:
-    def __init__(self, path: str | Path) -> None:
+    """`create`: a new experiment may start here; otherwise the store must exist and be whole."""
+
+    def __init__(self, path: str | Path, create: bool = True) -> None:
         self.path = Path(path)
+        self.root = self.path.parent.resolve()
+        self._check_file(create)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        try:
+            self._open(create)
+        except sqlite3.DatabaseError as error:
+            self._db.close()
+            raise damaged(self.path, str(error)) from None
+
+    def _check_file(self, create: bool) -> None:
+        """A missing or empty file is a new store only for a new experiment: where runs have left
+        directories behind, it is damage (taking it as new would silently train everything again)."""
+        if self.path.exists() and not self.path.is_file():
+            raise damaged(self.path, "not a regular file")
+        if not self.path.exists() or self.path.stat().st_size == 0:
+            what = "missing" if not self.path.exists() else "empty"
+            runs = self.root / "runs"
+            if not create:
+                raise damaged(self.path, what)
+            if runs.is_dir() and any(runs.iterdir()):
+                raise damaged(self.path, f"{what}, but the experiment has run directories")
+            return
+        with self.path.open("rb") as stream:
+            if stream.read(len(SQLITE_HEADER)) != SQLITE_HEADER:
+                raise damaged(self.path, "not an SQLite database")
+
+    def _open(self, create: bool) -> None:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
+        tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        if not create and not TABLES <= tables:
+            raise damaged(self.path, f"no {', '.join(sorted(TABLES - tables))} table")
+        if "metrics" in tables and not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'metrics_once'").fetchone():
+            self._db.execute(DUPLICATE_METRICS)
         self._db.executescript(SCHEMA)
         columns = {row[1] for row in self._db.execute("PRAGMA table_info(chunks)")}
         for column, kind in LATER_CHUNK_COLUMNS.items():  # a state store written by an earlier version
             if column not in columns:
                 self._db.execute(f"ALTER TABLE chunks ADD COLUMN {column} {kind}")
+
+    def stored_path(self, path: str | Path) -> str:
+        """`path` as the store keeps it: relative to the experiment folder when inside it."""
+        absolute = Path(path).resolve()
+        return str(absolute.relative_to(self.root)) if absolute.is_relative_to(self.root) else str(absolute)
+
+    def resolved_path(self, stored: str) -> str:
+        """A stored path as this copy of the folder sees it (an absolute one, from an older store, as it is)."""
+        return str(self.root / stored)
 
     def close(self) -> None:
         self._db.close()
@@ -112,7 +172,8 @@ class StateStore:
             f"({latest.format('checkpoint')}), ({latest.format('metrics')}), "
             "r.parent_run_id, r.error, r.mlflow_run_id FROM runs r ORDER BY r.position"
         ).fetchall()
-        return [RunRow(*row[:7], json.loads(row[7]) if row[7] else {}, *row[8:]) for row in rows]
+        return [RunRow(*row[:6], self.resolved_path(row[6]) if row[6] else None, json.loads(row[7]) if row[7] else {}, *row[8:])
+                for row in rows]
 
     def run(self, run_id: str) -> RunRow:
         for row in self.runs():
@@ -137,7 +198,7 @@ class StateStore:
             db.execute(
                 "INSERT INTO chunks (run_id, chunk, global_step, checkpoint, metrics, seconds, step_seconds, finished_at, "
                 "eval_seconds, started_at, trained_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (run_id, chunk, global_step, checkpoint, json.dumps(metrics), seconds, step_seconds, time.time(), eval_seconds,
+                (run_id, chunk, global_step, self.stored_path(checkpoint), json.dumps(metrics), seconds, step_seconds, time.time(), eval_seconds,
                  started_at, trained_at),
             )
 
@@ -146,11 +207,12 @@ class StateStore:
                 "started_at", "trained_at")
         query = f"SELECT {', '.join(keys)} FROM chunks"
         rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
-        return [dict(zip(keys, row)) | {"metrics": json.loads(row[4])} for row in rows]
+        return [dict(zip(keys, row)) | {"metrics": json.loads(row[4]), "checkpoint": self.resolved_path(row[3])} for row in rows]
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
+        """One row per (run, name, step): a step trained again after a resume replaces its row."""
         self._db.executemany(
-            "INSERT INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
+            "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
         )
 
     def forget_metrics_after(self, run_id: str, step: int) -> None:
@@ -168,7 +230,7 @@ class StateStore:
     def metric_series(self, name: str) -> dict[str, list[tuple[int, float]]]:
         series: dict[str, list[tuple[int, float]]] = {}
         for run_id, step, value in self._db.execute(
-            "SELECT run_id, step, value FROM metrics WHERE name = ? ORDER BY rowid", (name,)
+            "SELECT run_id, step, value FROM metrics WHERE name = ? ORDER BY step, rowid", (name,)
         ):
             series.setdefault(run_id, []).append((step, value))
         return series
@@ -182,12 +244,23 @@ class StateStore:
         )
         return int(cursor.lastrowid)
 
-    def pending_requests(self) -> list[tuple[int, str, str, dict[str, Any]]]:
+    def pending_requests(self) -> list[tuple[int, str, str, Any]]:
+        """(id, kind, run id, payload) of each request not yet applied or rejected, oldest first (a
+        payload that is not JSON comes as None, and the request is rejected like any bad one)."""
         rows = self._db.execute("SELECT id, kind, run_id, payload FROM requests WHERE status = 'pending' ORDER BY id")
-        return [(row[0], row[1], row[2], json.loads(row[3])) for row in rows.fetchall()]
+        return [(row[0], row[1], row[2], _json_or_none(row[3])) for row in rows.fetchall()]
 
     def finish_request(self, request_id: int, status: str) -> None:
         self._db.execute("UPDATE requests SET status = ? WHERE id = ?", (status, request_id))
+
+    def requests(self) -> list[dict[str, Any]]:
+        rows = self._db.execute("SELECT id, kind, run_id, payload, status, created_at FROM requests ORDER BY id").fetchall()
+        keys = ("id", "kind", "run_id", "payload", "status", "created_at")
+        return [dict(zip(keys, row)) | {"payload": _json_or_none(row[3])} for row in rows]
+
+    def request_status(self, request_id: int) -> str | None:
+        row = self._db.execute("SELECT status FROM requests WHERE id = ?", (request_id,)).fetchone()
+        return row[0] if row else None
 
     def event(self, kind: str, run_id: str | None = None, **detail: Any) -> None:
         self._db.execute(
@@ -198,3 +271,10 @@ class StateStore:
     def events(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT at, run_id, kind, detail FROM events ORDER BY id").fetchall()
         return [{"at": at, "run_id": run_id, "kind": kind, **json.loads(detail)} for at, run_id, kind, detail in rows]
+
+
+def _json_or_none(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except (TypeError, ValueError):
+        return None

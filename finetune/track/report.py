@@ -5,14 +5,13 @@ from __future__ import annotations
 from pathlib import Path
 
 from finetune.io import write_text_atomic
-from finetune.plan.model import RunPlan
-from finetune.schedule.store import StateStore
+from finetune.schedule.folder import open_store, read_plan
 from finetune.track.ranking import ranked_runs, ranking_metric
 
 
 def report_markdown(root: Path) -> str:
-    plan = RunPlan.model_validate_json((root / "plan.json").read_text())
-    store = StateStore(root / "state.db")
+    plan = read_plan(root)
+    store = open_store(root)
     metric, direction = ranking_metric(plan)
     ranked = ranked_runs(store, plan)
     lines = [
@@ -43,7 +42,7 @@ def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss", "rewa
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    store = StateStore(root / "state.db")
+    store = open_store(root)
     labels = {row.run_id: row.label for row in store.runs()}
     written = []
     for name in names:

@@ -17,6 +17,8 @@ from typing import Iterator
 
 import pytest
 
+from finetune.schedule.store import StateStore
+from tests.test_dashboard import experiment, requests_in, set_state
 from tests.test_training import _wait_for_chunks, demo_config, finetune, small, start_experiment, states
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -72,6 +74,40 @@ def wait_until(condition, timeout: float = 60.0):
 
 def rows(driver) -> list:
     return driver.find_elements("css selector", "#runs tbody tr")
+
+
+def button(driver, run_id: str, action: str) -> list:
+    return driver.find_elements("css selector", f"button[data-action={action}][data-run='{run_id}']")
+
+
+def status_text(driver) -> str:
+    return driver.find_element("id", "status").text
+
+
+def test_a_failed_run_offers_retry_and_the_page_says_who_applies_it(tmp_path, browser) -> None:
+    root = experiment(tmp_path)  # no training: runs written straight into the state store
+    store = StateStore(root / "state.db")
+    failed, stopped, pending = [run.run_id for run in store.runs()]
+    store.close()
+    set_state(root, failed, "failed")
+    set_state(root, stopped, "stopped")
+    server, url = dashboard(root, tmp_path)
+    try:
+        browser.get(url)
+        wait_until(lambda: button(browser, failed, "retry"))
+        assert not button(browser, failed, "resume") and button(browser, stopped, "resume") and not button(browser, stopped, "retry")
+        assert button(browser, pending, "stop") and not button(browser, pending, "resume")
+        button(browser, failed, "retry")[0].click()
+        wait_until(lambda: "accepted" in status_text(browser))
+        assert "the next `finetune run --resume` applies it" in status_text(browser)
+        browser.execute_script("for (let id = 0; id < 10000; id++) clearInterval(id);")  # no re-render under the click
+        set_state(root, stopped, "completed")
+        button(browser, stopped, "resume")[0].click()
+        wait_until(lambda: "refused" in status_text(browser))
+        assert f"run {stopped} is completed; resume acts on a stopped run" in status_text(browser)
+        assert [kind for _, kind, _, _ in requests_in(root)] == ["retry"]
+    finally:
+        server.terminate()
 
 
 @pytest.fixture

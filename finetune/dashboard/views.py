@@ -12,14 +12,16 @@ from pathlib import Path
 from typing import Any, Iterator
 
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.control import RequestRejected
+from finetune.schedule.control import ACTS_ON, RequestKind, RequestRejected
 from finetune.schedule.folder import open_store, read_plan
+from finetune.schedule.records import RunStatus
 from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
 from finetune.track.ranking import ranked_runs, ranking_metric
 
 CURVES = ("loss", "eval_loss", "reward")
 CONTROLS = ("stop", "resume", "retry", "delete")
+CLONE_FIELDS = ("set", "warm_start")
 
 
 @contextmanager
@@ -33,12 +35,20 @@ def opened(root: Path) -> Iterator[tuple[StateStore, RunPlan]]:
 
 
 def mlflow_info(root: Path) -> dict[str, Any]:
-    tracking = root / "tracking.json"
-    known = json.loads(tracking.read_text()) if tracking.is_file() else {}
-    uri = known.get("uri", "")
+    known = _tracking(root / "tracking.json")
+    uri = str(known.get("uri") or "")
     web = uri.rstrip("/") if uri.startswith(("http://", "https://")) else None
     command = None if web else f"mlflow ui --backend-store-uri {uri}"
     return {"uri": uri, "web": web, "command": command, "parent_run_id": known.get("parent_run_id")}
+
+
+def _tracking(path: Path) -> dict[str, Any]:
+    """Where tracking goes; an unreadable file only costs the MLflow link."""
+    try:
+        known = json.loads(path.read_text()) if path.is_file() else {}
+    except (OSError, ValueError):
+        return {}
+    return known if isinstance(known, dict) else {}
 
 
 def runs_view(root: Path) -> dict[str, Any]:
@@ -55,9 +65,18 @@ def runs_view(root: Path) -> dict[str, Any]:
                 "run_id": row.run_id, "label": row.label, "state": row.state, "rank": entry.rank, "value": entry.value,
                 "chunks_done": row.chunks_done, "total_chunks": row.total_chunks, "error": row.error,
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
-                "parent_run_id": row.parent_run_id, "mlflow_run_id": row.mlflow_run_id,
+                "parent_run_id": row.parent_run_id, "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state),
             })
     return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root)}
+
+
+def actions(state: str) -> list[str]:
+    """The requests a run in `state` accepts (the controller's own table), for the page's buttons."""
+    try:
+        status = RunStatus(state)
+    except ValueError:
+        return []
+    return [kind.value for kind in RequestKind if status in ACTS_ON[kind]]
 
 
 def curves_view(root: Path) -> dict[str, dict[str, list[list[float]]]]:
@@ -89,10 +108,27 @@ def request_control(root: Path, kind: str, run_id: str) -> dict[str, Any]:
     return _accepted(submit_request(root, kind, run_id))
 
 
-def request_clone(root: Path, run_id: str, changes: dict[str, Any], warm_start: bool) -> dict[str, Any]:
-    """Validate and plan the edited config now, so errors show next to their fields; then queue the clone."""
-    settings = [f"{key}={_as_yaml(value)}" for key, value in changes.items() if str(key).strip()]
-    return _accepted(submit_request(root, "clone", run_id, {"set": settings, "warm_start": warm_start}))
+def request_clone(root: Path, run_id: str, body: dict[str, Any]) -> dict[str, Any]:
+    """Validate and plan the edited config now, so errors show next to their fields; then queue the clone.
+
+    `body` is `{"set": {KEY: VALUE}, "warm_start": bool}`; a string VALUE is YAML, as after `--set KEY=`."""
+    unknown = [(str(key), f"unknown field; a clone request has {' and '.join(CLONE_FIELDS)}") for key in body if key not in CLONE_FIELDS]
+    changes = body.get("set", {})
+    if not isinstance(changes, dict):
+        raise RequestRejected([*unknown, ("set", "set must map config keys to values")])
+    problems = unknown + [(key, problem) for key in changes if (problem := _key_problem(key))]
+    if problems:
+        raise RequestRejected(problems)
+    settings = [f"{key.strip()}={_as_yaml(value)}" for key, value in changes.items() if key.strip()]
+    return _accepted(submit_request(root, "clone", run_id, {"set": settings, "warm_start": body.get("warm_start", False)}))
+
+
+def _key_problem(key: str) -> str | None:
+    if "=" in key:
+        return "a config key has no '='"
+    if any(part.isdigit() and not part.isdecimal() for part in key.strip().split(".")):
+        return "each part of a dotted key is a name or a list index (0, 1, ...)"
+    return None
 
 
 def _accepted(submitted: Submitted) -> dict[str, Any]:

@@ -6,13 +6,29 @@ const TOKEN = new URLSearchParams(location.search).get("token") || "";
 const COLORS = ["#e63946", "#457b9d", "#2a9d8f", "#f4a261", "#9b5de5", "#1d3557", "#e9c46a", "#06d6a0", "#ef476f", "#118ab2"];
 const POLL_MS = 2000;
 const hidden = new Set();  // runs left out of the charts
-let latest = { runs: [] };
+let unreadable = false;  // the status line shows why the experiment cannot be read
 
 async function api(path, options = {}) {
   const headers = { Authorization: `Bearer ${TOKEN}`, ...(options.body ? { "Content-Type": "application/json" } : {}) };
-  const response = await fetch(path, { ...options, headers });
-  const body = await response.json().catch(() => ({}));
-  return { ok: response.ok, status: response.status, body };
+  try {
+    const response = await fetch(path, { ...options, headers });
+    const body = await response.json().catch(() => ({}));
+    return { ok: response.ok, status: response.status, body };
+  } catch (failure) {
+    return { ok: false, status: 0, body: { error: `the dashboard server does not answer (${failure.message})` } };
+  }
+}
+
+// What an answer that is not ok says: the problems of a rejected request, or the server's error.
+function why(result) {
+  const problems = (result.body.problems || []).map((p) => (p.path ? `${p.path}: ${p.message}` : p.message));
+  return problems.length ? problems.join("; ") : result.body.error || `answer ${result.status}`;
+}
+
+// Who applies an accepted request: the controller training now, or the next `finetune run --resume`.
+function whenApplied(body) {
+  return body.live ? "the running controller applies it at the run's next chunk boundary"
+    : "nothing is training this experiment now: the next `finetune run --resume` applies it";
 }
 
 function element(tag, attributes = {}, ...children) {
@@ -43,19 +59,28 @@ function renderHeader(data) {
     : element("code", { title: "open MLflow with this command" }, data.mlflow.command || ""));
 }
 
-function controlButton(run, action, enabled) {
-  return element("button", { "data-action": action, "data-run": run.run_id, ...(enabled ? {} : { disabled: "" }),
+const CONTROLS = ["stop", "resume", "retry", "delete"];
+
+function controlButton(run, action) {
+  return element("button", { "data-action": action, "data-run": run.run_id,
     onclick: async () => {
       const result = await api(`/api/runs/${run.run_id}/${action}`, { method: "POST" });
-      status(result.ok ? `${action} requested for ${run.run_id}: applied at its next chunk boundary` : JSON.stringify(result.body));
+      status(result.ok ? `${action} of ${run.run_id} accepted (request ${result.body.request_id}): ${whenApplied(result.body)}`
+        : `${action} of ${run.run_id} refused: ${why(result)}`);
       refresh();
     } }, action);
+}
+
+// The buttons of the requests the run's state accepts (the server's table), and clone.
+function controls(run) {
+  const accepted = run.actions || [];
+  return [...CONTROLS.filter((action) => accepted.includes(action)).map((action) => controlButton(run, action)),
+    element("button", { "data-action": "clone", "data-run": run.run_id, onclick: () => openClone(run) }, "clone")];
 }
 
 function renderRuns(data) {
   const body = document.querySelector("#runs tbody");
   body.replaceChildren(...data.runs.map((run) => {
-    const active = run.state === "pending" || run.state === "running";
     const show = element("input", { type: "checkbox", ...(hidden.has(run.run_id) ? {} : { checked: "" }),
       onchange: (event) => { event.target.checked ? hidden.delete(run.run_id) : hidden.add(run.run_id); refresh(); } });
     const progress = element("span", { class: "bar" }, element("span", { style: `width:${100 * run.chunks_done / Math.max(1, run.total_chunks)}%` }));
@@ -69,9 +94,7 @@ function renderRuns(data) {
       element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
       element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),
       element("td", { class: "number" }, number(run.latest.reward)),
-      element("td", {}, controlButton(run, "stop", active), controlButton(run, "resume", run.state === "stopped"),
-        controlButton(run, "delete", run.state !== "deleted"),
-        element("button", { "data-action": "clone", "data-run": run.run_id, onclick: () => openClone(run) }, "clone")));
+      element("td", {}, ...controls(run)));
   }));
 }
 
@@ -122,11 +145,11 @@ function status(text) {
 
 async function refresh() {
   const [runs, curves, events] = await Promise.all([api("/api/runs"), api("/api/curves"), api("/api/events")]);
-  if (!runs.ok) { status(`cannot read the experiment: ${runs.status} ${JSON.stringify(runs.body)}`); return; }
-  latest = runs.body;
+  if (!runs.ok) { unreadable = true; status(`cannot read the experiment: ${why(runs)}`); return; }
+  if (unreadable) { unreadable = false; status(""); }
   renderHeader(runs.body);
   renderRuns(runs.body);
-  document.getElementById("charts").replaceChildren(...Object.entries(curves.body).map(([name, series]) => renderChart(name, series, runs.body.runs)));
+  document.getElementById("charts").replaceChildren(...Object.entries(curves.ok ? curves.body : {}).map(([name, series]) => renderChart(name, series, runs.body.runs)));
   renderEvents(events.ok ? events.body : []);
 }
 
@@ -164,9 +187,9 @@ async function submitClone(event) {
   }
   const result = await api(`/api/runs/${dialog.dataset.run}/clone`, {
     method: "POST", body: JSON.stringify({ set: changes, warm_start: document.getElementById("clone-warm").checked }) });
-  if (result.ok) { dialog.close(); status(`clone requested (request ${result.body.request_id}): it starts at the next chunk boundary`); refresh(); return; }
+  if (result.ok) { dialog.close(); status(`clone requested (request ${result.body.request_id}): ${whenApplied(result.body)}`); refresh(); return; }
   const general = [];
-  for (const problem of result.body.problems || [{ path: "", message: JSON.stringify(result.body) }]) {
+  for (const problem of result.body.problems || [{ path: "", message: why(result) }]) {
     const row = rows.find((r) => r.querySelector("[name=key]").value.trim() === problem.path)
       || rows.find((r) => problem.path.startsWith(r.querySelector("[name=key]").value.trim() + ".") && r.querySelector("[name=key]").value.trim());
     if (row) row.querySelector(".error").textContent = problem.message; else general.push(`${problem.path}: ${problem.message}`);

@@ -119,7 +119,7 @@ def run(
 ) -> None:
     """Train every run of the plan with the chunk scheduler (running it again resumes)."""
     from finetune.schedule.experiment import run_experiment
-    from finetune.schedule.folder import ExperimentLocked, read_plan
+    from finetune.schedule.folder import ExperimentLocked, open_store, read_plan
     from finetune.schedule.preparation import ExperimentError
     from finetune.track.mlflow_tracker import tracker_for
     from finetune.track.report import report_markdown
@@ -129,6 +129,7 @@ def run(
                   "change a run with `finetune ctl clone`", EXIT_UNUSABLE)
     if resume is not None:
         run_plan = read_plan(experiment_or_exit(resume))
+        open_store(resume).close()  # a damaged store is said now, before any work
     elif config is not None:
         run_plan = build_plan_or_exit(load_or_exit(config, values_key, set_, False), config, False)
     else:

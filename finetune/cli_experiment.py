@@ -99,7 +99,7 @@ def dashboard(
     host: Annotated[str, typer.Option(help="Address to bind; anything but loopback makes reads need the token too")] = "127.0.0.1",
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one")] = 8765,
 ) -> None:
-    """Serve a live web page of the experiment: runs, curves, decisions, and stop/resume/delete/clone."""
+    """Serve a live web page of the experiment: runs, curves, decisions, and stop/resume/retry/delete/clone."""
     from finetune.dashboard.server import serve
 
     root = experiment_or_exit(experiment)

@@ -141,8 +141,10 @@ class Controller:
             raise RequestRejected(unprepared.problems) from None
 
     def add_run(self, run: PlannedRun) -> None:
-        self.plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
-        write_json_atomic(self.root / "plan.json", self.plan.model_dump(mode="json"))
+        """Add a run to the plan on disk, then to the records (a plan that cannot be written changes nothing)."""
+        plan = self.plan.model_copy(update={"runs": [*self.plan.runs, run]})
+        write_json_atomic(self.root / "plan.json", plan.model_dump(mode="json"))
+        self.plan = plan
         self.tracking.add(self._register(run))
 
     def local_devices(self) -> list[str] | None:

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -20,7 +19,7 @@ from finetune.schedule.folder import ExperimentLock, ExperimentLocked, controlle
 from finetune.schedule.requests import submit_request
 from finetune.schedule.store import ExperimentDamaged, StateStore
 from tests.conftest import BASE_SFT
-from tests.helpers import doc_of
+from tests.helpers import doc_of, state_db
 
 FINETUNE = [sys.executable, "-m", "finetune.cli"]
 
@@ -51,7 +50,7 @@ def run_ids(root: Path) -> list[str]:
 
 
 def set_state(root: Path, run_id: str, state: str) -> None:
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         db.execute("UPDATE runs SET state = ? WHERE run_id = ?", (state, run_id))
 
 
@@ -95,7 +94,7 @@ def test_run_on_a_folder_another_controller_holds_exits_2_saying_who(tmp_path) -
 
 def test_checkpoint_paths_follow_a_moved_or_copied_folder(tmp_path) -> None:
     root = make_experiment(tmp_path)
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         stored = {row[0] for row in db.execute("SELECT checkpoint FROM chunks")}
     assert stored == {f"runs/{run_id}/chunk-0" for run_id in run_ids(root)}, "kept relative to the folder"
     copy = tmp_path / "elsewhere" / "copy"
@@ -176,7 +175,7 @@ def test_a_step_logged_again_after_a_resume_replaces_its_row(tmp_path) -> None:
 def test_duplicate_rows_of_an_older_store_are_dropped_when_it_is_opened(tmp_path) -> None:
     store = StateStore(tmp_path / "state.db")
     store.close()
-    with sqlite3.connect(tmp_path / "state.db") as db:
+    with state_db(tmp_path) as db:
         db.execute("DROP INDEX metrics_once")
         db.executemany("INSERT INTO metrics VALUES (?, ?, ?, ?)", [("a", 1, "loss", 2.0), ("a", 1, "loss", 2.5), ("a", 2, "loss", 1.0)])
     store = StateStore(tmp_path / "state.db")
@@ -259,3 +258,15 @@ def test_a_clone_of_a_warm_clone_keeps_its_adapter_path_relative(tmp_path) -> No
     again = plan_clone(CloneParent(warm, RunStatus.PENDING, 0, None), CloneRequest(("training_args.learning_rate=0.003",), False), set())
     assert again.warm_start == warm.warm_start
     assert again.located(Path("/moved")).config["peft_conf"]["name_or_path"] == f"/moved/warm-starts/{parent.run_id}-chunk1"
+
+
+def test_export_to_an_existing_folder_is_refused_and_text_in_brackets_is_printed_as_written(tmp_path) -> None:
+    root = make_experiment(tmp_path)
+    first = run_ids(root)[0]
+    (root / "runs" / first / "checkpoint-final").mkdir()
+    (tmp_path / "taken").mkdir()
+    result = cli(tmp_path, "export", str(root), first, "--output", str(tmp_path / "taken"))
+    assert result.returncode == 2 and "taken exists; give --output a path that does not exist yet" in result.stderr
+    assert "Traceback" not in result.stderr
+    result = cli(tmp_path, "ctl", "stop", str(root), "[bold]x[/bold]")
+    assert result.returncode == 1 and "no run [bold]x[/bold] in" in result.stderr and "[red]" not in result.stderr

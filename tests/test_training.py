@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from tests.conftest import EXAMPLES
+from tests.helpers import state_db
 
 pytestmark = pytest.mark.slow
 FINETUNE = [sys.executable, "-m", "finetune.cli"]
@@ -38,12 +39,12 @@ def small(name: str, steps: int = 8, chunks: int = 4) -> list[str]:
 
 
 def chunk_rows(root: Path) -> list[tuple[str, int]]:
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         return db.execute("SELECT run_id, chunk FROM chunks ORDER BY run_id, chunk").fetchall()
 
 
 def states(root: Path) -> dict[str, str]:
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         return dict(db.execute("SELECT run_id, state FROM runs").fetchall())
 
 
@@ -250,7 +251,7 @@ def _adapters(root: Path) -> dict[str, dict[str, list]]:
     """Final adapter weights by run label (run ids differ between experiments of other names)."""
     from safetensors.torch import load_file
 
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         labels = dict(db.execute("SELECT run_id, label FROM runs").fetchall())
     return {labels[final.parent.name]: {k: v.tolist() for k, v in load_file(final / "adapter_model.safetensors").items()}
             for final in sorted(root.glob("runs/*/checkpoint-final"))}
@@ -290,7 +291,7 @@ def test_interactive_control_on_a_live_experiment(tmp_path, demo_dir) -> None:
     assert after[first] == "stopped"
     clones = [run for run in after if run not in (first, second)]
     assert len(clones) == 1 and after[clones[0]] == "completed"
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         parent = db.execute("SELECT parent_run_id FROM runs WHERE run_id = ?", (clones[0],)).fetchone()[0]
         kinds = [row[0] for row in db.execute("SELECT kind FROM events")]
     assert parent == second and "ctl_stop" in kinds and "ctl_clone" in kinds
@@ -307,7 +308,7 @@ def test_successive_halving_records_its_decisions(tmp_path, demo_dir) -> None:
     config = demo_config(tmp_path, demo_dir, "sft-successive-halving.yaml", "sha")
     finetune(tmp_path, "run", str(config), *small("sha", steps=8, chunks=4), "--set", "sweep.num_runs=4")
     root = tmp_path / "runs" / "sha"
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         decisions = db.execute("SELECT run_id, kind, detail FROM events WHERE kind LIKE 'sha_%'").fetchall()
         chunks_per_run = dict(db.execute("SELECT run_id, COUNT(*) FROM chunks GROUP BY run_id").fetchall())
     assert decisions, "no rung decision was recorded"
@@ -368,6 +369,6 @@ def test_a_worker_killed_mid_experiment_loses_one_chunk_and_the_sweep_completes(
     assert process.wait(timeout=300) == 0
     assert set(states(root).values()) == {"completed"}
     assert chunk_rows(root) == sorted((run, chunk) for run in states(root) for chunk in range(4))
-    with sqlite3.connect(root / "state.db") as db:
+    with state_db(root) as db:
         lost = [json.loads(row[0]) for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_lost'")]
     assert all("died" in event["error"] and event["retry"] == 1 for event in lost)

@@ -270,3 +270,23 @@ def test_export_to_an_existing_folder_is_refused_and_text_in_brackets_is_printed
     assert "Traceback" not in result.stderr
     result = cli(tmp_path, "ctl", "stop", str(root), "[bold]x[/bold]")
     assert result.returncode == 1 and "no run [bold]x[/bold] in" in result.stderr and "[red]" not in result.stderr
+
+
+def test_wait_gives_the_controllers_answer_once_it_is_there(tmp_path) -> None:
+    import threading
+
+    from finetune.schedule.requests import wait_for
+
+    root = make_experiment(tmp_path)
+    submitted = submit_request(root, "stop", run_ids(root)[0])
+
+    def controller_answers() -> None:
+        store = open_store(root)
+        store.finish_request(submitted.request_id, "applied")
+        store.close()
+
+    answer = threading.Timer(0.3, controller_answers)
+    answer.start()
+    assert wait_for(root, submitted.request_id, seconds=30, poll=0.05) == "applied"
+    answer.join()
+    assert wait_for(root, submit_request(root, "stop", run_ids(root)[1]).request_id, seconds=0.2, poll=0.05) == "pending"

@@ -8,18 +8,36 @@ experiment directory (or `MLFLOW_TRACKING_URI` when set, as the Helm chart does)
 from __future__ import annotations
 
 import os
+import sqlite3
+from contextlib import closing
 from pathlib import Path
 from typing import Any
 
 from finetune.plan.model import PlannedRun
 
 MAX_PARAM_LENGTH = 500
+LOCAL_STORE = "mlflow.db"  # the MLflow store inside the experiment folder, without a tracking section
+
+
+def local_uri(experiment_dir: Path) -> str:
+    return f"sqlite:///{(experiment_dir / LOCAL_STORE).resolve()}"
 
 
 def tracking_uri(tracking: Any, experiment_dir: Path) -> str:
     if tracking is not None:
         return tracking.mlflow_server_uri
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{(experiment_dir / 'mlflow.db').resolve()}"
+    return os.environ.get("MLFLOW_TRACKING_URI") or local_uri(experiment_dir)
+
+
+def relocate_artifacts(store: Path, old: str, new: str) -> None:
+    """Point the experiment folder's own MLflow store at the folder's artifacts after the folder was
+    moved or copied (MLflow keeps artifact locations absolute): otherwise a copy would log its
+    artifacts into the original. Its `experiments` and `runs` tables have had these columns since
+    MLflow 1.0."""
+    with closing(sqlite3.connect(store)) as db, db:
+        db.execute("UPDATE experiments SET artifact_location = ? WHERE artifact_location = ?", (new, old))
+        db.execute("UPDATE runs SET artifact_uri = ? || substr(artifact_uri, ?) WHERE substr(artifact_uri, 1, ?) = ?",
+                   (new, len(old) + 1, len(old), old))
 
 
 def flatten(tree: Any, prefix: str = "") -> dict[str, str]:
@@ -38,11 +56,13 @@ class Tracker:
         self.uri = uri
         self.client = MlflowClient(tracking_uri=uri)
         experiment = self.client.get_experiment_by_name(experiment_name)
+        location = artifact_dir.resolve().as_uri() if "://" not in uri or uri.startswith("sqlite") else None
         if experiment is None:
-            location = artifact_dir.resolve().as_uri() if "://" not in uri or uri.startswith("sqlite") else None
             self.experiment_id = self.client.create_experiment(experiment_name, artifact_location=location)
         else:
             self.experiment_id = experiment.experiment_id
+            if location and experiment.artifact_location != location and uri == local_uri(artifact_dir.parent):
+                relocate_artifacts(artifact_dir.parent / LOCAL_STORE, experiment.artifact_location, location)
         self.parent_run_name = parent_run_name or experiment_name
 
     def parent_run(self, existing: str | None) -> str:

@@ -36,7 +36,7 @@ def test_yaml_11_style_floats_read_as_numbers() -> None:
 
 
 def test_unknown_tag_and_duplicate_key_are_unusable() -> None:
-    with pytest.raises(ConfigLoadError, match="unknown tag !choice"):
+    with pytest.raises(ConfigLoadError, match="f:1:4: a: unknown YAML tag !choice"):
         parse_yaml_text("a: !choice [1]\n", "f")
     with pytest.raises(ConfigLoadError, match="duplicate key 'a'"):
         parse_yaml_text("a: 1\na: 2\n", "f")

@@ -270,3 +270,68 @@ def test_any_bytes_are_records_or_a_data_error_with_a_line(tmp_path_factory, dat
         read_records(path, "sft")
     except DataError as error:
         assert error.line is None or 1 <= error.line <= data.count(b"\n") + 1
+
+
+# ---------------------------------------------------------------- hostile data: huge lines, tiny splits, exploding mixes
+
+
+def test_counting_a_file_without_newlines_takes_bounded_memory(tmp_path) -> None:
+    import tracemalloc
+
+    from finetune.data.mixing import count_jsonl_records
+
+    path = tmp_path / "one-line.jsonl"
+    with path.open("wb") as stream:
+        for _ in range(32):
+            stream.write(b"x" * (1 << 20))  # 32 MB, no newline
+    tracemalloc.start()
+    try:
+        assert count_jsonl_records(path) == 1
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, f"peak {peak} bytes"
+
+
+@settings(max_examples=100, deadline=None)
+@given(data=st.binary(max_size=60).map(lambda raw: raw.replace(b"a", b"\n").replace(b"b", b" ")))
+def test_counting_in_blocks_counts_the_non_blank_lines(data) -> None:
+    import io
+
+    from finetune.data import files
+
+    expected = sum(1 for line in io.BytesIO(data) if line.strip())
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(files, "BLOCK_BYTES", 3)
+        assert files.count_nonblank_lines(io.BytesIO(data)) == expected
+
+
+@pytest.mark.parametrize("sizes,kind,named", [
+    ((1,), "CONCATENATION", "d0.jsonl"), ((1, 0), "CONCATENATION", "d0.jsonl, d1.jsonl"),
+    ((1,), "PRECOMPUTE_WEIGHTED_MIX", "d0.jsonl"), ((5, 1), "PRECOMPUTE_WEIGHTED_MIX", "d1.jsonl"),
+])
+def test_auto_split_of_too_few_records_names_the_files(monkeypatch, sizes, kind, named) -> None:
+    from finetune.data import pipeline
+
+    datasets = [SimpleNamespace(path=f"d{index}.jsonl", sampling_weight=1.0) for index in range(len(sizes))]
+    data_conf = SimpleNamespace(training_data=SimpleNamespace(type=kind, datasets=datasets, seed=1),
+                                validation_data=SimpleNamespace(type="AUTO_SPLIT", ratio=0.2, seed=1))
+    records = {dataset.path: [GOOD] * size for dataset, size in zip(datasets, sizes)}
+    monkeypatch.setattr(pipeline, "read_records", lambda path, method: records[path])
+    with pytest.raises(DataError) as raised:
+        pipeline.gather_records(data_conf, "sft", pipeline.DataStats())
+    assert str(raised.value).startswith(f"{named}: AUTO_SPLIT") and "needs at least 2" in str(raised.value)
+
+
+def test_a_weighted_mix_that_would_explode_is_refused_before_drawing() -> None:
+    import time
+
+    from finetune.data.mixing import MixError, check_mix_size
+
+    started = time.perf_counter()
+    with pytest.raises(MixError, match=r"big.jsonl.*the limit is 10,000,000"):
+        check_mix_size([10, 10**6], [1000.0, 1.0], ["small.jsonl", "big.jsonl"])
+    for weights in ([1.0, 1e-12], [1.0, float("inf")], [float("nan"), 1.0]):
+        with pytest.raises(MixError):
+            weighted_mix_order([5, 5], weights, 1)
+    assert time.perf_counter() - started < 5

@@ -144,7 +144,10 @@ def test_values_the_models_reject_the_schemas_reject_too() -> None:
 
     for path, value in [("run_conf.model_args.torch_dtype", "float128"), ("training_args.num_train_epochs", -3),
                         ("training_args.learning_rate", -1e-4), ("training_args.max_steps", 0), ("sft_args.max_seq_length", 0),
-                        ("peft_conf.peft_kwargs.lora_dropout", 1.5), ("peft_conf.peft_kwargs.r", 0), ("experiment.devices", [0, 0])]:
+                        ("peft_conf.peft_kwargs.lora_dropout", 1.5), ("peft_conf.peft_kwargs.r", 0), ("experiment.devices", [0, 0]),
+                        ("run_conf.final_checkpoint_name", "../x"), ("experiment.name", "n" * 101), ("sft_args.save_name_if_new_basemodel", ""),
+                        ("batchsize_conf.total_train_batch_size", 10**12), ("training_args.max_steps", 10**9),
+                        ("training_args.num_train_epochs", 1e5), ("experiment.num_chunks", 10**9), ("sweep.max_runs", 10**9)]:
         tree = json.loads(json.dumps(BASE_SFT))
         *parents, last = path.split(".")
         node = tree

@@ -8,6 +8,7 @@ which is also how JSON and Helm values write them. The tree keeps the plain form
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterator
 from typing import Any, Literal, Union
 
@@ -34,7 +35,7 @@ class ListKnob(BaseModel):
 class RangeKnob(BaseModel):
     """A numeric interval [start, end] sampled uniformly (or log-uniformly) by random search."""
 
-    model_config = ConfigDict(extra="forbid", strict=True)
+    model_config = ConfigDict(extra="forbid", strict=True, allow_inf_nan=False)
     start: Union[int, float]
     end: Union[int, float]
     dtype: Literal["int", "float"] | None = Field(
@@ -46,6 +47,10 @@ class RangeKnob(BaseModel):
     def _check_bounds(self) -> RangeKnob:
         if isinstance(self.start, bool) or isinstance(self.end, bool):
             raise ValueError("range bounds must be numbers, not booleans")
+        if not all(abs(bound) <= sys.float_info.max for bound in (self.start, self.end)):
+            raise ValueError(f"range bounds must be finite numbers within ±{sys.float_info.max:.3g}")
+        if not math.isfinite(float(self.end) - float(self.start)):
+            raise ValueError("the range is wider than a float can hold; narrow it")
         if not self.start < self.end:
             raise ValueError(f"range start ({self.start}) must be smaller than end ({self.end})")
         if self.log and self.start <= 0:
@@ -107,9 +112,11 @@ def parse_knob(value: dict[str, Any]) -> Knob:
     try:
         return RangeKnob.model_validate(body)
     except ValidationError as error:
-        first = error.errors()[0]
-        loc = tuple(part for part in first["loc"] if isinstance(part, (str, int)))
-        message = first["msg"].removeprefix("Value error, ")
+        errors = error.errors()
+        # Of a union's errors at the first failing key (int, then float), the last says most: "a finite number".
+        chosen = [item for item in errors if item["loc"][:1] == errors[0]["loc"][:1]][-1]
+        loc = tuple(part for part in chosen["loc"] if isinstance(part, (str, int)))
+        message = chosen["msg"].removeprefix("Value error, ")
         raise KnobSyntaxError(f"bad $range: {message}", (RANGE_KEY, *loc[:1])) from None
 
 
@@ -124,6 +131,25 @@ def iter_knobs(tree: Any, path: Path = ()) -> Iterator[tuple[Path, dict[str, Any
     elif isinstance(tree, list):
         for index, item in enumerate(tree):
             yield from iter_knobs(item, (*path, index))
+
+
+def combinations(tree: Any) -> int | None:
+    """How many configs the `$list` knobs of `tree` make at most (nested knobs included), counted without
+    expanding anything: a product over the outermost knobs, each the sum over its candidates. None when a
+    `$range` makes the number unbounded (or a knob is malformed: validation says so)."""
+    total = 1
+    for _, plain in iter_knobs(tree):
+        body = plain[knob_kind(plain)]
+        if knob_kind(plain) != LIST_KEY or not isinstance(body, list):
+            return None
+        count = 0
+        for candidate in body:
+            inner = combinations(candidate)
+            if inner is None:
+                return None
+            count += inner
+        total *= count
+    return total
 
 
 def set_at(tree: Any, path: Path, value: Any) -> Any:

@@ -20,7 +20,16 @@ from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
 from finetune.config.knobs import LIST_KEY, RANGE_KEY, Path, dotted
 
-MERGE_TAG = "tag:yaml.org,2002:merge"
+CORE = "tag:yaml.org,2002:"
+MERGE_TAG = f"{CORE}merge"
+VALUE_TAG = f"{CORE}value"  # what a plain `=` resolves to: read as the string "="
+# The YAML tags a config may hold, by kind of node: the core schema's, and the knob tags !list and !range.
+# Any other tag (!!python/..., !!binary, !!set, a custom !foo) is refused wherever it is, never ignored.
+CORE_TAGS: dict[type, frozenset[str]] = {
+    ScalarNode: frozenset(f"{CORE}{name}" for name in ("str", "int", "float", "bool", "null", "timestamp")),
+    SequenceNode: frozenset({f"{CORE}seq"}),
+    MappingNode: frozenset({f"{CORE}map"}),
+}
 
 
 class ConfigLoadError(Exception):
@@ -62,9 +71,15 @@ MAX_VALUES = 20_000
 MAX_DEPTH = 64
 
 
+def tag_name(tag: str) -> str:
+    """`tag:yaml.org,2002:python/object/apply:os.system` -> `!!python/object/apply:os.system`."""
+    return "!!" + tag.removeprefix(CORE) if tag.startswith(CORE) else tag
+
+
 class _NodeReader:
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, base: Path = ()) -> None:
         self.source = source
+        self.base = base
         self.positions: dict[Path, Location] = {}
         self._constructor = YAML(typ="safe", pure=True).constructor
         self._values = 0
@@ -74,6 +89,14 @@ class _NodeReader:
 
     def fail(self, node: Node, message: str) -> ConfigLoadError:
         return ConfigLoadError(f"{self.at(node)}: {message}")
+
+    def check_tag(self, node: Node, path: Path) -> None:
+        """Refuse a tag the config language does not have, naming the file position and the key path."""
+        if node.tag in CORE_TAGS[type(node)] or (node.tag == VALUE_TAG and isinstance(node, ScalarNode)):
+            return
+        kind = {ScalarNode: "a value", SequenceNode: "a sequence", MappingNode: "a mapping"}[type(node)]
+        raise self.fail(node, f"{dotted((*self.base, *path))}: unknown YAML tag {tag_name(node.tag)} on {kind}; "
+                              "the tags a config may use are !list and !range (and the plain YAML types)")
 
     def read(self, node: Node, path: Path) -> Any:
         self._values += 1
@@ -93,8 +116,7 @@ class _NodeReader:
                 raise self.fail(node, "!range takes a mapping, e.g. !range {start: 1e-5, end: 1e-3, log: true}")
             self.positions[(*path, RANGE_KEY)] = self.at(node)
             return {RANGE_KEY: self._mapping(node, (*path, RANGE_KEY))}
-        if node.tag.startswith("!"):
-            raise self.fail(node, f"unknown tag {node.tag}; the tags here are !list and !range")
+        self.check_tag(node, path)
         if isinstance(node, MappingNode):
             return self._mapping(node, path)
         if isinstance(node, SequenceNode):
@@ -102,6 +124,8 @@ class _NodeReader:
         return self._scalar(node)
 
     def _scalar(self, node: ScalarNode) -> Any:
+        if node.tag == VALUE_TAG:
+            return node.value
         try:
             return self._constructor.construct_object(node, deep=True)
         except YAMLError as error:
@@ -117,9 +141,12 @@ class _NodeReader:
             if key_node.tag == MERGE_TAG:
                 self._merge(result, explicit, value_node, path)
                 continue
-            key = self._scalar(key_node) if isinstance(key_node, ScalarNode) else None
+            self.check_tag(key_node, path)
+            if not isinstance(key_node, ScalarNode):
+                raise self.fail(key_node, f"{dotted((*self.base, *path))}: mapping keys must be plain scalars")
+            key = self._scalar(key_node)
             if not isinstance(key, (str, int, float, bool)) or key is None:
-                raise self.fail(key_node, "mapping keys must be plain scalars")
+                raise self.fail(key_node, f"{dotted((*self.base, *path))}: mapping keys must be plain scalars")
             key = str(key) if not isinstance(key, str) else key
             if key in explicit:
                 raise self.fail(key_node, f"duplicate key '{key}'")
@@ -130,17 +157,23 @@ class _NodeReader:
         return result
 
     def _merge(self, result: dict[str, Any], explicit: set[Any], node: Node, path: Path) -> None:
+        if isinstance(node, SequenceNode):
+            self.check_tag(node, path)
         sources = node.value if isinstance(node, SequenceNode) else [node]
         for source in sources:
             if not isinstance(source, MappingNode):
                 raise self.fail(source, "a merge key '<<' takes a mapping or a list of mappings")
+            self.check_tag(source, path)
             for key, value in self._mapping(source, path).items():
                 if key not in explicit and key not in result:
                     result[key] = value
 
 
-def parse_yaml_text(text: str, source: str) -> SourceDoc:
-    """YAML (or JSON) text to a tree with positions, within the limits above."""
+def parse_yaml_text(text: str, source: str, base: Path = ()) -> SourceDoc:
+    """YAML (or JSON) text to a tree with positions, within the limits above.
+
+    `base` is where the text goes in a config (a `--set` value): errors name their key path from there.
+    """
     if len(text) > MAX_DOCUMENT_BYTES:
         raise ConfigLoadError(f"{source}: {len(text)} characters is over the limit of {MAX_DOCUMENT_BYTES} for a config")
     if _flow_depth(text) > MAX_DEPTH:
@@ -158,7 +191,7 @@ def parse_yaml_text(text: str, source: str) -> SourceDoc:
         raise ConfigLoadError(f"{source}: values are nested too deeply to read; a config is far shallower") from None
     if len(nodes) != 1 or nodes[0] is None:
         raise ConfigLoadError(f"{source}: expected exactly one YAML document, found {len(nodes)}")
-    reader = _NodeReader(source)
+    reader = _NodeReader(source, base)
     tree = reader.read(nodes[0], ())
     return SourceDoc(tree=tree, source=source, positions=reader.positions)
 
@@ -269,7 +302,7 @@ def parse_override(override: str) -> tuple[Path, Any]:
     if not sep or not key.strip():
         raise ConfigLoadError(f"--set {override!r}: expected KEY=VALUE, e.g. training_args.learning_rate=1e-4")
     path: Path = tuple(int(part) if part.isdigit() else part for part in key.strip().split("."))
-    value = parse_yaml_text(raw, f"--set {key}").tree if raw.strip() else ""
+    value = parse_yaml_text(raw, f"--set {key}", path).tree if raw.strip() else ""
     return path, value
 
 

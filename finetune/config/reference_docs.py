@@ -47,13 +47,22 @@ def values_text(schema: dict[str, Any]) -> str:
     if "enum" in schema:
         return " / ".join(f"`{value}`" for value in schema["enum"])
     options = schema.get("anyOf") or schema.get("oneOf") or []
-    parts = [values_text(option) for option in options if "enum" in option or "const" in option or "$ref" in option]
+    parts = [text for option in options if (text := values_text(option))]
     if parts:
         return " or ".join(parts)
     if "$ref" in schema:
         return _link(_ref_name(schema["$ref"]))
     bounds = [f"{op} {schema[key]}" for key, op in (("minimum", ">="), ("exclusiveMinimum", ">"), ("maximum", "<="), ("exclusiveMaximum", "<")) if key in schema]
-    return ", ".join(bounds)
+    return ", ".join(bounds + _string_rules(schema))
+
+
+def _string_rules(schema: dict[str, Any]) -> list[str]:
+    rules = [f"pattern `{schema['pattern']}`"] if "pattern" in schema else []
+    if "minLength" in schema and "pattern" not in schema:
+        rules.append(f"at least {schema['minLength']} character(s)")
+    if "maxLength" in schema:
+        rules.append(f"at most {schema['maxLength']} characters")
+    return rules
 
 
 def _cell(text: Any) -> str:

@@ -4,14 +4,19 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, ValidationInfo, field_validator, model_validator
 
+from finetune.config.fields import FileName
 from finetune.config.sections import Strict
 
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
 DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero3")
 # The keys of `experiment` that belong to each run rather than to the experiment: knobs may set them.
 PER_RUN_EXPERIMENT_KEYS = ("devices_per_run", "distributed")
+# Runs a sweep may make: sweep.max_runs, by default and at most (planning 10,000 runs takes seconds).
+DEFAULT_MAX_RUNS = 10_000
+MAX_RUNS_CEILING = 100_000
+MAX_CHUNKS = 10_000
 # The keys that belong to the whole experiment: one value for all its runs, so neither a knob nor a group sets them.
 EXPERIMENT_WIDE_KEYS = ("name", "output_dir", "backend", "ray_address", "devices", "runs_per_device", "threads_per_worker",
                         "gpu_state_budget_gb", "cpu_state_budget_gb")
@@ -20,9 +25,9 @@ EXPERIMENT_WIDE_KEYS = ("name", "output_dir", "backend", "ray_address", "devices
 class ExperimentConfig(Strict):
     """Where an experiment lives and how its runs are cut into chunks and scheduled."""
 
-    name: str = Field(default="experiment", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="Experiment name")
+    name: FileName = Field(default="experiment", description="Experiment name (a folder in output_dir)")
     output_dir: str = Field(default="runs", description="The experiment directory is output_dir/name")
-    num_chunks: int = Field(default=4, ge=1, description="Each run's training is cut into this many chunks")
+    num_chunks: int = Field(default=4, ge=1, le=MAX_CHUNKS, description="Each run's training is cut into this many chunks")
     eval_every_chunks: int = Field(default=1, ge=1, description="Evaluate after every N chunks (and after the last)")
     max_eval_samples: int | None = Field(
         default=None, gt=0, description="Evaluate on a fixed subset of at most this many validation examples"
@@ -91,32 +96,58 @@ class ExperimentConfig(Strict):
         return devices
 
 
-class GridSweep(Strict):
+MAX_RUNS_DOC = (f"The most runs this sweep may make (default {DEFAULT_MAX_RUNS:,}, at most {MAX_RUNS_CEILING:,}); "
+                "a larger grid or num_runs is refused before anything is expanded. The top-level sweep's value also "
+                "bounds all groups together")
+
+
+def max_runs_field() -> Any:
+    return Field(default=DEFAULT_MAX_RUNS, ge=1, le=MAX_RUNS_CEILING, description=MAX_RUNS_DOC)
+
+
+def num_runs_field(least: int) -> Any:
+    return Field(ge=least, le=MAX_RUNS_CEILING, description="How many distinct runs to sample (at most sweep.max_runs)")
+
+
+class BoundedSweep(Strict):
+    max_runs: int = max_runs_field()
+
+    @field_validator("num_runs", check_fields=False)
+    @classmethod
+    def _within_max_runs(cls, num_runs: int, info: ValidationInfo) -> int:
+        max_runs = info.data.get("max_runs", DEFAULT_MAX_RUNS)
+        if num_runs > max_runs:
+            raise ValueError(f"num_runs {num_runs} is more than sweep.max_runs {max_runs}; lower num_runs or raise max_runs "
+                             f"(at most {MAX_RUNS_CEILING:,})")
+        return num_runs
+
+
+class GridSweep(BoundedSweep):
     """Every combination of the `$list` knobs."""
 
     strategy: Literal["grid"] = "grid"
 
 
-class RandomSweep(Strict):
+class RandomSweep(BoundedSweep):
     """`num_runs` distinct i.i.d. samples of every `$list` and `$range` knob."""
 
     strategy: Literal["random"]
-    num_runs: int = Field(ge=1)
+    num_runs: int = num_runs_field(1)
     seed: int = 42
 
 
-class SuccessiveHalvingSweep(Strict):
+class SuccessiveHalvingSweep(BoundedSweep):
     """A random sample whose runs are halved at rungs, in chunk units (asynchronous successive halving)."""
 
     strategy: Literal["successive_halving"]
-    num_runs: int = Field(ge=2)
+    num_runs: int = num_runs_field(2)
     seed: int = 42
     metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
     direction: Literal["minimize", "maximize", "min", "max"] = Field(
         default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
     )
-    min_chunks: int = Field(default=1, ge=1, description="Chunks a run trains before its first rung")
-    max_chunks: int | None = Field(default=None, ge=1, description="Default: experiment.num_chunks")
+    min_chunks: int = Field(default=1, ge=1, le=MAX_CHUNKS, description="Chunks a run trains before its first rung")
+    max_chunks: int | None = Field(default=None, ge=1, le=MAX_CHUNKS, description="Default: experiment.num_chunks")
     reduction_factor: int = Field(default=2, ge=2, description="Keep the best 1/reduction_factor at each rung")
     min_early_stopping_rate: int = Field(default=0, ge=0, description="Skip this many lowest rungs")
 

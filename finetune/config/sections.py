@@ -12,10 +12,12 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from finetune.config.adapters import GenericPeftConfig
+from finetune.config.fields import DataPath, FileName
+from finetune.config.snapshot_models import MAX_EPOCHS
 
 
 class Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_default=True)
+    model_config = ConfigDict(extra="forbid", validate_default=True, strict=True)
 
 
 # ---------------------------------------------------------------- data_conf
@@ -25,12 +27,17 @@ MissingPadTokenStrategy = Literal["eos-repurpose", "bos-repurpose", "unk-repurpo
 DataType = Literal["ChatConversation", "ChatConversationPreference", "ChatPrompt"]
 
 DATA_TYPE_DOC = "generally, the data_type is automatically set based on the experiment config method"
+MAX_SAMPLING_WEIGHT = 1e6
+MAX_WEIGHT_RATIO = 1000
+# Bounds that keep batch sizes and epochs where training can happen (and derived values stay small).
+MAX_TOTAL_BATCH_SIZE = 1_000_000
+MAX_DEVICE_BATCH_SIZE = 100_000
 
 
 class DatasetDefinition(Strict):
     """Define how to load a dataset."""
 
-    path: str = Field(
+    path: DataPath = Field(
         description="Local path to a JSONL file in the finetuning data format, a parquet file, "
         "or a directory saved with `datasets.save_to_disk`"
     )
@@ -39,7 +46,11 @@ class DatasetDefinition(Strict):
 class WeightedDatasetDefinition(DatasetDefinition):
     """Define a dataset, with a weight for sampling."""
 
-    sampling_weight: float = Field(default=1.0, ge=0.0)
+    sampling_weight: float = Field(
+        default=1.0, gt=0.0, le=MAX_SAMPLING_WEIGHT,
+        description="Relative weight of the dataset in the mix; weights of one mix differ by at most "
+        f"a factor of {MAX_WEIGHT_RATIO} (a tiny weight would make the mix draw for ever)",
+    )
 
 
 class ConcatenationDataInput(Strict):
@@ -65,11 +76,17 @@ class WeightedMixDataInput(Strict):
     data_type: DataType | None = Field(default=None, description=DATA_TYPE_DOC)
     seed: int = Field(default=19851243, description="Seed for the random number generator for interleaving draws")
 
-    @model_validator(mode="after")
-    def _some_weight(self) -> WeightedMixDataInput:
-        if sum(dataset.sampling_weight for dataset in self.datasets) <= 0:
-            raise ValueError("the sampling weights sum to zero; give at least one dataset a positive weight")
-        return self
+    @field_validator("datasets")
+    @classmethod
+    def _weights_close_enough(cls, datasets: list[WeightedDatasetDefinition]) -> list[WeightedDatasetDefinition]:
+        weights = [dataset.sampling_weight for dataset in datasets]
+        if max(weights) > MAX_WEIGHT_RATIO * min(weights):
+            raise ValueError(
+                f"the sampling weights range from {min(weights):g} to {max(weights):g}, more than a factor of "
+                f"{MAX_WEIGHT_RATIO}: the mix draws until every example of every dataset is drawn once, so the "
+                "smallest weight would make it enormous; bring the weights closer"
+            )
+        return datasets
 
 
 class AutoSplitDataInput(Strict):
@@ -120,7 +137,7 @@ class ChatTrainValidConfig(Strict):
 class Overrides(Strict):
     """Override options that allow simple interfaces for charts using these configs."""
 
-    num_train_epochs: Annotated[float, Field(gt=0)] | None = Field(
+    num_train_epochs: Annotated[float, Field(gt=0, le=MAX_EPOCHS)] | None = Field(
         default=None, description="Overrides the number of epochs in the training_args"
     )
     lr_multiplier: float = Field(default=1.0, gt=0, description="Multiplier applied to the learning rate")
@@ -139,10 +156,15 @@ class BatchsizeConfig(Strict):
     batch size is what fits in one device's memory.
     """
 
-    total_train_batch_size: int = Field(gt=0, description="The total batch size for the training run")
-    max_per_device_train_batch_size: int = Field(gt=0, description="The maximum training batch size per device")
+    total_train_batch_size: int = Field(
+        gt=0, le=MAX_TOTAL_BATCH_SIZE, description="The total batch size for the training run"
+    )
+    max_per_device_train_batch_size: int = Field(
+        gt=0, le=MAX_DEVICE_BATCH_SIZE, description="The maximum training batch size per device"
+    )
     per_device_eval_batch_size: int | None = Field(
-        default=None, gt=0, description="The maximum eval batch size per device; default: the training batch size"
+        default=None, gt=0, le=MAX_DEVICE_BATCH_SIZE,
+        description="The maximum eval batch size per device; default: the training batch size",
     )
 
 
@@ -215,7 +237,7 @@ class ModelArguments(BaseModel):
     The quantization config is not set here but in `quant_conf`.
     """
 
-    model_config = ConfigDict(extra="allow", populate_by_name=True, json_schema_extra=_legacy_dtype_in_schema)
+    model_config = ConfigDict(extra="allow", populate_by_name=True, strict=True, json_schema_extra=_legacy_dtype_in_schema)
 
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         default="auto",
@@ -260,7 +282,9 @@ class RunConfig(Strict):
         "state where present, each run starts from. "
         "auto, true and false change nothing: finetune always continues a run from its last durable chunk",
     )
-    final_checkpoint_name: str = Field(default="checkpoint-final", description="Name of the final checkpoint")
+    final_checkpoint_name: FileName = Field(
+        default="checkpoint-final", description="Name of the final checkpoint (a folder in the run's directory)"
+    )
 
 
 # ---------------------------------------------------------------- tracking
@@ -289,7 +313,7 @@ class SFTArguments(Strict):
     """Supervised fine-tuning arguments."""
 
     max_seq_length: int = Field(default=2048, gt=0, description="Longer examples are filtered out (and counted).")
-    save_name_if_new_basemodel: str = Field(
+    save_name_if_new_basemodel: FileName = Field(
         default="checkpoint-new-basemodel", description="If a new basemodel is saved, it is saved with this name"
     )
     train_on_completions_only: bool = Field(default=False, description="Only compute loss on the assistant's turns.")
@@ -299,7 +323,7 @@ class DPOArguments(Strict):
     """Direct preference optimisation arguments (beta, loss type etc. are in training_args)."""
 
     max_seq_length: int = Field(default=2048, gt=0, description="Pairs whose prompt+answer is longer are filtered out.")
-    save_name_if_new_basemodel: str = "checkpoint-new-basemodel"
+    save_name_if_new_basemodel: FileName = "checkpoint-new-basemodel"
     reference_model: str | None = Field(
         default=None,
         description="Path or hub id of the reference model. Default: TRL's default, i.e. the base model "
@@ -316,7 +340,7 @@ class GRPOArguments(Strict):
         "or importable `module:function`",
     )
     max_prompt_length: int = Field(default=512, gt=0, description="Prompts longer than this are filtered out.")
-    save_name_if_new_basemodel: str = "checkpoint-new-basemodel"
+    save_name_if_new_basemodel: FileName = "checkpoint-new-basemodel"
 
     @field_validator("reward_functions")
     @classmethod

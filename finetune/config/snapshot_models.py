@@ -29,13 +29,16 @@ def load_snapshot(which: str) -> dict[str, Any]:
 
 
 MINUS_ONE_OR_POSITIVE = "-1 or >= 1"
+# Upper bounds where a huge value is no training a machine could do, only a way to make derived values explode.
+MAX_STEPS = 100_000_000
+MAX_EPOCHS = 10_000
 
 # Bounds on numeric values, by field name, for every snapshot model that has the field (TRL's
 # training arguments, PEFT's adapter kwargs). They become pydantic constraints, and so also
 # bounds in the generated JSON Schemas.
 BOUNDS: dict[str, dict[str, float] | str] = {
     "learning_rate": {"gt": 0},
-    "num_train_epochs": {"gt": 0},
+    "num_train_epochs": {"gt": 0, "le": MAX_EPOCHS},
     "max_steps": MINUS_ONE_OR_POSITIVE,
     "warmup_steps": {"ge": 0},
     "weight_decay": {"ge": 0},
@@ -78,7 +81,7 @@ def _bounded(kind: str, bounds: dict[str, float] | str | None) -> Any:
     if bounds is None or kind not in ("integer", "number"):
         return base
     if bounds == MINUS_ONE_OR_POSITIVE:
-        return Union[Literal[-1], Annotated[base, Field(ge=1)]]
+        return Union[Literal[-1], Annotated[base, Field(ge=1, le=MAX_STEPS)]]
     return Annotated[base, Field(**bounds)]  # type: ignore[arg-type]
 
 

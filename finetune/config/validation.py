@@ -11,8 +11,7 @@ from __future__ import annotations
 import difflib
 import types
 import typing
-from dataclasses import asdict, dataclass
-from typing import Any, Callable
+from typing import Any
 
 from pydantic import BaseModel, ValidationError
 
@@ -29,48 +28,14 @@ from finetune.config.knobs import (
     parse_knob,
     set_at,
 )
+from finetune.config.guards import bad_numbers, number_issue, run_count_issues, total_runs_issue
+from finetune.config.issues import ConfigInvalid as ConfigInvalid  # re-exported: callers import it from here
+from finetune.config.issues import ConfigIssue, Locator, short_repr
 from finetune.config.loading import Location, SourceDoc
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS, PER_RUN_EXPERIMENT_KEYS
 
 NOT_KNOBBABLE = ("method", "experiment", "sweep", "groups")
-GIVEN_MAX = 80
-
-
-@dataclass(frozen=True)
-class ConfigIssue:
-    """One problem in a config: where (key path and file position), what was given, what is allowed."""
-
-    path: str
-    location: str
-    message: str
-    given: str | None = None
-    allowed: str | None = None
-
-    def as_dict(self) -> dict[str, Any]:
-        return asdict(self)
-
-    def __str__(self) -> str:
-        text = f"{self.location}: {self.path}: {self.message}"
-        if self.given is not None:
-            text += f"\n    given: {self.given}"
-        if self.allowed:
-            text += f"\n    allowed: {self.allowed}"
-        return text
-
-
-class ConfigInvalid(Exception):
-    def __init__(self, issues: list[ConfigIssue]) -> None:
-        super().__init__("\n".join(str(issue) for issue in issues))
-        self.issues = issues
-
-
-Locator = Callable[[Path], Location]
-
-
-def _short(value: Any) -> str:
-    text = repr(value)
-    return text if len(text) <= GIVEN_MAX else text[: GIVEN_MAX - 3] + "..."
 
 
 # ---------------------------------------------------------------- pydantic errors -> issues
@@ -167,7 +132,7 @@ def _data_path(tree: Any, loc: tuple[Any, ...]) -> tuple[Path, tuple[Any, ...]]:
 def _issue_parts(error: dict[str, Any], loc_model: tuple[Any, ...], path: Path) -> tuple[Path, str, str | None, str | None]:
     kind = error["type"]
     ctx = error.get("ctx") or {}
-    given = None if kind in ("missing", "union_tag_not_found") else _short(error.get("input"))
+    given = None if kind in ("missing", "union_tag_not_found") else short_repr(error.get("input"))
     if kind == "extra_forbidden":
         key = str(path[-1]) if path else "?"
         if "training_args" in path and (replaced := legacy_message(key)) is not None:
@@ -185,19 +150,23 @@ def _issue_parts(error: dict[str, Any], loc_model: tuple[Any, ...], path: Path) 
         expected = str(ctx.get("expected_tags", ""))
         if kind == "union_tag_not_found":
             return (*path, key), f"missing key '{key}', which picks the kind of this section", None, expected
-        return (*path, key), f"unknown {key} '{ctx.get('tag')}'", _short(ctx.get("tag")), expected
+        return (*path, key), f"unknown {key} '{ctx.get('tag')}'", short_repr(ctx.get("tag")), expected
     if kind == "literal_error":
         return path, "not one of the allowed values", given, str(ctx.get("expected"))
     message = error["msg"].removeprefix("Value error, ")
-    return path, message, given, None
+    return path, message, given, ctx.get("allowed")
 
 
-def issues_from_validation_error(error: ValidationError, tree: Any, locate: Locator) -> list[ConfigIssue]:
+def issues_from_validation_error(
+    error: ValidationError, tree: Any, locate: Locator, skip: frozenset[Path] = frozenset()
+) -> list[ConfigIssue]:
+    """Issues of pydantic's errors, one per key path; paths in `skip` (reported already) are left out."""
     grouped: dict[Path, list[tuple[str, str | None, str | None]]] = {}
     for item in error.errors(include_url=False):
         path, loc_model = _data_path(tree, tuple(item["loc"]))
         path, message, given, allowed = _issue_parts(item, loc_model, path)
-        grouped.setdefault(path, []).append((message, given, allowed))
+        if path not in skip:
+            grouped.setdefault(path, []).append((message, given, allowed))
     issues = []
     for path, parts in grouped.items():
         messages = list(dict.fromkeys(message for message, _, _ in parts))
@@ -215,11 +184,14 @@ def with_default_method(tree: dict[str, Any]) -> dict[str, Any]:
 
 
 def validate_concrete(tree: dict[str, Any], locate: Locator) -> tuple[AnyFinetuneConfig | None, list[ConfigIssue]]:
-    """Validate one knob-free config."""
+    """Validate one knob-free config (a run of a plan, a clone): every number finite, every field as its model says."""
+    bad = bad_numbers(tree)
+    numbers = [number_issue(tree, path, locate) for path in bad]
     try:
-        return CONFIG_ADAPTER.validate_python(tree), []
+        config = CONFIG_ADAPTER.validate_python(tree)
     except ValidationError as error:
-        return None, issues_from_validation_error(error, tree, locate)
+        return None, numbers + issues_from_validation_error(error, tree, locate, frozenset(bad))
+    return (None, numbers) if numbers else (config, [])
 
 
 # ---------------------------------------------------------------- knob trees
@@ -242,6 +214,9 @@ def _knob_syntax_issues(tree: Any, strategy: str, locate: Locator, base: Path = 
         if path and path[0] in NOT_KNOBBABLE and not _per_run_experiment_key(path):
             issues.append(ConfigIssue(dotted(full), str(locate(full)), f"'{path[0]}' cannot hold a sweep knob",
                                       allowed=_knobbable_there(path[0])))
+            continue
+        if knob_kind(plain) == RANGE_KEY and (bad := bad_numbers(plain)):
+            issues.extend(number_issue(plain, where, locate, full) for where in bad)
             continue
         try:
             knob = parse_knob(plain)
@@ -280,6 +255,7 @@ def validate_tree(tree: Any, locate: Locator) -> list[ConfigIssue]:
     issues = _knob_syntax_issues(tree, strategy, locate)
     if issues:
         return issues
+    issues = run_count_issues(tree, locate)
     knobs = list(iter_knobs(tree))
     representative = first_candidates(tree)
     knob_at = {path: knob_kind(plain) for path, plain in knobs}
@@ -361,11 +337,16 @@ def validate_document(doc: SourceDoc) -> list[ConfigIssue]:
     if groups is not None and (not isinstance(groups, list) or not groups or not all(isinstance(g, dict) for g in groups)):
         return [ConfigIssue("groups", str(doc.locate(("groups",))), "groups must be a non-empty list of mappings (overlays)")]
     issues = _experiment_wide_keys_in_groups(doc, groups or [])
-    for prefix, merged in group_trees(tree):
+    reported = {issue.path for issue in issues}
+    merged_groups = group_trees(tree)
+    for prefix, merged in merged_groups:
         for issue in validate_tree(merged, group_locator(doc, prefix)):
+            if f"{dotted(prefix)}.{issue.path}" in reported:
+                continue  # a knob on an experiment-wide key of a group: said once, by the group check
             path = f"{dotted(prefix)}: {issue.path}" if prefix else issue.path
             issues.append(ConfigIssue(path, issue.location, issue.message, issue.given, issue.allowed))
-    return sorted(dict.fromkeys(issues), key=_position_order)
+    total = total_runs_issue(merged_groups, tree, doc.locate) if groups is not None else None
+    return sorted(dict.fromkeys([*issues, *([total] if total else [])]), key=_position_order)
 
 
 def _experiment_wide_keys_in_groups(doc: SourceDoc, groups: list[dict[str, Any]]) -> list[ConfigIssue]:

@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from finetune.data.mixing import auto_split_indices, weighted_mix_order
-from finetune.data.readers import read_records
+from finetune.data.files import BLOCK_BYTES, open_regular
+from finetune.data.mixing import MixError, auto_split_indices, check_mix_size, weighted_mix_order
+from finetune.data.readers import DataError, read_records
 from finetune.data.templates import install_template, load_template
 
 IGNORE_INDEX = -100
@@ -90,19 +91,14 @@ def gather_records(data_conf: Any, method: str, stats: DataStats) -> tuple[list[
     per_dataset = _read_inputs(training, method)
     stats.read = sum(len(records) for records in per_dataset)
     eval_records: list[dict[str, Any]] = []
+    names = [dataset.path for dataset in training.datasets]
     if validation.type == "AUTO_SPLIT":
-        if training.type == "CONCATENATION":
-            per_dataset = [[record for records in per_dataset for record in records]]
-        split = []
-        for records in per_dataset:
-            train_idx, eval_idx = auto_split_indices(len(records), validation.ratio, validation.seed)
-            split.append([records[i] for i in train_idx])
-            eval_records.extend(records[i] for i in eval_idx)
-        per_dataset = split
+        per_dataset, eval_records = _auto_split(per_dataset, names, training.type == "CONCATENATION", validation)
     elif validation.type == "CONCATENATION":
         eval_records = [record for records in _read_inputs(validation, method) for record in records]
     if training.type == "PRECOMPUTE_WEIGHTED_MIX":
         weights = [dataset.sampling_weight for dataset in training.datasets]
+        check_mix_size([len(records) for records in per_dataset], weights, names)
         order = weighted_mix_order([len(records) for records in per_dataset], weights, training.seed)
         train_records = [per_dataset[dataset][index] for dataset, index in order]
         unique = sum(len(records) for records, weight in zip(per_dataset, weights) if weight > 0)
@@ -114,6 +110,24 @@ def gather_records(data_conf: Any, method: str, stats: DataStats) -> tuple[list[
     else:
         train_records = [record for records in per_dataset for record in records]
     return train_records, eval_records
+
+
+def _auto_split(
+    per_dataset: list[list[dict]], names: list[str], concatenate: bool, validation: Any
+) -> tuple[list[list[dict]], list[dict]]:
+    """(training records of each dataset, validation records): each dataset split on its own, or all together
+    when they are concatenated; a dataset too small to split is an error that names its file(s)."""
+    if concatenate:
+        per_dataset, names = [[record for records in per_dataset for record in records]], [", ".join(names)]
+    split, eval_records = [], []
+    for records, name in zip(per_dataset, names):
+        try:
+            train_idx, eval_idx = auto_split_indices(len(records), validation.ratio, validation.seed)
+        except MixError as error:
+            raise DataError(name, None, str(error)) from None
+        split.append([records[i] for i in train_idx])
+        eval_records.extend(records[i] for i in eval_idx)
+    return split, eval_records
 
 
 # ---------------------------------------------------------------- SFT tokenisation
@@ -202,8 +216,8 @@ def _file_digest(path: Path) -> str:
     if path.is_dir():
         return hashlib.sha256("".join(_file_digest(child) for child in sorted(path.rglob("*")) if child.is_file()).encode()).hexdigest()
     digest = hashlib.sha256()
-    with path.open("rb") as stream:
-        for block in iter(lambda: stream.read(1 << 20), b""):
+    with open_regular(path) as stream:
+        for block in iter(lambda: stream.read(BLOCK_BYTES), b""):
             digest.update(block)
     return digest.hexdigest()
 

@@ -13,6 +13,8 @@ import json
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from finetune.data.files import DATA_PATH_FORM, NotRegularFile, open_regular, special_kind
+
 ROLES = ("system", "user", "assistant")
 
 
@@ -84,7 +86,11 @@ MAX_LINE_BYTES = 8 * 1024 * 1024  # far above a 128k-token conversation; a line 
 def _lines(path: Path) -> Iterator[tuple[int, str]]:
     """(line number, text) of a JSONL file, read in bounded pieces: an over-long line or one that is
     not UTF-8 is an error naming its line, and the rest of a gigantic line is never read."""
-    with path.open("rb") as stream:
+    try:
+        opened = open_regular(path)
+    except NotRegularFile as error:
+        raise DataError(path, None, str(error).removeprefix(f"{path} ")) from None
+    with opened as stream:
         number = 0
         while raw := stream.readline(MAX_LINE_BYTES + 1):
             number += 1
@@ -141,6 +147,9 @@ def read_records(path: str | Path, method: str) -> list[dict[str, Any]]:
     file_path = Path(path)
     if not file_path.exists():
         raise DataError(file_path, None, "no such file or directory")
+    kind = special_kind(file_path)
+    if kind is not None:
+        raise DataError(file_path, None, f"is {kind}; a data path must be {DATA_PATH_FORM}")
     check = CHECKS[method]
     if file_path.is_dir() or file_path.suffix == ".parquet":
         return read_with_datasets(file_path, check)

@@ -8,7 +8,7 @@ from typing import Any, Callable
 from finetune.config.knobs import dotted
 from finetune.config.loading import SourceDoc
 from finetune.config.models import AnyFinetuneConfig
-from finetune.config.scheduling import DIRECTIONS
+from finetune.config.scheduling import DEFAULT_MAX_RUNS, DIRECTIONS
 from finetune.config.validation import (
     ConfigInvalid,
     ConfigIssue,
@@ -18,7 +18,7 @@ from finetune.config.validation import (
     validate_document,
     with_default_method,
 )
-from finetune.data.mixing import auto_split_sizes, count_jsonl_records, weighted_mix_order
+from finetune.data.mixing import MixError, auto_split_sizes, check_mix_size, count_jsonl_records, weighted_mix_size
 from finetune.plan.derive import DeriveError, derive
 from finetune.plan.expand import Expansion, ExpansionError, canonical_json, expand_grid, expand_random
 from finetune.plan.model import PlannedRun, RunPlan
@@ -48,27 +48,47 @@ def label_of(expansion: Expansion) -> str:
 
 
 def train_examples_from_files(config: AnyFinetuneConfig) -> int | None:
-    """Training examples (before length filtering) counted from the files, or None if unknown."""
+    """Training examples (before length filtering) counted from the files, or None if unknown.
+
+    Raises DeriveError, naming the file, for a file without records, one too small for AUTO_SPLIT, or a
+    weighted mix that would grow without bound.
+    """
     data = config.data_conf
-    sizes = [count_jsonl_records(dataset.path) for dataset in data.training_data.datasets]
+    datasets = data.training_data.datasets
+    sizes = [count_jsonl_records(dataset.path) for dataset in datasets]
     if any(size is None for size in sizes):
         return None
-    if data.training_data.type == "PRECOMPUTE_WEIGHTED_MIX":
-        weights = [dataset.sampling_weight for dataset in data.training_data.datasets]
-        if data.validation_data.type == "AUTO_SPLIT":
-            sizes = [auto_split_sizes(size, data.validation_data.ratio)[0] for size in sizes]  # type: ignore[arg-type]
-        return len(weighted_mix_order(sizes, weights, data.training_data.seed))  # type: ignore[arg-type]
-    total = sum(sizes)  # type: ignore[arg-type]
-    if data.validation_data.type == "AUTO_SPLIT":
-        return auto_split_sizes(total, data.validation_data.ratio)[0]
-    return total
+    names = [dataset.path for dataset in datasets]
+    empty = [name for name, size in zip(names, sizes) if size == 0]
+    if empty:
+        raise DeriveError(f"{empty[0]} has no records; every training dataset needs at least one")
+    split = data.validation_data.ratio if data.validation_data.type == "AUTO_SPLIT" else None
+    try:
+        if data.training_data.type == "PRECOMPUTE_WEIGHTED_MIX":
+            weights = [dataset.sampling_weight for dataset in datasets]
+            sizes = [_train_part(size, split, name) for size, name in zip(sizes, names)]  # type: ignore[arg-type]
+            check_mix_size(sizes, weights, names)  # type: ignore[arg-type]
+            return weighted_mix_size(tuple(sizes), tuple(weights), data.training_data.seed)  # type: ignore[arg-type]
+        return _train_part(sum(sizes), split, ", ".join(names))  # type: ignore[arg-type]
+    except MixError as error:
+        raise DeriveError(str(error)) from None
+
+
+def _train_part(size: int, ratio: float | None, name: str) -> int:
+    """The training share of `size` records after an AUTO_SPLIT of `ratio` (all of them without one)."""
+    if ratio is None:
+        return size
+    try:
+        return auto_split_sizes(size, ratio)[0]
+    except MixError as error:
+        raise DeriveError(f"{name}: {error}") from None
 
 
 def expand_group(tree: dict[str, Any]) -> list[Expansion]:
     sweep = tree.get("sweep") or {}
     strategy = sweep.get("strategy", "grid")
     if strategy == "grid":
-        return expand_grid(tree)
+        return expand_grid(tree, int(sweep.get("max_runs", DEFAULT_MAX_RUNS)))
     return expand_random(tree, int(sweep["num_runs"]), int(sweep.get("seed", 42)))
 
 

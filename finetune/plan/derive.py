@@ -28,10 +28,14 @@ def split_batch_size(total: int, max_per_device: int, num_processes: int = 1) ->
             f"totals that work: {', '.join(map(str, options))}"
         )
     share = total // num_processes
-    accumulation = 1
-    while share % accumulation or share // accumulation > max_per_device:
-        accumulation += 1
+    accumulation = min(divisor for divisor in _divisors(share) if share // divisor <= max_per_device)
     return share // accumulation, accumulation
+
+
+def _divisors(number: int) -> list[int]:
+    """Every divisor of `number`, found in sqrt(number) steps (a counting loop up to a large prime would not end)."""
+    small = [value for value in range(1, math.isqrt(number) + 1) if number % value == 0]
+    return small + [number // value for value in small]
 
 
 def effective_learning_rate(learning_rate: float, multiplier: float, scaling: str, total_batch: int) -> float:

@@ -12,9 +12,13 @@ import random
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.config.knobs import LIST_KEY, ListKnob, dotted, iter_knobs, knob_kind, parse_knob, set_at
+from finetune.config.knobs import ListKnob, combinations, dotted, iter_knobs, parse_knob, set_at
 
 MAX_DRAWS_PER_RUN = 200
+# Random search counts the distinct combinations exactly (by expanding them) only when there are at most
+# this many times num_runs; beyond that the draws find enough, and MAX_DRAWS_PER_RUN ends a search
+# among mostly duplicate candidates with an error.
+EXACT_COUNT_FACTOR = 4
 
 
 class ExpansionError(ValueError):
@@ -60,49 +64,61 @@ def _list_label(knob: ListKnob, index: int) -> str:
     return f"#{index}" if isinstance(value, (dict, list)) else format_value(value)
 
 
-def expand_grid(tree: dict[str, Any]) -> list[Expansion]:
-    """Every combination of every `$list` (nested ones included); a `$range` is an error."""
+def expand_grid(tree: dict[str, Any], limit: int | None = None) -> list[Expansion]:
+    """Every combination of every `$list` (nested ones included); a `$range` is an error, and so is a grid
+    of more than `limit` runs, found by counting before anything is expanded."""
+    size = combinations(tree)
+    if size is None:
+        path = next(path for path, plain in iter_knobs(tree) if combinations(plain) is None)
+        raise ExpansionError(f"{dotted(path)}: grid search takes only $list knobs, not a $range")
+    if limit is not None and size > limit:
+        raise ExpansionError(f"the grid has {size:,} combinations, more than the {limit:,} runs allowed (sweep.max_runs)")
     return _grid(Expansion(tree))
 
 
-def _grid(partial: Expansion) -> list[Expansion]:
-    first = next(iter_knobs(partial.config), None)
-    if first is None:
-        return [partial]
-    path, plain = first
-    if knob_kind(plain) != LIST_KEY:
-        raise ExpansionError(f"{dotted(path)}: grid search takes only $list knobs, not a $range")
-    knob = parse_knob(plain)
+def _grid(start: Expansion) -> list[Expansion]:
+    """Depth first, in sorted knob order, without recursion (a config may hold many knobs)."""
     results: list[Expansion] = []
-    for index, value in enumerate(knob.values):
-        results.extend(_grid(_choose(partial, path, value, _list_label(knob, index))))
+    pending = [start]
+    while pending:
+        partial = pending.pop()
+        first = next(iter_knobs(partial.config), None)
+        if first is None:
+            results.append(partial)
+            continue
+        path, plain = first
+        knob = parse_knob(plain)
+        assert isinstance(knob, ListKnob)
+        choices = [_choose(partial, path, value, _list_label(knob, index)) for index, value in enumerate(knob.values)]
+        pending.extend(reversed(choices))
     return results
 
 
-def grid_size(tree: dict[str, Any]) -> int | None:
-    """The number of distinct combinations, or None when a `$range` makes it unbounded."""
-    try:
-        return len({expansion.key() for expansion in expand_grid(tree)})
-    except ExpansionError:
+def distinct_grid_size(tree: dict[str, Any], limit: int) -> int | None:
+    """The number of distinct combinations when at most `limit` are to be expanded, else None (too many
+    to count, or a `$range` makes them unbounded)."""
+    size = combinations(tree)
+    if size is None or size > limit:
         return None
+    return len({expansion.key() for expansion in _grid(Expansion(tree))})
 
 
 def _sample(partial: Expansion, rng: random.Random) -> Expansion:
-    first = next(iter_knobs(partial.config), None)
-    if first is None:
-        return partial
-    path, plain = first
-    knob = parse_knob(plain)
-    if isinstance(knob, ListKnob):
-        index = rng.randrange(len(knob.values))
-        return _sample(_choose(partial, path, knob.values[index], _list_label(knob, index)), rng)
-    value = knob.sample(rng.random())
-    return _sample(_choose(partial, path, value, format_value(value)), rng)
+    while (first := next(iter_knobs(partial.config), None)) is not None:
+        path, plain = first
+        knob = parse_knob(plain)
+        if isinstance(knob, ListKnob):
+            index = rng.randrange(len(knob.values))
+            partial = _choose(partial, path, knob.values[index], _list_label(knob, index))
+        else:
+            value = knob.sample(rng.random())
+            partial = _choose(partial, path, value, format_value(value))
+    return partial
 
 
 def expand_random(tree: dict[str, Any], num_runs: int, seed: int) -> list[Expansion]:
     """`num_runs` distinct i.i.d. samples; a clear error when the space holds fewer."""
-    size = grid_size(tree)
+    size = distinct_grid_size(tree, EXACT_COUNT_FACTOR * num_runs)
     if size is not None and size < num_runs:
         raise ExpansionError(
             f"sweep.num_runs is {num_runs} but the knobs allow only {size} distinct combination(s); "

@@ -44,7 +44,20 @@ def plan_summary(plan: RunPlan) -> str:
     total = plan.total_steps
     steps = f"{total} optimizer steps in all" if total is not None else "steps unknown until the data exists"
     strategies = ", ".join(sorted({sweep.get("strategy", "grid") for sweep in plan.sweeps}))
-    return f"{len(plan.runs)} run(s), {steps}, {plan.num_chunks} chunk(s) per run, strategy {strategies}"
+    return f"{len(plan.runs)} run(s), {steps}, {_chunks_per_run(plan)}, strategy {strategies}"
+
+
+def _chunks_per_run(plan: RunPlan) -> str:
+    """The num_chunks the runs were planned with: one number, or each group's where groups set their own."""
+    by_group: dict[int, set[int]] = {}
+    for run in plan.runs:
+        experiment = run.config.get("experiment") or {}
+        by_group.setdefault(run.group, set()).add(int(experiment.get("num_chunks", plan.num_chunks)))
+    values = sorted(set().union(*by_group.values())) if by_group else [plan.num_chunks]
+    if len(values) == 1:
+        return f"{values[0]} chunk(s) per run"
+    each = ", ".join(f"group {group} {'/'.join(map(str, sorted(chunks)))}" for group, chunks in sorted(by_group.items()))
+    return f"chunks per run: {each}"
 
 
 def _strategy(run: PlannedRun) -> str:

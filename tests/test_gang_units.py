@@ -136,6 +136,19 @@ class _Target:
     def record(self, run_id):
         return self.records.get(run_id)
 
+    def run_ids(self):
+        return set(self.records)
+
+    def prepare(self, run):
+        """The part of the controller's preparation that depends on its devices (no tokenizer or data here)."""
+        from finetune.schedule.control import RequestRejected
+        from finetune.train.preflight import check_distributed
+
+        problems = check_distributed(CONFIG_ADAPTER.validate_python(run.config), self.devices)
+        if problems:
+            raise RequestRejected(problems)
+        return run
+
     def busy(self, run_id):
         return False
 

@@ -129,7 +129,8 @@ def translate_document(tree: Any) -> list[Translation]:
     if not isinstance(tree, dict):
         return []
     sections: list[tuple[tuple, Any]] = [(("training_args",), tree.get("training_args"))]
-    for index, group in enumerate(tree.get("groups") or []):
+    groups = tree.get("groups")
+    for index, group in enumerate(groups if isinstance(groups, list) else []):
         if isinstance(group, dict):
             sections.append((("groups", index, "training_args"), group.get("training_args")))
     return [translation for prefix, section in sections for translation in translate_training_args(section, prefix)]

@@ -127,9 +127,12 @@ class _NodeReader:
         if node.tag == VALUE_TAG:
             return node.value
         try:
-            return self._constructor.construct_object(node, deep=True)
-        except YAMLError as error:
+            value = self._constructor.construct_object(node, deep=True)
+        except (YAMLError, ValueError, OverflowError) as error:  # a date like 0000-00-00 is a ValueError
             raise self.fail(node, f"cannot read this value: {error}") from None
+        if isinstance(value, str) and any("\ud800" <= char <= "\udfff" for char in value):
+            raise self.fail(node, "this text holds a lone surrogate (an escape such as \\ud800), which is not Unicode text")
+        return value
 
     def _sequence(self, node: SequenceNode, path: Path) -> list[Any]:
         return [self.read(child, (*path, index)) for index, child in enumerate(node.value)]
@@ -301,7 +304,7 @@ def parse_override(override: str) -> tuple[Path, Any]:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigLoadError(f"--set {override!r}: expected KEY=VALUE, e.g. training_args.learning_rate=1e-4")
-    path: Path = tuple(int(part) if part.isdigit() else part for part in key.strip().split("."))
+    path: Path = tuple(int(part) if part.isdecimal() else part for part in key.strip().split("."))
     value = parse_yaml_text(raw, f"--set {key}", path).tree if raw.strip() else ""
     return path, value
 
@@ -309,17 +312,19 @@ def parse_override(override: str) -> tuple[Path, Any]:
 def apply_override(doc: SourceDoc, override: str) -> None:
     path, value = parse_override(override)
     node = doc.tree
-    for depth, part in enumerate(path[:-1]):
+    for depth, part in enumerate(path):
+        if isinstance(node, list) and not (isinstance(part, int) and part < len(node)):
+            where = dotted(path[:depth])
+            raise ConfigLoadError(f"--set {dotted(path)}: index {part} is outside the list {where} ({len(node)} item(s))")
+        if depth == len(path) - 1:
+            break
         child = node[part] if _has(node, part) else None
-        if not isinstance(child, (dict, list)):
-            if not isinstance(node, dict):
-                raise ConfigLoadError(f"--set {dotted(path)}: {dotted(path[: depth + 1])} is not a mapping")
+        if child is None:
             node[part] = child = {}
+        elif not isinstance(child, (dict, list)):
+            raise ConfigLoadError(f"--set {dotted(path)}: {dotted(path[: depth + 1])} is {child!r}, not a mapping")
         node = child
-    last = path[-1]
-    if isinstance(node, list) and not (isinstance(last, int) and last < len(node)):
-        raise ConfigLoadError(f"--set {dotted(path)}: index {last} is outside the list")
-    node[last] = value
+    node[path[-1]] = value
     for known in [p for p in doc.positions if p[: len(path)] == path]:
         del doc.positions[known]
     doc.positions[path] = Location(f"--set {dotted(path)}")

@@ -72,22 +72,21 @@ def test_the_batch_is_split_over_the_runs_processes() -> None:
     assert derived.steps_per_epoch == 10
 
 
-def test_strategies_become_accelerate_settings() -> None:
+def test_strategies_become_trainer_settings() -> None:
     assert strategy_arguments("ddp", {}) == {"ddp_find_unused_parameters": False}
-    assert strategy_arguments("fsdp", {})["fsdp"] == "full_shard auto_wrap"
-    zero1 = strategy_arguments("deepspeed_zero1", {})["deepspeed"]
-    zero3 = strategy_arguments("deepspeed_zero3", {})["deepspeed"]
-    assert zero1["zero_optimization"] == {"stage": 1}
-    assert zero3["zero_optimization"]["stage"] == 3 and zero3["zero_optimization"]["stage3_gather_16bit_weights_on_model_save"]
-    assert strategy_arguments("deepspeed_zero3", {"deepspeed": "ds.json"}) == {"deepspeed": "ds.json"}  # the user's own file
+    assert strategy_arguments("fsdp", {}) == strategy_arguments("fsdp_grad_op", {}) == {}, "accelerate is kept out of FSDP"
 
 
 @pytest.mark.parametrize("experiment,devices,problem", [
     ({"devices_per_run": 2}, ["cpu"], None),
     ({"devices_per_run": 4}, ["cuda:0", "cuda:1"], "4 devices per run, but this experiment has 2 GPU(s)"),
-    ({"distributed": "fsdp"}, ["cpu"], "on the CPU use ddp"),
+    ({"distributed": "fsdp"}, ["cpu"], None),
+    ({"distributed": "fsdp_grad_op", "devices_per_run": 2, "fsdp_cpu_offload": True}, ["cpu"], None),
     ({"devices_per_run": 2, "backend": "ray"}, None, "backend: local"),
-    ({"distributed": "fsdp", "devices_per_run": 2}, ["cuda:0", "cuda:1"], "does not yet write its sharded checkpoints"),
+    ({"distributed": "fsdp", "devices_per_run": 2}, ["cuda:0", "cuda:1"], None),
+    ({"fsdp_cpu_offload": True}, ["cpu"], "set experiment.distributed: fsdp"),
+    ({"distributed": "deepspeed_zero3", "devices_per_run": 2}, ["cuda:0", "cuda:1"], "use distributed: fsdp,"),
+    ({"distributed": "deepspeed_zero1", "devices_per_run": 2}, ["cuda:0", "cuda:1"], "use distributed: fsdp_grad_op"),
 ])
 def test_runs_on_several_devices_are_checked_before_any_work(experiment, devices, problem) -> None:
     found = check_distributed(config_with(**experiment), devices)
@@ -97,13 +96,12 @@ def test_runs_on_several_devices_are_checked_before_any_work(experiment, devices
         assert any(problem in text for _, text in found), found
 
 
-def test_deepspeed_without_its_package_names_it(monkeypatch) -> None:
-    import importlib.util
-
-    real = importlib.util.find_spec
-    monkeypatch.setattr(importlib.util, "find_spec", lambda name: None if name == "deepspeed" else real(name))
-    found = check_distributed(config_with(distributed="deepspeed_zero3", devices_per_run=2), ["cuda:0", "cuda:1"])
-    assert found == [("experiment.distributed", found[0][1])] and "pip install deepspeed" in found[0][1]
+def test_trainer_sharding_arguments_point_to_experiment_distributed() -> None:
+    tree = copy.deepcopy(BASE_SFT)
+    tree["training_args"].update(fsdp="full_shard", deepspeed={"zero_optimization": {"stage": 1}})
+    found = check_distributed(CONFIG_ADAPTER.validate_python(tree), ["cpu"])
+    assert [key for key, _ in found] == ["training_args.fsdp", "training_args.deepspeed"]
+    assert all("set experiment.distributed" in text for _, text in found)
 
 
 def test_only_the_per_run_keys_of_experiment_take_knobs() -> None:
@@ -169,7 +167,8 @@ class _Target:
     ("experiment.devices_per_run=2", "applied"),
     ("experiment.devices_per_run=8", "rejected: experiment.devices_per_run: 8 devices per run, but this experiment has 4 GPU(s)"),
     ("experiment.devices_per_run=3", "rejected: batchsize_conf.total_train_batch_size 8 cannot be split evenly over 3 processes"),
-    ("experiment.distributed=fsdp", "rejected: experiment.distributed: fsdp is planned and validated"),
+    ("experiment.distributed=fsdp", "applied"),
+    ("experiment.distributed=deepspeed_zero3", "rejected: experiment.distributed: deepspeed_zero3 is not trained by finetune"),
 ])
 def test_a_clone_on_more_devices_is_checked_as_a_new_run_would_be(change, outcome) -> None:
     from finetune.plan.build import build_plan
@@ -182,5 +181,49 @@ def test_a_clone_on_more_devices_is_checked_as_a_new_run_would_be(change, outcom
     target = _Target(plan, [f"cuda:{index}" for index in range(4)])
     status = apply_request(target, "clone", plan.runs[0].run_id, {"set": [change]})
     assert status.startswith(outcome), status
-    if outcome == "applied":
+    if change == "experiment.devices_per_run=2":
         assert target.added[0].derived.num_processes == 2 and target.added[0].derived.per_device_train_batch_size == 4
+
+
+def test_a_sharded_position_moves_to_the_same_place_in_the_epoch_on_another_gang() -> None:
+    from finetune.train.data_order import DataPosition
+    from finetune.train.sharded import resharded_position
+
+    # 2 ranks x 4 per micro-batch, 10 rounds an epoch; 1 process x 4 per micro-batch, 2 per step: 20.
+    assert resharded_position(DataPosition(1, 3), 10, 20) == DataPosition(1, 6)
+    assert resharded_position(DataPosition(1, 10), 10, 20) == DataPosition(2, 0), "an epoch's end is the next one's start"
+    assert resharded_position(DataPosition(0, 6), 20, 10) == DataPosition(0, 3)
+
+
+def test_fsdp_shards_the_decoder_layers_of_a_model_and_of_its_adapter(demo_dir) -> None:
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    from finetune.train.sharded import decoder_layers
+
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    layers = decoder_layers(model)
+    assert layers == list(model.model.layers) and len(layers) == model.config.num_hidden_layers
+    adapted = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    assert decoder_layers(adapted) == layers
+    model._no_split_modules = []
+    with pytest.raises(ValueError, match="FSDP cannot shard it by layer"):
+        decoder_layers(model)
+
+
+@pytest.mark.parametrize("files,sharded,problem", [
+    ({"state.pt", ".metadata"}, False, "was written sharded (fsdp); resume it with the experiment.distributed"),
+    ({"state.pt", "model.safetensors"}, True, "was written whole (ddp or one device)"),
+    ({"config.json", "model.safetensors"}, True, "a sharded run does not start from another tool's checkpoint"),
+])
+def test_a_checkpoint_is_read_by_a_run_of_its_own_kind(tmp_path, files, sharded, problem) -> None:
+    from finetune.train.session import RunSession
+    from finetune.train.sharded import ShardedSession
+    from finetune.train.workbench import _resume
+
+    for name in files:
+        (tmp_path / name).write_bytes(b"")
+    session = (ShardedSession if sharded else RunSession).__new__(ShardedSession if sharded else RunSession)
+    session.run_id = "r1"
+    with pytest.raises(RuntimeError, match=problem.replace("(", r"\(").replace(")", r"\)")):
+        _resume(session, str(tmp_path))

@@ -10,9 +10,9 @@ from finetune.config.fields import FileName
 from finetune.config.sections import Strict
 
 DIRECTIONS = {"min": "minimize", "max": "maximize"}
-DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "deepspeed_zero1", "deepspeed_zero3")
+DISTRIBUTED_STRATEGIES = ("ddp", "fsdp", "fsdp_grad_op", "deepspeed_zero1", "deepspeed_zero3")
 # The keys of `experiment` that belong to each run rather than to the experiment: knobs may set them.
-PER_RUN_EXPERIMENT_KEYS = ("devices_per_run", "distributed")
+PER_RUN_EXPERIMENT_KEYS = ("devices_per_run", "distributed", "fsdp_cpu_offload")
 # Runs a sweep may make: sweep.max_runs, by default and at most (planning 10,000 runs takes seconds).
 DEFAULT_MAX_RUNS = 10_000
 MAX_RUNS_CEILING = 100_000
@@ -62,10 +62,15 @@ class ExperimentConfig(Strict):
     )
     distributed: Literal[DISTRIBUTED_STRATEGIES] = Field(  # type: ignore[valid-type]
         default="ddp",
-        description="How a run's processes share it: ddp (each holds the whole model), fsdp (weights, gradients and "
-        "optimizer state sharded), deepspeed_zero1 (optimizer state sharded), deepspeed_zero3 (all sharded). "
-        "fsdp and DeepSpeed need CUDA GPUs, DeepSpeed its package, and are planned but not yet trained (finetune run "
-        "refuses them; see docs/multi-device.md); with one device, ddp is plain training",
+        description="How a run's processes share it: ddp (each holds the whole model), fsdp (PyTorch FSDP2: weights, "
+        "gradients and optimizer state sharded, as ZeRO-3), fsdp_grad_op (FSDP2 keeping each layer's weights gathered "
+        "from forward to backward, as ZeRO-2). deepspeed_zero1 and deepspeed_zero3 are planned but not trained: "
+        "finetune run names their torch-native equivalent (see docs/multi-device.md); with one device, ddp is plain training",
+    )
+    fsdp_cpu_offload: bool = Field(
+        default=False,
+        description="With fsdp or fsdp_grad_op: keep the weight, gradient and optimizer shards in CPU memory and the "
+        "optimizer step on the CPU, for models larger than the gang's GPU memory (slower)",
     )
     backend: Literal["local", "ray"] = Field(
         default="local",

@@ -73,28 +73,41 @@ def check_backend(config: Any) -> list[Problem]:
     return []
 
 
+TRAINER_SHARDING_KEYS = ("fsdp", "fsdp_config", "deepspeed")
+# What a SiloGen config's DeepSpeed stage becomes here: the PyTorch strategy that shards at least as much.
+DEEPSPEED_EQUIVALENTS = {"deepspeed_zero1": "fsdp_grad_op", "deepspeed_zero3": "fsdp"}
+
+
+def check_sharding_settings(config: Any) -> list[Problem]:
+    """Sharding is said once, in `experiment`: not in the trainer's arguments, and offload only with FSDP."""
+    problems = [(f"training_args.{key}", f"{key} would hand the run to accelerate's FSDP or DeepSpeed, which do not train "
+                 "in chunks; remove it and set experiment.distributed (fsdp, fsdp_grad_op or ddp) and devices_per_run")
+                for key in TRAINER_SHARDING_KEYS if getattr(config.training_args, key, None)]
+    strategy = config.experiment.distributed
+    if config.experiment.fsdp_cpu_offload and not strategy.startswith("fsdp"):
+        problems.append(("experiment.fsdp_cpu_offload", f"offloads FSDP's shards; this run is trained with {strategy}: "
+                         "set experiment.distributed: fsdp, or remove fsdp_cpu_offload"))
+    return problems
+
+
 def check_distributed(config: Any, devices: list[str] | None) -> list[Problem]:
     """A run on several devices: they must exist, and its strategy must run there."""
     experiment = config.experiment
     width, strategy = experiment.devices_per_run, experiment.distributed
+    problems = check_sharding_settings(config)
     if width == 1 and strategy == "ddp":
-        return []
+        return problems
     if experiment.backend != "local":
-        return [("experiment.devices_per_run", "runs on several devices (or sharded with fsdp/DeepSpeed) train with "
-                 "backend: local; on a cluster, run one finetune Job per node group")]
-    problems = []
+        return [*problems, ("experiment.devices_per_run", "runs on several devices (or sharded with fsdp) train with "
+                            "backend: local; on a cluster, run one finetune Job per node group")]
     gpus = [device for device in devices or [] if device.startswith("cuda")]
     if gpus and width > len(gpus):
         problems.append(("experiment.devices_per_run", f"{width} devices per run, but this experiment has "
                          f"{len(gpus)} GPU(s): {', '.join(gpus)}"))
-    if strategy != "ddp" and not gpus:
-        problems.append(("experiment.distributed", f"{strategy} shards a run over CUDA GPUs; on the CPU use ddp"))
-    elif strategy.startswith("deepspeed") and importlib.util.find_spec("deepspeed") is None:
-        problems.append(("experiment.distributed", f"{strategy} needs the deepspeed package (pip install deepspeed); "
-                         "or use fsdp, which shards as ZeRO-3 does with PyTorch alone"))
-    elif strategy != "ddp":
-        problems.append(("experiment.distributed", f"{strategy} is planned and validated, but the chunk loop does not yet "
-                         "write its sharded checkpoints; train with ddp (see docs/multi-device.md)"))
+    if strategy in DEEPSPEED_EQUIVALENTS:
+        problems.append(("experiment.distributed", f"{strategy} is not trained by finetune (DeepSpeed's engine owns the "
+                         f"training loop that finetune cuts into chunks); use distributed: {DEEPSPEED_EQUIVALENTS[strategy]}, "
+                         "its PyTorch equivalent that shards at least as much (see docs/multi-device.md)"))
     return problems
 
 

@@ -16,6 +16,7 @@ import contextlib
 import random
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable
 
 from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
@@ -79,9 +80,7 @@ class RunSession:
 
         self.run_id, self.trainer, self.adapter_name, self.device = run_id, trainer, adapter_name, device
         self.total_steps = total_steps
-        # As Trainer.train does: mixed-precision autocast around the forward. Accelerate marks the model,
-        # so a base shared by several runs is wrapped once and only registered by the others.
-        trainer.model_wrapped = trainer.accelerator.prepare_model(trainer.model)
+        trainer.model_wrapped = self._wrap(trainer)
         self.model = trainer.model
         # In a gang, `wrapped` is the DDP (or FSDP) module whose backward synchronises the ranks.
         self.wrapped = trainer.model_wrapped
@@ -104,6 +103,12 @@ class RunSession:
         self.last_logged = 0
         self.logging_steps = _logging_steps(args, total_steps)
         self.rng = capture_rng(device)
+
+    def _wrap(self, trainer: Any) -> Any:
+        """As Trainer.train does: mixed-precision autocast around the forward (and DDP in a gang).
+        Accelerate marks the model, so a base shared by several runs is wrapped once and only
+        registered by the others."""
+        return trainer.accelerator.prepare_model(trainer.model)
 
     @property
     def step(self) -> int:
@@ -137,9 +142,7 @@ class RunSession:
         for index, inputs in enumerate(batches):
             with self._gradient_sync(last=index == len(batches) - 1):
                 self.tr_loss += trainer.training_step(self.wrapped, inputs, items)
-        grad_norm = None
-        if args.max_grad_norm and args.max_grad_norm > 0:
-            grad_norm = trainer.accelerator.clip_grad_norm_(self.params, args.max_grad_norm)
+        grad_norm = self._clip(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         learning_rate = trainer.lr_scheduler.get_last_lr()[0]
         trainer.optimizer.step()
         if not trainer.accelerator.optimizer_step_was_skipped:
@@ -149,6 +152,9 @@ class RunSession:
         trainer.state.epoch = self.stream.epoch_progress()
         if self._should_log():
             self._log(grad_norm, learning_rate)
+
+    def _clip(self, max_norm: float) -> Any:
+        return self.trainer.accelerator.clip_grad_norm_(self.params, max_norm)
 
     def _gradient_sync(self, last: bool) -> Any:
         """As HF's loop: ranks exchange gradients on a step's last micro-batch only (DeepSpeed: always)."""
@@ -190,22 +196,25 @@ class RunSession:
         # The grown embeddings live in the base written once per experiment, not in every adapter.
         return get_peft_model_state_dict(self.model, adapter_name=self.adapter_name, save_embedding_layers=False)
 
-    def snapshot(self) -> RunState | None:
-        """A CPU copy of the run's state; the device goes on training while it is written. In a gang
-        every rank sends its RNG state to rank 0, which alone gets the copy (DDP ranks hold the same
-        weights); the others get None."""
+    def snapshot(self, target: Path, final: bool) -> Any:
+        """A CPU copy of the run's state, to be written to `target`; the device goes on training while
+        it is written. In a gang every rank sends its RNG state to rank 0, which alone gets the copy
+        (DDP ranks hold the same weights); the others get None. (A sharded run writes its shards
+        here, every rank its own: `sharded.ShardedSession`.)"""
         rng = self.rng if self.world == 1 else {"ranks": gather_to_first(self.rng)}
         if self.rank != 0:
             return None
         position = DataPosition(self.stream.position.epoch, self.stream.position.batch)
-        counters = {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
-                    "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
         state = RunState(
             self.step, position, to_cpu(self.trainable_state()), to_cpu(self.trainer.optimizer.state_dict()),
-            self.trainer.lr_scheduler.state_dict(), rng, counters,
+            self.trainer.lr_scheduler.state_dict(), rng, self.counters(),
         )
         _synchronize(self.device)
         return state
+
+    def counters(self) -> dict[str, float]:
+        return {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
+                "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
 
     def restore(self, state: RunState) -> None:
         """Continue from a durable checkpoint (after a crash, or on another worker)."""
@@ -216,8 +225,12 @@ class RunSession:
 
             set_peft_model_state_dict(self.model, state.trainable, adapter_name=self.adapter_name)
         self.trainer.optimizer.load_state_dict(state.optimizer)
-        self.trainer.lr_scheduler.load_state_dict(state.scheduler)
         self.rng = self._own_rng(state.rng)
+        self.continue_at(state)
+
+    def continue_at(self, state: RunState) -> None:
+        """The schedule, data position, step and counters of a checkpoint."""
+        self.trainer.lr_scheduler.load_state_dict(state.scheduler)
         self.stream.seek(state.position)
         self.trainer.state.global_step = state.step
         self.trainer.state.epoch = state.counters.get("epoch", 0.0)

@@ -5,8 +5,8 @@ each; full fine-tunes and DPO runs get a private copy of the weights; many runs 
 their state moves between GPU and CPU memory to fit the budgets.
 
 `GangStrategy` (one rank of a gang): DDP and FSDP wrap one model with one set of trainable weights,
-so the run takes the loaded base as its own; one run is resident at a time, alone on its devices;
-only rank 0 writes files.
+so the run takes the loaded base as its own (FSDP shards it once its trainer is built: `sharded`);
+one run is resident at a time, alone on its devices; only rank 0 writes files.
 """
 
 from __future__ import annotations

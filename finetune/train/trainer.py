@@ -50,19 +50,12 @@ def trl_arguments(config: Any, derived: Derived, output_dir: Path, device: str) 
 
 
 def strategy_arguments(strategy: str, user: dict[str, Any]) -> dict[str, Any]:
-    """The TrainingArguments that make accelerate shard a run as `experiment.distributed` says
-    (DDP needs none: accelerate wraps the model in DDP whenever the run's processes form a group).
-    What the user set in training_args (fsdp_config, a deepspeed file) is kept."""
-    if strategy == "fsdp":
-        return {"fsdp": user.get("fsdp") or "full_shard auto_wrap", "fsdp_config": user.get("fsdp_config") or {"version": 2}}
-    if strategy.startswith("deepspeed_zero"):
-        stage = int(strategy.removeprefix("deepspeed_zero"))
-        zero: dict[str, Any] = {"stage": stage}
-        if stage == 3:
-            zero["stage3_gather_16bit_weights_on_model_save"] = True  # the final model is saved whole
-        automatic = {key: "auto" for key in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps", "train_batch_size", "gradient_clipping")}
-        return {"deepspeed": user.get("deepspeed") or {**automatic, "zero_optimization": zero,
-                                                       "bf16": {"enabled": "auto"}, "fp16": {"enabled": "auto"}}}
+    """The TrainingArguments a strategy needs. DDP: none beyond this (accelerate wraps the model in DDP
+    whenever the run's processes form a group). FSDP: none; the model arrives sharded
+    (`sharded.shard_model`) and accelerate, which refuses FSDP on CPU processes, is kept out of it.
+    (DeepSpeed is refused before any work: `preflight.check_distributed`.)"""
+    if strategy.startswith("fsdp"):
+        return {}
     # Every trainable weight of a LoRA or full fine-tune takes part in each forward: DDP need not search.
     return {"ddp_find_unused_parameters": user.get("ddp_find_unused_parameters", False)}
 

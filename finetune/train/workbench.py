@@ -23,6 +23,7 @@ from finetune.train.checkpoint import DurableWriter, WriteJob, is_run_state, rea
 from finetune.train.residency import Budgets
 from finetune.train.session import MetricsSink, RunSession, RunState
 from finetune.train.session_cache import SessionCache
+from finetune.train.sharded import ShardedSession, ShardedState, is_shard_checkpoint, is_sharded, publish_shards
 from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStrategy
 
 DurableListener = Callable[[str, int, str, "str | None"], None]  # (run_id, chunk, checkpoint, final checkpoint)
@@ -94,8 +95,10 @@ class Workbench:
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
-        state = session.snapshot()  # in a gang, every rank takes part; rank 0 gets the state and writes it
-        if state is not None:
+        state = session.snapshot(target, final)  # in a gang, every rank takes part; rank 0 gets the state and writes it
+        if isinstance(state, ShardedState):
+            self._publish_shards(run, config, session, state, chunk, target, final)
+        elif state is not None:
             self._write_durably(run, config, session, state, chunk, target, final)
         if final:
             self.close(run.run_id, wait=False)
@@ -106,16 +109,34 @@ class Workbench:
     def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, state: RunState, chunk: int,
                        target: Path, final: bool) -> None:
         adapter_config = self._adapter_config(session)
+
+        def write() -> None:
+            write_run_state(target, state, adapter_config)
+
+        self._submit(run, config, session, write, state.trainable if final else None, chunk, target)
+
+    def _publish_shards(self, run: PlannedRun, config: Any, session: RunSession, state: ShardedState, chunk: int,
+                        target: Path, final: bool) -> None:
+        """Every rank's shard is on disk: add the run's small state and rename the directory into place."""
+        def write() -> None:
+            publish_shards(state, target)
+
+        self._submit(run, config, session, write, state.final_weights if final else None, chunk, target)
+
+    def _submit(self, run: PlannedRun, config: Any, session: RunSession, write_chunk: Callable[[], None],
+                final_weights: dict[str, Any] | None, chunk: int, target: Path) -> None:
+        """Hand the chunk's writing to the background writer; `final_weights`: also the final model."""
+        adapter_config = self._adapter_config(session)
         base = self._base_of(run.run_id)
         full_model = session.model if session.adapter_name is None else None
 
         def write() -> str | None:
-            write_run_state(target, state, adapter_config)
-            if not final:
+            write_chunk()
+            if final_weights is None:
                 return None
             from finetune.train.export import write_final
 
-            return str(write_final(config, run.run_id, self.root, state.trainable, adapter_config, base, full_model))
+            return str(write_final(config, run.run_id, self.root, final_weights, adapter_config, base, full_model))
 
         def done(final_checkpoint: str | None) -> None:
             self.on_durable(run.run_id, chunk, str(target), final_checkpoint)
@@ -150,12 +171,8 @@ class Workbench:
         for other in self.strategy.make_room(self.sessions):
             self.close(other)
         session = self._open(run, config, max_eval_samples)
-        if resume_from and is_run_state(resume_from):
-            session.restore(read_run_state(resume_from))
-        elif resume_from:
-            from finetune.train.export import load_initial_checkpoint
-
-            load_initial_checkpoint(session, resume_from)
+        if resume_from:
+            _resume(session, resume_from)
         if session.step != start_step:
             raise RuntimeError(f"run {run.run_id} is at step {session.step}, its chunk starts at step {start_step}: "
                                "its durable checkpoint is missing")
@@ -173,7 +190,10 @@ class Workbench:
         trainer = build_trainer(config, run.derived, model, base.tokenizer, data.train, eval_subset(data.eval, max_eval_samples),
                                 run_dir, self.device, callbacks, base.input_pad_id)
         assert run.derived.total_steps is not None
-        session = RunSession(run.run_id, trainer, adapter_name, self.device, run.derived.total_steps)
+        opened = (run.run_id, trainer, adapter_name, self.device, run.derived.total_steps)
+        experiment = config.experiment
+        session = (ShardedSession(*opened, strategy=experiment.distributed, cpu_offload=experiment.fsdp_cpu_offload)
+                   if is_sharded(experiment.distributed) else RunSession(*opened))
         self.sessions.add(session, base.key)
         return session
 
@@ -195,6 +215,28 @@ class Workbench:
             self.sessions[run_id].move_state("cpu")
         if self.device.startswith("cuda"):
             self.sessions[active].move_state(self.device)
+
+
+def _resume(session: RunSession, checkpoint: str) -> None:
+    """Continue from a chunk checkpoint (whole, or sharded: `sharded`), or start from the weights of
+    `run_conf.resume_from_checkpoint`. A checkpoint is read by a run of its own kind."""
+    ours, shards = is_run_state(checkpoint), is_shard_checkpoint(checkpoint)
+    sharded = isinstance(session, ShardedSession)
+    if ours and shards != sharded:
+        written = "sharded (fsdp)" if shards else "whole (ddp or one device)"
+        raise RuntimeError(f"run {session.run_id}: {checkpoint} was written {written}; resume it with the "
+                           "experiment.distributed it was trained with")
+    if sharded and not ours:
+        raise RuntimeError(f"run {session.run_id}: a sharded run does not start from another tool's checkpoint "
+                           f"({checkpoint}) yet; start it with ddp, or without run_conf.resume_from_checkpoint")
+    if isinstance(session, ShardedSession):
+        session.restore_shards(checkpoint)
+    elif ours:
+        session.restore(read_run_state(checkpoint))
+    else:
+        from finetune.train.export import load_initial_checkpoint
+
+        load_initial_checkpoint(session, checkpoint)
 
 
 def _memory(device: str) -> tuple[int, int]:

@@ -1,0 +1,199 @@
+"""Sharded runs: a gang's run trained with PyTorch's FSDP2, its checkpoints in DCP's sharded format.
+
+`fsdp` (ZeRO-3 like) shards weights, gradients and optimizer moments over the gang's ranks;
+`fsdp_grad_op` (ZeRO-2 like) keeps each layer's gathered weights from its forward to its backward
+(`reshard_after_forward=False`). Each decoder layer is one FSDP unit, then the root; the mixed
+precision policy follows the run's `bf16`/`fp16`; `experiment.fsdp_cpu_offload` keeps the shards in
+CPU memory. Built on torch's API (`fully_shard`, `torch.distributed.checkpoint`), not accelerate's.
+
+A durable chunk is written by every rank at once, each its own shard (`dcp.save`); rank 0 adds
+`state.pt` (schedule, every rank's RNG, data position) and renames the directory into place. Only
+the final model is gathered whole, on rank 0, and saved as transformers and PEFT save it. A shard
+checkpoint loads into a gang of any size: DCP reshards what it reads (`restore_shards`).
+"""
+
+from __future__ import annotations
+
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from finetune.train.checkpoint import publish
+from finetune.train.data_order import DataPosition
+from finetune.train.distributed import gather_to_first
+from finetune.train.session import RunSession, RunState
+
+# strategy -> reshard_after_forward
+SHARDED_STRATEGIES = {"fsdp": True, "fsdp_grad_op": False}
+SHARD_METADATA = ".metadata"  # DCP's index of a sharded checkpoint
+
+
+def is_sharded(strategy: str) -> bool:
+    return strategy in SHARDED_STRATEGIES
+
+
+def is_shard_checkpoint(directory: str | Path) -> bool:
+    return (Path(directory) / SHARD_METADATA).is_file()
+
+
+def decoder_layers(model: Any) -> list[Any]:
+    """The model's repeated blocks: the modules of the classes HF names in `_no_split_modules`."""
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    names = set(getattr(inner, "_no_split_modules", None) or ())
+    layers = [module for module in inner.modules() if type(module).__name__ in names]
+    if not layers:
+        raise ValueError(f"{type(inner).__name__} names no decoder layer class (_no_split_modules): FSDP cannot shard it by layer")
+    return layers
+
+
+def shard_model(model: Any, strategy: str, training_args: Any, cpu_offload: bool) -> Any:
+    """`fully_shard` on each decoder layer, then on the root; the model is changed in place."""
+    import torch
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard, register_fsdp_forward_method
+
+    compute = torch.bfloat16 if getattr(training_args, "bf16", False) else torch.float16 if getattr(training_args, "fp16", False) else None
+    # Gradients are reduced in fp32 whatever the compute dtype: a sum over ranks in bf16 loses bits.
+    precision = MixedPrecisionPolicy(param_dtype=compute, reduce_dtype=torch.float32 if compute else None)
+    offload = CPUOffloadPolicy(pin_memory=torch.cuda.is_available()) if cpu_offload else OffloadPolicy()
+    options = {"reshard_after_forward": SHARDED_STRATEGIES[strategy], "mp_policy": precision, "offload_policy": offload}
+    for layer in decoder_layers(model):
+        fully_shard(layer, **options)
+    fully_shard(model, **options)
+    if hasattr(model, "generate"):  # GRPO generates with the model being trained: gather its root weights then too
+        register_fsdp_forward_method(model, "generate")
+    return model
+
+
+@dataclass
+class ShardedState:
+    """What rank 0 finishes writing after every rank has written its shard into `staging`."""
+
+    staging: Path
+    extra: dict[str, Any]  # written as state.pt
+    final_weights: dict[str, Any] | None  # the whole trained weights, on the final chunk
+
+
+def staging_dir(target: Path) -> Path:
+    """The same on every rank (each writes its shard there); rank 0 renames it into place."""
+    return target.with_name(f".{target.name}.tmp-shards")
+
+
+def publish_shards(state: ShardedState, target: Path) -> None:
+    """Rank 0, once every shard is written: the run's small state, then the directory into place."""
+    import torch
+
+    torch.save(state.extra, state.staging / "state.pt")
+    publish(state.staging, target)
+
+
+class ShardedSession(RunSession):
+    """A run whose model is sharded with FSDP2 over the gang: once its trainer is built (TRL's DPO adds
+    its reference adapter then) and before its optimizer is, which must hold the shards."""
+
+    def __init__(self, *args: Any, strategy: str, cpu_offload: bool) -> None:
+        self.strategy, self.cpu_offload = strategy, cpu_offload
+        super().__init__(*args)
+
+    def _wrap(self, trainer: Any) -> Any:
+        # No DDP and no accelerate autocast: FSDP synchronises the ranks and casts as its policy says.
+        return shard_model(trainer.model, self.strategy, trainer.args, self.cpu_offload)
+
+    def _clip(self, max_norm: float) -> Any:
+        import torch
+
+        norm = torch.nn.utils.clip_grad_norm_(self.params, max_norm)  # a DTensor: the norm over every shard
+        return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+    def _gradient_sync(self, last: bool) -> Any:
+        """Gradients are reduce-scattered after every micro-batch: each rank keeps only its shard."""
+        import contextlib
+
+        return contextlib.nullcontext()
+
+    def move_state(self, target: str) -> None:
+        """FSDP places the shards (on the device, or in CPU memory with offload); alone on its devices."""
+
+    def resident_bytes(self, device_type: str) -> int:
+        return 0
+
+    # ------------------------------------------------------------ checkpoints
+
+    def _optimizer(self) -> Any:
+        return getattr(self.trainer.optimizer, "optimizer", self.trainer.optimizer)  # accelerate's wrapper
+
+    def _sharded_state(self) -> dict[str, Any]:
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict
+
+        # An adapter run's frozen base is not its state: it is read again from the base model.
+        options = StateDictOptions(ignore_frozen_params=True)
+        model_state, optimizer_state = get_state_dict(self.model, self._optimizer(), options=options)
+        return {"model": model_state, "optimizer": optimizer_state}
+
+    def snapshot(self, target: Path, final: bool) -> ShardedState | None:
+        """Every rank writes its shard (a collective); rank 0 gets what is left to write."""
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        rng = gather_to_first(self.rng)
+        staging = staging_dir(target)
+        if self.rank == 0:
+            shutil.rmtree(staging, ignore_errors=True)  # a try of this chunk that did not finish
+        dist.barrier()
+        dcp.save(self._sharded_state(), checkpoint_id=str(staging))
+        final_weights = self.whole_weights() if final else None
+        if self.rank != 0:
+            return None
+        position = self.stream.position
+        extra = {"step": self.step, "position": [position.epoch, position.batch], "scheduler": self.trainer.lr_scheduler.state_dict(),
+                 "rng": {"ranks": rng}, "counters": self.counters(),
+                 "layout": {"world": self.world, "batches_per_epoch": self.stream.batches_per_epoch}}
+        return ShardedState(staging, extra, final_weights)
+
+    def whole_weights(self) -> dict[str, Any] | None:
+        """The trained weights gathered whole on rank 0, named as the library saves them (every rank
+        takes part; the others get None)."""
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+        options = StateDictOptions(full_state_dict=True, cpu_offload=True)
+        whole = get_model_state_dict(self.model, options=options)
+        if self.rank != 0:
+            return None
+        if self.adapter_name is None:
+            return whole
+        from peft import get_peft_model_state_dict
+
+        return get_peft_model_state_dict(self.model, state_dict=whole, adapter_name=self.adapter_name, save_embedding_layers=False)
+
+    def restore_shards(self, directory: str | Path) -> None:
+        """Continue from a sharded checkpoint, written by a gang of this size or another: DCP reads
+        each rank's part of every tensor wherever it was saved."""
+        import torch
+        import torch.distributed.checkpoint as dcp
+        from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
+
+        directory = Path(directory)
+        extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
+        state = self._sharded_state()
+        dcp.load(state, checkpoint_id=str(directory))
+        set_state_dict(self.model, self._optimizer(), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        ranks = extra["rng"]["ranks"]
+        # Another gang size cannot replay the same random draws; each rank continues from one saved stream.
+        self.rng = ranks[self.rank % len(ranks)]
+        position = self._position(DataPosition(*extra["position"]), extra["layout"])
+        self.continue_at(RunState(int(extra["step"]), position, {}, {}, extra["scheduler"], self.rng, extra["counters"]))
+
+    def _position(self, saved: DataPosition, layout: dict[str, int]) -> DataPosition:
+        if layout["world"] == self.world:
+            return saved
+        return resharded_position(saved, layout["batches_per_epoch"], self.stream.batches_per_epoch)
+
+
+def resharded_position(saved: DataPosition, saved_batches: int, batches: int) -> DataPosition:
+    """The same place in the epoch for a gang of another size. Positions count each rank's
+    micro-batches (`saved_batches` of them per epoch in the gang that saved it, `batches` here); the
+    total batch is the same, so a step is the same fraction of an epoch in both."""
+    if saved.batch >= saved_batches:
+        return DataPosition(saved.epoch + 1, 0)
+    return DataPosition(saved.epoch, round(saved.batch * batches / saved_batches))

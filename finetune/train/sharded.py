@@ -6,8 +6,10 @@
 precision policy follows the run's `bf16`/`fp16`; `experiment.fsdp_cpu_offload` keeps the shards in
 CPU memory. Built on torch's API (`fully_shard`, `torch.distributed.checkpoint`), not accelerate's.
 
-A durable chunk is written by every rank at once, each its own shard (`dcp.save`); rank 0 adds
-`state.pt` (schedule, every rank's RNG, data position) and renames the directory into place. Only
+A durable chunk is written by every rank at once, each its own shard, in the background
+(`dcp.async_save`: a CPU copy is taken at the chunk boundary, and the shards are written while the
+ranks train on); rank 0 then adds `state.pt` (schedule, every rank's RNG, data position) and renames
+the directory into place. Only
 the final model is gathered whole, on rank 0, and saved as transformers and PEFT save it. A shard
 checkpoint loads into a gang of any size: DCP reshards what it reads (`restore_shards`).
 """
@@ -67,11 +69,33 @@ def shard_model(model: Any, strategy: str, training_args: Any, cpu_offload: bool
 
 @dataclass
 class ShardedState:
-    """What rank 0 finishes writing after every rank has written its shard into `staging`."""
+    """A chunk's shards being written into `staging` (`written`: done once every rank's shard is on disk);
+    rank 0 then finishes the checkpoint."""
 
     staging: Path
-    extra: dict[str, Any]  # written as state.pt
-    final_weights: dict[str, Any] | None  # the whole trained weights, on the final chunk
+    written: Any  # the Future of dcp.async_save
+    extra: dict[str, Any] | None  # written as state.pt, by rank 0
+    final_weights: dict[str, Any] | None  # the whole trained weights, on rank 0 at the final chunk
+
+
+class _Saves:
+    """The checkpoints' own process group (gloo: DCP's collectives in a background thread must not
+    interleave with training's), and the save in flight: one at a time, in the same order on every rank."""
+
+    group: Any = None
+    in_flight: Any = None
+
+    @classmethod
+    def start(cls, state: dict[str, Any], staging: Path) -> Any:
+        import torch.distributed as dist
+        import torch.distributed.checkpoint as dcp
+
+        if cls.group is None:
+            cls.group = dist.new_group(backend="gloo")
+        if cls.in_flight is not None:
+            cls.in_flight.result()
+        cls.in_flight = dcp.async_save(state, checkpoint_id=str(staging), process_group=cls.group)
+        return cls.in_flight
 
 
 def staging_dir(target: Path) -> Path:
@@ -80,9 +104,13 @@ def staging_dir(target: Path) -> Path:
 
 
 def publish_shards(state: ShardedState, target: Path) -> None:
-    """Rank 0, once every shard is written: the run's small state, then the directory into place."""
+    """Once every rank's shard is written (DCP's index is written last, by rank 0): rank 0 adds the run's
+    small state and renames the directory into place; the other ranks only wait."""
     import torch
 
+    state.written.result()
+    if state.extra is None:
+        return
     torch.save(state.extra, state.staging / "state.pt")
     publish(state.staging, target)
 
@@ -130,25 +158,24 @@ class ShardedSession(RunSession):
         model_state, optimizer_state = get_state_dict(self.model, self._optimizer(), options=options)
         return {"model": model_state, "optimizer": optimizer_state}
 
-    def snapshot(self, target: Path, final: bool) -> ShardedState | None:
-        """Every rank writes its shard (a collective); rank 0 gets what is left to write."""
+    def snapshot(self, target: Path, final: bool) -> ShardedState:
+        """Every rank starts writing its shard (a collective); rank 0 also gets what is left to write."""
         import torch.distributed as dist
-        import torch.distributed.checkpoint as dcp
 
         rng = gather_to_first(self.rng)
         staging = staging_dir(target)
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # a try of this chunk that did not finish
         dist.barrier()
-        dcp.save(self._sharded_state(), checkpoint_id=str(staging))
+        written = _Saves.start(self._sharded_state(), staging)
         final_weights = self.whole_weights() if final else None
         if self.rank != 0:
-            return None
+            return ShardedState(staging, written, None, None)
         position = self.stream.position
         extra = {"step": self.step, "position": [position.epoch, position.batch], "scheduler": self.trainer.lr_scheduler.state_dict(),
                  "rng": {"ranks": rng}, "counters": self.counters(),
                  "layout": {"world": self.world, "batches_per_epoch": self.stream.batches_per_epoch}}
-        return ShardedState(staging, extra, final_weights)
+        return ShardedState(staging, written, extra, final_weights)
 
     def whole_weights(self) -> dict[str, Any] | None:
         """The trained weights gathered whole on rank 0, named as the library saves them (every rank

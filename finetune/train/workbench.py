@@ -117,10 +117,14 @@ class Workbench:
 
     def _publish_shards(self, run: PlannedRun, config: Any, session: RunSession, state: ShardedState, chunk: int,
                         target: Path, final: bool) -> None:
-        """Every rank's shard is on disk: add the run's small state and rename the directory into place."""
+        """Once every rank's shard is on disk, rank 0 adds the run's small state and renames the directory
+        into place; another rank's job only waits for its shard (so closing the run waits for it too)."""
         def write() -> None:
             publish_shards(state, target)
 
+        if not self.strategy.writes_files:
+            self.writer.submit(WriteJob(run.run_id, write, lambda result: None, lambda error: None))
+            return
         self._submit(run, config, session, write, state.final_weights if final else None, chunk, target)
 
     def _submit(self, run: PlannedRun, config: Any, session: RunSession, write_chunk: Callable[[], None],

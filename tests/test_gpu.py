@@ -79,3 +79,18 @@ def test_a_ddp_gang_over_two_gpus_matches_one_gpu(tmp_path, demo_dir) -> None:
         losses = [json.loads(row[0])["eval_loss"] for row in db.execute(
             "SELECT metrics FROM chunks WHERE chunk = 2 ORDER BY run_id")]
     assert len(losses) == 2 and abs(losses[0] - losses[1]) / losses[0] < 0.01
+
+
+def test_fsdp_on_one_gpu_matches_ddp_and_offload_trains(tmp_path, demo_dir) -> None:
+    """A gang of one sharded with FSDP (fp32 master weights, bf16 compute), with and without its shards
+    offloaded to CPU memory, against plain training on the same GPU."""
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "fsdp1")
+    finetune(tmp_path, "run", str(config), *small("fsdp1", steps=8, chunks=2), "--set", "experiment.devices=[0]",
+             "--set", "training_args.learning_rate=1e-4", "--set", "training_args.bf16=true",
+             "--set", "peft_conf={peft_type: NO_PEFT}",
+             "--set", "groups=[{}, {experiment: {distributed: fsdp}}, {experiment: {distributed: fsdp, fsdp_cpu_offload: true}}]")
+    root = tmp_path / "runs" / "fsdp1"
+    assert set(states(root).values()) == {"completed"}
+    with sqlite3.connect(root / "state.db") as db:
+        losses = [json.loads(row[0])["eval_loss"] for row in db.execute("SELECT metrics FROM chunks WHERE chunk = 1")]
+    assert len(losses) == 3 and max(losses) - min(losses) < 0.01 * min(losses), losses

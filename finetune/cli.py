@@ -120,6 +120,7 @@ def run(
     """Train every run of the plan with the chunk scheduler (running it again resumes)."""
     from finetune.schedule.experiment import run_experiment
     from finetune.schedule.folder import ExperimentLocked, open_store, read_plan
+    from finetune.schedule.store import ExperimentDamaged
     from finetune.schedule.preparation import ExperimentError
     from finetune.track.mlflow_tracker import tracker_for
     from finetune.track.report import report_markdown
@@ -136,8 +137,8 @@ def run(
         exit_with("give a CONFIG, or --resume EXPERIMENT_DIR", EXIT_UNUSABLE)
     try:
         root = run_experiment(run_plan, console, tracker_for, resume_dir=resume)
-    except ExperimentLocked as locked:
-        exit_with(str(locked), EXIT_UNUSABLE)
+    except (ExperimentLocked, ExperimentDamaged) as unusable:
+        exit_with(str(unusable), EXIT_UNUSABLE)
     except (ExperimentError, ValueError, RuntimeError) as error:
         exit_with(str(error), EXIT_INVALID)
     from rich.markdown import Markdown
@@ -304,9 +305,12 @@ def main() -> None:
         app()
     except ExperimentDamaged as error:
         exit_code(str(error))
+    except sqlite3.OperationalError as error:
+        exit_code(f"an experiment's state store (state.db) cannot be used: {error}")
     except sqlite3.DatabaseError as error:
-        what = "cannot be used" if isinstance(error, sqlite3.OperationalError) else "is damaged"
-        exit_code(f"an experiment's state store (state.db) {what}: {error}")
+        if type(error) is not sqlite3.DatabaseError:  # a broken constraint or a misuse: a bug, with its traceback
+            raise
+        exit_code(f"an experiment's state store (state.db) is damaged: {error}")
 
 
 def exit_code(message: str) -> NoReturn:

@@ -40,6 +40,9 @@ def exit_with(message: str, code: int, label: str = "error") -> NoReturn:
 
 
 def experiment_or_exit(experiment: Path) -> Path:
-    if not (experiment / "state.db").exists():
-        exit_with(f"{experiment} is not an experiment directory (no state.db)", EXIT_UNUSABLE)
-    return experiment
+    if (experiment / "state.db").exists():
+        return experiment
+    if (experiment / "plan.json").is_file() or (experiment / "runs").is_dir():
+        exit_with(f"{experiment / 'state.db'} is missing, but {experiment} holds an experiment's plan or runs: "
+                  "restore it from a backup, or train again in a new folder", EXIT_UNUSABLE)
+    exit_with(f"{experiment} is not an experiment directory (no state.db)", EXIT_UNUSABLE)

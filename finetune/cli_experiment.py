@@ -80,6 +80,7 @@ def ctl_clone(
 @ctl_app.command("requests")
 def ctl_requests(experiment: ExperimentArg) -> None:
     """Every control request of the experiment and what became of it."""
+    from rich.markup import escape
     from rich.table import Table
 
     from finetune.schedule.folder import open_store
@@ -88,8 +89,11 @@ def ctl_requests(experiment: ExperimentArg) -> None:
     table = Table("id", "kind", "run", "details", "status", title=f"requests of {experiment}")
     for request in store.requests():
         payload = request["payload"] if isinstance(request["payload"], dict) else {}
-        details = ", ".join(payload.get("set", [])) + (" (warm)" if payload.get("warm_start") else "")
-        table.add_row(str(request["id"]), request["kind"], request["run_id"], details, request["status"])
+        changes = payload.get("set")
+        details = ", ".join(map(str, changes)) if isinstance(changes, list) else ""
+        details += " (warm)" if payload.get("warm_start") is True else ""
+        cells = (str(request["id"]), request["kind"], request["run_id"], details, request["status"])
+        table.add_row(*(escape(str(cell)) for cell in cells))
     store.close()
     console.print(table)
 

@@ -290,3 +290,67 @@ def test_wait_gives_the_controllers_answer_once_it_is_there(tmp_path) -> None:
     assert wait_for(root, submitted.request_id, seconds=30, poll=0.05) == "applied"
     answer.join()
     assert wait_for(root, submit_request(root, "stop", run_ids(root)[1]).request_id, seconds=0.2, poll=0.05) == "pending"
+
+
+# ---------------------------------------------------------------- found by trying it as a hostile user
+
+
+def test_a_deeply_nested_payload_written_by_hand_is_read_as_no_payload(tmp_path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    store._db.execute("INSERT INTO requests (kind, run_id, payload, created_at) VALUES ('stop', 'a', ?, 0)", ("[" * 5000 + "]" * 5000,))
+    assert store.pending_requests()[0][3] is None and store.requests()[0]["payload"] is None
+    store.close()
+
+
+def test_a_diverged_runs_nan_metric_is_not_stored_and_breaks_nothing(tmp_path) -> None:
+    store = StateStore(tmp_path / "state.db")
+    store.log_metrics("a", 1, {"loss": float("nan"), "grad_norm": float("inf"), "learning_rate": 1.0})
+    assert store.metric_series("loss") == {} and store.metric_series("grad_norm") == {"a": [(1, float("inf"))]}
+    store.close()
+
+
+@pytest.mark.parametrize("plan_text", ['{"runs": 5}', '{"runs": "abc"}', '{"runs": [5]}', '{"runs": [{"config": 3}]}'])
+def test_a_plan_of_the_wrong_shape_is_damage(tmp_path, plan_text) -> None:
+    (tmp_path / "plan.json").write_text(plan_text)
+    with pytest.raises(ExperimentDamaged, match="plan.json is damaged"):
+        read_plan(tmp_path)
+
+
+@pytest.mark.parametrize("make", ["link", "folder"])
+def test_a_lock_file_that_is_a_link_or_a_folder_is_refused_and_nothing_is_written_through_it(tmp_path, make) -> None:
+    victim = tmp_path / "victim.txt"
+    victim.write_text("precious")
+    root = tmp_path / "exp"
+    root.mkdir()
+    (root / "controller.lock").symlink_to(victim) if make == "link" else (root / "controller.lock").mkdir()
+    with pytest.raises(ExperimentDamaged, match="controller.lock"):
+        ExperimentLock(root).acquire()
+    if make == "link":
+        with pytest.raises(ExperimentDamaged, match="controller.lock"):
+            controller_alive(root)
+    assert victim.read_text() == "precious"
+
+
+def test_an_archived_experiment_on_a_read_only_folder_can_be_read(tmp_path, monkeypatch) -> None:
+    root = make_experiment(tmp_path)
+    real_access = os.access
+    monkeypatch.setattr(os, "access", lambda path, mode: False if Path(path) == root.resolve() and mode == os.W_OK else real_access(path, mode))
+    store = open_store(root)
+    assert store.read_only and len(store.runs()) == 2
+    store.close()
+
+
+def test_a_missing_store_beside_a_plan_is_damage_not_a_strange_folder(tmp_path) -> None:
+    root = make_experiment(tmp_path)
+    (root / "state.db").unlink()
+    result = cli(tmp_path, "status", str(root))
+    assert result.returncode == 2 and "state.db is missing" in result.stderr and "restore it from a backup" in result.stderr
+
+
+def test_a_warm_start_that_changes_the_adapter_and_a_clone_of_missing_data_are_rejected(tmp_path) -> None:
+    root = make_experiment(tmp_path)
+    first = run_ids(root)[0]
+    with pytest.raises(RequestRejected, match="a warm start trains the parent's adapter as it is"):
+        submit_request(root, "clone", first, {"set": ["peft_conf.peft_kwargs.r=4"], "warm_start": True})
+    with pytest.raises(RequestRejected, match="/nonexistent.jsonl does not exist"):
+        submit_request(root, "clone", first, {"set": ["data_conf.training_data.datasets.0.path=/nonexistent.jsonl"]})

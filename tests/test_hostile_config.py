@@ -258,3 +258,17 @@ def test_reading_or_hashing_a_device_is_refused() -> None:
 def test_values_are_not_coerced(path, value) -> None:
     issues = validate_document(parse_yaml_text(json.dumps(edited(path, value)), "t.yaml"))
     assert [issue.path for issue in issues] == [path]
+
+
+@pytest.mark.parametrize("text", ["Infinity", "inf", "+inf", "1e999"])
+def test_a_text_that_a_number_field_reads_as_non_finite_is_refused(text) -> None:
+    """("nan" and "-inf" are refused by the field's own bounds.)"""
+    config, issues = validate_concrete(edited("training_args.max_grad_norm", text), lambda path: "clone")
+    assert config is None and [(issue.path, issue.message, issue.given) for issue in issues] == [
+        ("training_args.max_grad_norm", "reads as a number that is not finite", repr(text))]
+
+
+@pytest.mark.parametrize("name", ["chunk-3", "checkpoint-merged", ".hidden"])
+def test_a_final_checkpoint_name_that_finetune_writes_itself_is_refused(name) -> None:
+    config, issues = validate_concrete(edited("run_conf.final_checkpoint_name", name), lambda path: "test")
+    assert config is None and [issue.path for issue in issues] == ["run_conf.final_checkpoint_name"]

@@ -63,3 +63,17 @@ FileName = Annotated[
     Field(json_schema_extra={"pattern": NAME_PATTERN, "minLength": 1, "maxLength": MAX_NAME_LENGTH}),
 ]
 DataPath = Annotated[str, AfterValidator(_check_data_path), Field(json_schema_extra={"minLength": 1})]
+
+# What finetune itself writes in a run's folder: a final checkpoint by one of these names would replace it.
+RESERVED_CHECKPOINT_NAMES = re.compile(r"chunk-[0-9]+|checkpoint-merged|\.[^/]*")
+
+
+def _check_checkpoint_name(value: str) -> str:
+    if RESERVED_CHECKPOINT_NAMES.fullmatch(value):
+        raise PydanticCustomError("file_name", "{value} is a name finetune writes in the run's folder (its chunks are "
+                                  "chunk-K, an export checkpoint-merged); the final checkpoint would overwrite it",
+                                  {"value": value, "allowed": f"{NAME_FORM}, other than chunk-K and checkpoint-merged"})
+    return value
+
+
+CheckpointName = Annotated[FileName, AfterValidator(_check_checkpoint_name)]

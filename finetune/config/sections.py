@@ -12,7 +12,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from finetune.config.adapters import GenericPeftConfig
-from finetune.config.fields import DataPath, FileName
+from finetune.config.fields import CheckpointName, DataPath, FileName
 from finetune.config.snapshot_models import MAX_EPOCHS
 
 
@@ -282,7 +282,7 @@ class RunConfig(Strict):
         "state where present, each run starts from. "
         "auto, true and false change nothing: finetune always continues a run from its last durable chunk",
     )
-    final_checkpoint_name: FileName = Field(
+    final_checkpoint_name: CheckpointName = Field(
         default="checkpoint-final", description="Name of the final checkpoint (a folder in the run's directory)"
     )
 

@@ -28,7 +28,7 @@ from finetune.config.knobs import (
     parse_knob,
     set_at,
 )
-from finetune.config.guards import bad_numbers, number_issue, run_count_issues, total_runs_issue
+from finetune.config.guards import FINITE_FORM, bad_numbers, number_issue, run_count_issues, total_runs_issue
 from finetune.config.issues import ConfigInvalid as ConfigInvalid  # re-exported: callers import it from here
 from finetune.config.issues import ConfigIssue, Locator, short_repr
 from finetune.config.loading import Location, SourceDoc
@@ -191,7 +191,16 @@ def validate_concrete(tree: dict[str, Any], locate: Locator) -> tuple[AnyFinetun
         config = CONFIG_ADAPTER.validate_python(tree)
     except ValidationError as error:
         return None, numbers + issues_from_validation_error(error, tree, locate, frozenset(bad))
+    numbers += [_coerced_issue(tree, path, locate) for path in bad_numbers(config.model_dump()) if path not in bad]
     return (None, numbers) if numbers else (config, [])
+
+
+def _coerced_issue(tree: Any, path: Path, locate: Locator) -> ConfigIssue:
+    """A text that a number field read as a non-finite number ("inf", "Infinity", "1e999")."""
+    value: Any = tree
+    for part in path:
+        value = value.get(part) if isinstance(value, dict) else None
+    return ConfigIssue(dotted(path), str(locate(path)), "reads as a number that is not finite", short_repr(value), FINITE_FORM)
 
 
 # ---------------------------------------------------------------- knob trees

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 import stat
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 BLOCK_BYTES = 1 << 20
 
@@ -70,3 +70,12 @@ def count_nonblank_lines(stream: BinaryIO) -> int:
             count += filled
             filled = False
     return count + filled
+
+
+def data_paths(config: Any) -> list[tuple[str, str]]:
+    """(key path, data path) of every dataset a validated config reads."""
+    found = []
+    for section in ("training_data", "validation_data"):
+        datasets = getattr(getattr(config.data_conf, section, None), "datasets", None) or []
+        found += [(f"data_conf.{section}.datasets[{index}].path", dataset.path) for index, dataset in enumerate(datasets)]
+    return found

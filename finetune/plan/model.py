@@ -77,11 +77,13 @@ class RunPlan(BaseModel):
     @classmethod
     def _settings_of_an_older_plan(cls, value: Any) -> Any:
         """A plan.json written before `settings` existed: its runs share the experiment section."""
-        if isinstance(value, dict) and "settings" not in value and value.get("runs"):
-            first = value["runs"][0]
-            config = first.config if isinstance(first, PlannedRun) else first.get("config", {})
-            return {**value, "settings": config.get("experiment") or {}}
-        return value
+        runs = value.get("runs") if isinstance(value, dict) and "settings" not in value else None
+        if not runs or not isinstance(runs, list):
+            return value  # a plan of another shape: the fields' own validation says what is wrong
+        first = runs[0]
+        config = first.config if isinstance(first, PlannedRun) else first.get("config") if isinstance(first, dict) else None
+        experiment = config.get("experiment") if isinstance(config, dict) else None
+        return {**value, "settings": experiment if isinstance(experiment, dict) else {}}
 
     @property
     def total_steps(self) -> int | None:

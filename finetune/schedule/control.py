@@ -24,6 +24,7 @@ from finetune.config.knobs import iter_knobs
 from finetune.config.loading import ConfigLoadError, SourceDoc, apply_override, translate_legacy_keys
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS
 from finetune.config.validation import CONFIG_ADAPTER, validate_document
+from finetune.data.files import data_paths
 from finetune.plan.build import run_id_of
 from finetune.plan.derive import DeriveError, derive
 from finetune.plan.model import PlannedRun
@@ -129,6 +130,9 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
     controller derives them again from the clone's own data). Raises `RequestRejected`."""
     if request.warm_start:
         _check_warm_source(parent)
+        if any(change.partition("=")[0].strip().startswith("peft_conf") for change in request.changes):
+            raise RequestRejected([("peft_conf", "a warm start trains the parent's adapter as it is; change peft_conf "
+                                                 "in a clone without --warm-start")])
     doc = SourceDoc(copy.deepcopy(parent.planned.config), "the clone request")
     try:
         for change in request.changes:
@@ -140,6 +144,10 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
     translate_legacy_keys(doc)
     _check_config(doc, parent.planned.config)
     validated = CONFIG_ADAPTER.validate_python(doc.tree)
+    missing = [(path, f"{data} does not exist") for path, data in data_paths(validated) if Path(data).is_absolute()
+               and not Path(data).exists()]
+    if missing:
+        raise RequestRejected(missing)
     run_id = run_id_of(doc.tree)
     if run_id in existing:
         raise RequestRejected([("", f"an identical run exists ({run_id})")])

@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import socket
+import stat
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,8 +39,8 @@ def read_plan(root: Path) -> RunPlan:
     except ValidationError as error:
         first = error.errors()[0]
         raise damaged(path, f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}") from None
-    except (OSError, ValueError) as error:
-        raise damaged(path, str(error)) from None
+    except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
+        raise damaged(path, str(error) or type(error).__name__) from None
 
 
 def open_store(root: Path) -> StateStore:
@@ -77,7 +78,7 @@ class ExperimentLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+        fd = _open_lock(self.path, os.O_RDWR | os.O_CREAT)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
@@ -108,7 +109,7 @@ def controller_alive(root: Path) -> bool:
     path = root / LOCK_FILE
     if not path.is_file():
         return False
-    fd = os.open(path, os.O_RDONLY)
+    fd = _open_lock(path, os.O_RDONLY)
     try:
         fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -116,6 +117,19 @@ def controller_alive(root: Path) -> bool:
     finally:
         os.close(fd)
     return False
+
+
+def _open_lock(path: Path, flags: int) -> int:
+    """The lock file, never through a link (the lock would empty the file it points to) nor a folder."""
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
+    except OSError as error:
+        raise ExperimentDamaged(f"{path} cannot be the controller's lock ({error.strerror}); it must be a plain file: "
+                                "remove it (a controller creates it anew)") from None
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ExperimentDamaged(f"{path} is not a plain file; remove it (a controller creates it anew)")
+    return fd
 
 
 def _read_holder(fd: int) -> LockHolder:

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.config.validation import CONFIG_ADAPTER
+from finetune.data.files import data_paths
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.folder import read_plan
@@ -62,7 +63,9 @@ def prepare_run(plan: RunPlan, root: Path, run: PlannedRun, devices: list[str] |
     own data sizes."""
     from finetune.train.model import load_tokenizer
 
-    problems = start_up_problems(CONFIG_ADAPTER.validate_python(run.located(root).config), devices, load_tokenizer)
+    config = CONFIG_ADAPTER.validate_python(run.located(root).config)
+    problems = start_up_problems(config, devices, load_tokenizer)
+    problems += [(path, f"{data} does not exist") for path, data in data_paths(config) if not Path(data).exists()]
     if problems:
         raise RunUnprepared(problems)
     prepared = finalize_plan(plan.model_copy(update={"runs": [run], "failed": {}}), root)

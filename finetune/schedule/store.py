@@ -9,6 +9,7 @@ against it), so a folder that is moved or copied resumes from wherever it is.
 from __future__ import annotations
 
 import json
+import os
 import sqlite3
 import time
 from contextlib import contextmanager
@@ -86,10 +87,17 @@ class StateStore:
         self.path = Path(path)
         self.root = self.path.parent.resolve()
         self._check_file(create)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+        self.read_only = not create and not os.access(self.root, os.W_OK)
+        if self.read_only:  # an archived experiment on a read-only disk: SQLite cannot write its WAL index there
+            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None)
+        else:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         try:
             self._open(create)
+        except sqlite3.OperationalError as error:  # locked, a full disk, no permission: not damage
+            self._db.close()
+            raise ExperimentDamaged(f"{self.path} cannot be opened ({error}); check the disk and the folder's permissions") from None
         except sqlite3.DatabaseError as error:
             self._db.close()
             raise damaged(self.path, str(error)) from None
@@ -112,11 +120,13 @@ class StateStore:
                 raise damaged(self.path, "not an SQLite database")
 
     def _open(self, create: bool) -> None:
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=FULL")
         tables = {row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
         if not create and not TABLES <= tables:
             raise damaged(self.path, f"no {', '.join(sorted(TABLES - tables))} table")
+        if self.read_only:
+            return
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
         if "metrics" in tables and not self._db.execute("SELECT 1 FROM sqlite_master WHERE name = 'metrics_once'").fetchone():
             self._db.execute(DUPLICATE_METRICS)
         self._db.executescript(SCHEMA)
@@ -210,10 +220,10 @@ class StateStore:
         return [dict(zip(keys, row)) | {"metrics": json.loads(row[4]), "checkpoint": self.resolved_path(row[3])} for row in rows]
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
-        """One row per (run, name, step): a step trained again after a resume replaces its row."""
-        self._db.executemany(
-            "INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", [(run_id, step, name, value) for name, value in metrics.items()]
-        )
+        """One row per (run, name, step): a step trained again after a resume replaces its row. A NaN
+        (a diverged run) is not stored (SQLite reads it as NULL); the chunk's metrics and MLflow keep it."""
+        rows = [(run_id, step, name, value) for name, value in metrics.items() if value == value]
+        self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
 
     def forget_metrics_after(self, run_id: str, step: int) -> None:
         """Drop metrics of steps that were lost with a worker; they are logged again when retrained."""
@@ -276,5 +286,5 @@ class StateStore:
 def _json_or_none(text: str) -> Any:
     try:
         return json.loads(text)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, RecursionError):  # a row written by hand: its request is rejected
         return None

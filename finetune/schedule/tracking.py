@@ -33,8 +33,7 @@ class ExperimentTracking:
 
     def start(self, records: list[RunRecord]) -> None:
         state_file = self.root / "tracking.json"
-        known = json.loads(state_file.read_text()) if state_file.is_file() else {}
-        self.parent_id = self.tracker.parent_run(known.get("parent_run_id"))
+        self.parent_id = self.tracker.parent_run(_known_parent(state_file))
         write_json_atomic(state_file, {"parent_run_id": self.parent_id, "uri": self.tracker.uri})
         for record in records:
             if record.mlflow_run_id is None:
@@ -62,3 +61,13 @@ class ExperimentTracking:
     def finish(self) -> None:
         if self.parent_id:
             self.tracker.finish(self.parent_id, "FINISHED")
+
+
+def _known_parent(state_file: Path) -> str | None:
+    """The MLflow parent run of an earlier start; None (a new parent) if the file is missing or unreadable."""
+    try:
+        known = json.loads(state_file.read_text())
+    except (OSError, ValueError, RecursionError):
+        return None
+    parent = known.get("parent_run_id") if isinstance(known, dict) else None
+    return parent if isinstance(parent, str) else None

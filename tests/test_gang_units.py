@@ -211,12 +211,14 @@ def test_fsdp_shards_the_decoder_layers_of_a_model_and_of_its_adapter(demo_dir) 
         decoder_layers(model)
 
 
-@pytest.mark.parametrize("files,sharded,problem", [
-    ({"state.pt", ".metadata"}, False, "was written sharded (fsdp); resume it with the experiment.distributed"),
-    ({"state.pt", "model.safetensors"}, True, "was written whole (ddp or one device)"),
-    ({"config.json", "model.safetensors"}, True, "a sharded run does not start from another tool's checkpoint"),
+@pytest.mark.parametrize("files,sharded,initial,problem", [
+    ({"state.pt", ".metadata"}, False, False, "was written sharded (fsdp); resume it with the experiment.distributed"),
+    ({"state.pt", "model.safetensors"}, True, False, "was written whole (ddp or one device)"),
+    ({"config.json", "model.safetensors"}, True, True, "a sharded (fsdp) run starts only from a sharded chunk-K"),
+    ({"state.pt", ".metadata"}, False, True, "which a ddp run does not load; start this run with experiment.distributed: fsdp"),
+    ({"config.json"}, False, True, "is not a training checkpoint"),
 ])
-def test_a_checkpoint_is_read_by_a_run_of_its_own_kind(tmp_path, files, sharded, problem) -> None:
+def test_a_checkpoint_is_read_by_a_run_of_its_own_kind(tmp_path, files, sharded, initial, problem) -> None:
     from finetune.train.session import RunSession
     from finetune.train.sharded import ShardedSession
     from finetune.train.workbench import _resume
@@ -224,6 +226,39 @@ def test_a_checkpoint_is_read_by_a_run_of_its_own_kind(tmp_path, files, sharded,
     for name in files:
         (tmp_path / name).write_bytes(b"")
     session = (ShardedSession if sharded else RunSession).__new__(ShardedSession if sharded else RunSession)
-    session.run_id = "r1"
+    session.run_id, session.strategy = "r1", "fsdp"
     with pytest.raises(RuntimeError, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        _resume(session, str(tmp_path))
+        _resume(session, str(tmp_path), initial)
+
+
+def test_a_new_run_starts_from_a_whole_chunk_and_does_not_continue_it(tmp_path, monkeypatch) -> None:
+    """At step 0 a chunk-K of another run (state.pt beside its weights) is where a run starts from: its
+    weights and optimizer, not its step, which would not be this run's."""
+    import finetune.train.export
+    from finetune.train.session import RunSession
+    from finetune.train.workbench import _resume
+
+    for name in ("state.pt", "model.safetensors", "optimizer.pt"):
+        (tmp_path / name).write_bytes(b"")
+    started: list[str] = []
+    monkeypatch.setattr(finetune.train.export, "load_initial_checkpoint", lambda session, checkpoint: started.append(checkpoint))
+    session = RunSession.__new__(RunSession)
+    session.run_id = "r1"
+    _resume(session, str(tmp_path), initial=True)
+    assert started == [str(tmp_path)]
+
+
+def test_a_run_started_from_another_runs_optimizer_keeps_its_own_settings() -> None:
+    import torch
+
+    from finetune.train.checkpoint import own_hyperparameters
+
+    weight = torch.nn.Parameter(torch.ones(3))
+    other = torch.optim.AdamW([weight], lr=1e-2, weight_decay=0.5)
+    weight.grad = torch.ones(3)
+    other.step()
+    mine = torch.optim.AdamW([torch.nn.Parameter(torch.ones(3))], lr=1e-4, weight_decay=0.0)
+    with own_hyperparameters(mine):
+        mine.load_state_dict(other.state_dict())
+    assert (mine.param_groups[0]["lr"], mine.param_groups[0]["weight_decay"]) == (1e-4, 0.0)
+    assert torch.equal(next(iter(mine.state.values()))["exp_avg"], next(iter(other.state.values()))["exp_avg"])

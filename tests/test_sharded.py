@@ -222,3 +222,37 @@ def test_a_background_save_holds_the_state_of_the_chunk_boundary(tmp_path) -> No
     result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=300)
     assert result.returncode == 0, result.stderr[-3000:]
     assert (tmp_path / "a" / ".metadata").is_file() and (tmp_path / "b" / ".metadata").is_file()
+
+
+def logged_losses(root: Path) -> list[float]:
+    """The training loss of the experiment's one run, step by step."""
+    import sqlite3
+
+    with sqlite3.connect(root / "state.db") as db:
+        return [value for (value,) in db.execute("SELECT value FROM metrics WHERE name = 'loss' ORDER BY step")]
+
+
+def test_a_new_run_starts_from_a_sharded_chunk_of_another_gang_size(tmp_path, demo_dir) -> None:
+    """`run_conf.resume_from_checkpoint` naming a sharded chunk of a gang of 2: a new fsdp run on 1 device
+    starts from its weights and moments (DCP reshards them), at its own step 0; runs that cannot load it
+    are refused before any work, as is a folder that holds no checkpoint."""
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "source")
+    common = [*ON_CPU, *FSDP, "--set", "training_args.learning_rate=1e-2", "--set", "training_args.warmup_steps=0"]
+    finetune(tmp_path, "run", str(config), *common, *small("source", steps=8, chunks=2), "--set", "experiment.devices_per_run=2")
+    source = tmp_path / "runs" / "source"
+    (run,) = states(source)
+    chunk = source / "runs" / run / "chunk-1"
+    assert (chunk / ".metadata").is_file() and not (chunk / "adapter_model.safetensors").exists()
+    start = ["--set", f"run_conf.resume_from_checkpoint={chunk}"]
+    finetune(tmp_path, "run", str(config), *common, *small("started", steps=4, chunks=2), *start)
+    started = tmp_path / "runs" / "started"
+    assert set(states(started).values()) == {"completed"}
+    assert chunk_rows(started)[-1][1] == 1 and len(logged_losses(started)) == 4, "its own 4 steps, from step 0"
+    fresh, trained, first = logged_losses(source)[0], logged_losses(source)[-1], logged_losses(started)[0]
+    assert abs(first - trained) < 0.25 * (fresh - trained), (fresh, trained, first)
+    ddp = finetune(tmp_path, "run", str(config), *small("ddp", steps=4, chunks=2), *ON_CPU, *start, check=False)
+    assert ddp.returncode == 1 and "which a ddp run does not load; start this run with experiment.distributed: fsdp" in ddp.stderr
+    nothing = ["--set", f"run_conf.resume_from_checkpoint={demo_dir}"]
+    refused = finetune(tmp_path, "run", str(config), *common, *small("nothing", steps=4, chunks=2), *nothing, check=False)
+    assert refused.returncode == 1 and "is not a training checkpoint" in refused.stderr, refused.stderr[-2000:]
+    assert not (tmp_path / "runs" / "ddp").exists() and not (tmp_path / "runs" / "nothing").exists()

@@ -279,7 +279,8 @@ class RunConfig(Strict):
     resume_from_checkpoint: Union[bool, str] = Field(
         default=False,
         description="A path: a checkpoint (HF format, or a finetune chunk-K) whose weights, and optimizer and scheduler "
-        "state where present, each run starts from. "
+        "state where present, each run starts from, as a new run (its own step 0 and data order). A sharded chunk-K "
+        "(of an fsdp run) starts fsdp and fsdp_grad_op runs only, on any devices_per_run. "
         "auto, true and false change nothing: finetune always continues a run from its last durable chunk",
     )
     final_checkpoint_name: CheckpointName = Field(

@@ -88,19 +88,19 @@ def start_up_problems(config: Any, devices: list[str] | None, load_tokenizer: Ca
 
 
 def initial_checkpoint(config: Any) -> str | None:
-    """`run_conf.resume_from_checkpoint` as a path: the checkpoint (HF's or a finetune chunk) a run starts from.
+    """`run_conf.resume_from_checkpoint` as a path: the checkpoint (HF's or a finetune chunk; a sharded
+    chunk for a sharded run) a run starts from.
 
     `auto`, true and false need nothing here: every run always continues from its last durable chunk.
     """
     value = config.run_conf.resume_from_checkpoint
     if not isinstance(value, str) or value.lower() in ("auto", "true", "false"):
         return None
-    directory = Path(value)
-    if not any((directory / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors")):
-        raise ExperimentError(
-            f"run_conf.resume_from_checkpoint: {value} is not a training checkpoint "
-            "(no adapter_model.safetensors or model.safetensors in it)"
-        )
+    from finetune.train.sharded import start_problem
+
+    problem = start_problem(value, config.experiment.distributed)
+    if problem:
+        raise ExperimentError(f"run_conf.resume_from_checkpoint: {problem}")
     return value
 
 

@@ -12,9 +12,10 @@ import os
 import queue
 import shutil
 import threading
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 from finetune.train.data_order import DataPosition
 from finetune.train.session import RunState
@@ -85,6 +86,17 @@ def read_run_state(directory: str | Path) -> RunState:
 
 def is_run_state(directory: str | Path) -> bool:
     return (Path(directory) / "state.pt").is_file()
+
+
+@contextmanager
+def own_hyperparameters(optimizer: Any) -> Iterator[None]:
+    """Around loading another run's optimizer state into a new run: its moments are kept, and the
+    new run's own settings (learning rate, betas, weight decay) are put back after."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # accelerate's wrapper
+    settings = [{key: value for key, value in group.items() if key != "params"} for group in inner.param_groups]
+    yield
+    for group, own in zip(inner.param_groups, settings):
+        group.update(own)
 
 
 # ---------------------------------------------------------------- the background writer

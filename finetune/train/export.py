@@ -14,7 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune.train.checkpoint import ADAPTER_WEIGHTS, FULL_WEIGHTS, publish, save_weights
+from finetune.train.checkpoint import ADAPTER_WEIGHTS, FULL_WEIGHTS, own_hyperparameters, publish, save_weights
 
 
 def save_base_once(model: Any, tokenizer: Any, target: Path) -> Path:
@@ -76,7 +76,8 @@ def export_merged(adapter_dir: Path, target: Path) -> Path:
 
 def load_initial_checkpoint(session: Any, checkpoint: str) -> None:
     """`run_conf.resume_from_checkpoint` as a path: the weights a run starts from, and the optimizer
-    and scheduler state where the checkpoint (HF's format, or a finetune chunk) has them."""
+    moments and scheduler state where the checkpoint (HF's format, or a finetune chunk) has them. The
+    run keeps its own optimizer settings (learning rate, betas, weight decay), step 0 and data order."""
     import torch
     from safetensors.torch import load_file
 
@@ -88,6 +89,7 @@ def load_initial_checkpoint(session: Any, checkpoint: str) -> None:
     else:
         session.model.load_state_dict(load_file(directory / FULL_WEIGHTS), strict=False)
     if (directory / "optimizer.pt").is_file():
-        session.trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
+        with own_hyperparameters(session.trainer.optimizer):
+            session.trainer.optimizer.load_state_dict(torch.load(directory / "optimizer.pt", weights_only=False))
     if (directory / "scheduler.pt").is_file():
         session.trainer.lr_scheduler.load_state_dict(torch.load(directory / "scheduler.pt", weights_only=False))

@@ -11,7 +11,8 @@ A durable chunk is written by every rank at once, each its own shard, in the bac
 ranks train on); rank 0 then adds `state.pt` (schedule, every rank's RNG, data position) and renames
 the directory into place. Only
 the final model is gathered whole, on rank 0, and saved as transformers and PEFT save it. A shard
-checkpoint loads into a gang of any size: DCP reshards what it reads (`restore_shards`).
+checkpoint loads into a gang of any size: DCP reshards what it reads (`restore_shards` for the run
+that wrote it, `start_from_shards` for a new run that `run_conf.resume_from_checkpoint` names it for).
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.train.checkpoint import publish
+from finetune.train.checkpoint import own_hyperparameters, publish
 from finetune.train.data_order import DataPosition
 from finetune.train.distributed import gather_to_first
 from finetune.train.session import RunSession, RunState
@@ -192,19 +193,31 @@ class ShardedSession(RunSession):
 
         return get_peft_model_state_dict(self.model, state_dict=whole, adapter_name=self.adapter_name, save_embedding_layers=False)
 
-    def restore_shards(self, directory: str | Path) -> None:
-        """Continue from a sharded checkpoint, written by a gang of this size or another: DCP reads
-        each rank's part of every tensor wherever it was saved."""
-        import torch
+    def _load_shards(self, directory: Path) -> None:
+        """The weights and optimizer moments of a sharded checkpoint, written by a gang of this size or
+        another: DCP reads each rank's part of every tensor wherever it was saved."""
         import torch.distributed.checkpoint as dcp
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
-        directory = Path(directory)
-        extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
         state = self._sharded_state()
         dcp.load(state, checkpoint_id=str(directory))
         set_state_dict(self.model, self._optimizer(), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
                        options=StateDictOptions(ignore_frozen_params=True, strict=False))
+
+    def start_from_shards(self, directory: str | Path) -> None:
+        """A new run (`run_conf.resume_from_checkpoint`) starting from a sharded chunk of another run, on a
+        gang of any size: its weights and optimizer moments; the step, learning-rate schedule, optimizer
+        hyperparameters, data order and RNG stay this run's own, from its step 0."""
+        with own_hyperparameters(self._optimizer()):
+            self._load_shards(Path(directory))
+
+    def restore_shards(self, directory: str | Path) -> None:
+        """Continue from this run's sharded checkpoint, written by a gang of this size or another."""
+        import torch
+
+        directory = Path(directory)
+        extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
+        self._load_shards(directory)
         ranks = extra["rng"]["ranks"]
         # Another gang size cannot replay the same random draws; each rank continues from one saved stream.
         self.rng = ranks[self.rank % len(ranks)]
@@ -215,6 +228,26 @@ class ShardedSession(RunSession):
         if layout["world"] == self.world:
             return saved
         return resharded_position(saved, layout["batches_per_epoch"], self.stream.batches_per_epoch)
+
+
+def start_problem(directory: str | Path, strategy: str) -> str | None:
+    """Why a new run trained with `strategy` cannot start from the checkpoint `directory`, or None.
+    A sharded run starts from a sharded chunk (resharded to its gang by DCP); any other run from a
+    whole checkpoint (HF's format, or a chunk of a ddp or one-device run)."""
+    whole = any((Path(directory) / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors"))
+    if is_shard_checkpoint(directory):
+        if is_sharded(strategy):
+            return None
+        return (f"{directory} is a sharded chunk (written by an fsdp run), which a {strategy} run does not load; "
+                "start this run with experiment.distributed: fsdp or fsdp_grad_op (any devices_per_run, 1 included)")
+    if not whole:
+        return (f"{directory} is not a training checkpoint (no adapter_model.safetensors, model.safetensors "
+                "or sharded chunk's .metadata in it)")
+    if is_sharded(strategy):
+        return (f"{directory} is a whole checkpoint; a sharded ({strategy}) run starts only from a sharded chunk-K "
+                "of an fsdp or fsdp_grad_op run: train this run with ddp, or start it without "
+                "run_conf.resume_from_checkpoint")
+    return None
 
 
 def resharded_position(saved: DataPosition, saved_batches: int, batches: int) -> DataPosition:

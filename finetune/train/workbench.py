@@ -19,11 +19,11 @@ from typing import Any, Callable
 
 from finetune.plan.model import PlannedRun
 from finetune.train.bases import BaseCache, LoadedBase
-from finetune.train.checkpoint import DurableWriter, WriteJob, is_run_state, read_run_state, write_run_state
+from finetune.train.checkpoint import DurableWriter, WriteJob, read_run_state, write_run_state
 from finetune.train.residency import Budgets
 from finetune.train.session import MetricsSink, RunSession, RunState
 from finetune.train.session_cache import SessionCache
-from finetune.train.sharded import ShardedSession, ShardedState, is_shard_checkpoint, is_sharded, publish_shards
+from finetune.train.sharded import ShardedSession, ShardedState, is_shard_checkpoint, is_sharded, publish_shards, start_problem
 from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStrategy
 
 DurableListener = Callable[[str, int, str, "str | None"], None]  # (run_id, chunk, checkpoint, final checkpoint)
@@ -176,7 +176,8 @@ class Workbench:
             self.close(other)
         session = self._open(run, config, max_eval_samples)
         if resume_from:
-            _resume(session, resume_from)
+            # A run's chunk 0 has no durable chunk of its own: what it is given is where it starts from.
+            _resume(session, resume_from, initial=start_step == 0)
         if session.step != start_step:
             raise RuntimeError(f"run {run.run_id} is at step {session.step}, its chunk starts at step {start_step}: "
                                "its durable checkpoint is missing")
@@ -221,26 +222,30 @@ class Workbench:
             self.sessions[active].move_state(self.device)
 
 
-def _resume(session: RunSession, checkpoint: str) -> None:
-    """Continue from a chunk checkpoint (whole, or sharded: `sharded`), or start from the weights of
-    `run_conf.resume_from_checkpoint`. A checkpoint is read by a run of its own kind."""
-    ours, shards = is_run_state(checkpoint), is_shard_checkpoint(checkpoint)
-    sharded = isinstance(session, ShardedSession)
-    if ours and shards != sharded:
+def _resume(session: RunSession, checkpoint: str, initial: bool) -> None:
+    """`initial` (the run is at its step 0): `checkpoint` is `run_conf.resume_from_checkpoint`, whose
+    weights and optimizer state the run starts from. Otherwise it is the run's own last durable chunk,
+    which it continues, read by a run of its own kind (whole or sharded)."""
+    if initial:
+        problem = start_problem(checkpoint, session.strategy if isinstance(session, ShardedSession) else "ddp")
+        if problem:
+            raise RuntimeError(f"run {session.run_id}: run_conf.resume_from_checkpoint: {problem}")
+        if isinstance(session, ShardedSession):
+            session.start_from_shards(checkpoint)
+        else:
+            from finetune.train.export import load_initial_checkpoint
+
+            load_initial_checkpoint(session, checkpoint)
+        return
+    shards = is_shard_checkpoint(checkpoint)
+    if shards != isinstance(session, ShardedSession):
         written = "sharded (fsdp)" if shards else "whole (ddp or one device)"
         raise RuntimeError(f"run {session.run_id}: {checkpoint} was written {written}; resume it with the "
                            "experiment.distributed it was trained with")
-    if sharded and not ours:
-        raise RuntimeError(f"run {session.run_id}: a sharded run does not start from another tool's checkpoint "
-                           f"({checkpoint}) yet; start it with ddp, or without run_conf.resume_from_checkpoint")
     if isinstance(session, ShardedSession):
         session.restore_shards(checkpoint)
-    elif ours:
-        session.restore(read_run_state(checkpoint))
     else:
-        from finetune.train.export import load_initial_checkpoint
-
-        load_initial_checkpoint(session, checkpoint)
+        session.restore(read_run_state(checkpoint))
 
 
 def _memory(device: str) -> tuple[int, int]:

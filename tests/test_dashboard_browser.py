@@ -80,6 +80,21 @@ def button(driver, run_id: str, action: str) -> list:
     return driver.find_elements("css selector", f"button[data-action={action}][data-run='{run_id}']")
 
 
+def click(driver, run_id: str, action: str) -> None:
+    """Click a run's button; the table is redrawn as the page polls, so a button found just before a
+    redraw may be gone by the click: find it again until the click lands."""
+    from selenium.common.exceptions import StaleElementReferenceException
+
+    def attempt() -> bool:
+        try:
+            button(driver, run_id, action)[0].click()
+        except (StaleElementReferenceException, IndexError):
+            return False
+        return True
+
+    wait_until(attempt)
+
+
 def status_text(driver) -> str:
     return driver.find_element("id", "status").text
 
@@ -97,12 +112,12 @@ def test_a_failed_run_offers_retry_and_the_page_says_who_applies_it(tmp_path, br
         wait_until(lambda: button(browser, failed, "retry"))
         assert not button(browser, failed, "resume") and button(browser, stopped, "resume") and not button(browser, stopped, "retry")
         assert button(browser, pending, "stop") and not button(browser, pending, "resume")
-        button(browser, failed, "retry")[0].click()
+        click(browser, failed, "retry")
         wait_until(lambda: "accepted" in status_text(browser))
         assert "the next `finetune run --resume` applies it" in status_text(browser)
         browser.execute_script("for (let id = 0; id < 10000; id++) clearInterval(id);")  # no re-render under the click
         set_state(root, stopped, "completed")
-        button(browser, stopped, "resume")[0].click()
+        click(browser, stopped, "resume")
         wait_until(lambda: "refused" in status_text(browser))
         assert f"run {stopped} is completed; resume acts on a stopped run" in status_text(browser)
         assert [kind for _, kind, _, _ in requests_in(root)] == ["retry"]

@@ -138,4 +138,6 @@ def _read_holder(fd: int) -> LockHolder:
     except ValueError:
         known = {}
     known = known if isinstance(known, dict) else {}
-    return LockHolder(known.get("pid"), str(known.get("host", "")), known.get("since"))
+    pid, since = known.get("pid"), known.get("since")
+    return LockHolder(pid if isinstance(pid, int) else None, str(known.get("host", "")),
+                      since if isinstance(since, (int, float)) and 0 < since < 1e11 else None)

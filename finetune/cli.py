@@ -304,16 +304,17 @@ def main() -> None:
     try:
         app()
     except ExperimentDamaged as error:
-        exit_code(str(error))
+        exit_unusable(str(error))
     except sqlite3.OperationalError as error:
-        exit_code(f"an experiment's state store (state.db) cannot be used: {error}")
+        exit_unusable(f"an experiment's state store (state.db) cannot be used: {error}")
     except sqlite3.DatabaseError as error:
         if type(error) is not sqlite3.DatabaseError:  # a broken constraint or a misuse: a bug, with its traceback
             raise
-        exit_code(f"an experiment's state store (state.db) is damaged: {error}")
+        exit_unusable(f"an experiment's state store (state.db) is damaged: {error}")
 
 
-def exit_code(message: str) -> NoReturn:
+def exit_unusable(message: str) -> NoReturn:
+    """Outside typer's app (typer.Exit is not turned into an exit status there): the message, then exit 2."""
     say_error(message)
     raise SystemExit(EXIT_UNUSABLE)
 

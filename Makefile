@@ -13,12 +13,12 @@ install: $(STAMP)
 
 # torch goes first: the CPU build when no torch is installed yet, and a constraint then keeps
 # whatever torch is there (a CUDA build on a GPU machine), so pip never swaps it for another.
-# The ray extra is installed so that the tests of `experiment.backend: ray` run.
+# The ray, eval and optuna extras are installed so that their tests run.
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/pip install -q torch==$(TORCH_CPU_VERSION)
 	$(BIN)/python -W ignore -c "import torch; print('torch==' + torch.__version__.split('+')[0])" > $(VENV)/constraints.txt 2>/dev/null
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev,ray]'
+	$(BIN)/pip install -q -c $(VENV)/constraints.txt -e '.[dev,ray,eval,optuna]'
 	touch $(STAMP)
 
 test: install check-generated helm

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import Discriminator, Field, Tag, TypeAdapter
+from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator
+
+from finetune.config.evaluation import EvalConfig, method_metric_problem
 
 from finetune.config.sections import (
     BatchsizeConfig,
@@ -20,7 +22,14 @@ from finetune.config.sections import (
     SFTArguments,
     Strict,
 )
-from finetune.config.scheduling import ExperimentConfig, GridSweep, RandomSweep, SuccessiveHalvingSweep
+from finetune.config.scheduling import (
+    ExperimentConfig,
+    GridSweep,
+    OptunaSweep,
+    PopulationBasedSweep,
+    RandomSweep,
+    SuccessiveHalvingSweep,
+)
 from finetune.config.training_args import DPOTrainingArguments, GRPOTrainingArguments, SFTTrainingArguments
 
 METHODS = ("sft", "dpo", "grpo")
@@ -37,6 +46,8 @@ SweepConfig = Annotated[
         Annotated[GridSweep, Tag("grid")],
         Annotated[RandomSweep, Tag("random")],
         Annotated[SuccessiveHalvingSweep, Tag("successive_halving")],
+        Annotated[OptunaSweep, Tag("optuna")],
+        Annotated[PopulationBasedSweep, Tag("pbt")],
     ],
     Discriminator(sweep_strategy_of),
 ]
@@ -52,6 +63,16 @@ class CommonSections(Strict):
     quant_conf: QuantConfig = Field(default_factory=NoQuantizationConfig, description="Quantization configuration")
     experiment: ExperimentConfig = Field(default_factory=ExperimentConfig, description="Experiment and chunking")
     sweep: SweepConfig = Field(default_factory=GridSweep, description="How knobs become runs")
+    eval_conf: EvalConfig = Field(
+        default_factory=EvalConfig, description="Metrics measured at chunk boundaries (default: eval_loss only)"
+    )
+
+
+def _metrics_for(method: str, eval_conf: EvalConfig) -> EvalConfig:
+    problem = method_metric_problem(method, eval_conf)
+    if problem:
+        raise ValueError(problem)
+    return eval_conf
 
 
 class SFTFinetuneConfig(CommonSections):
@@ -70,6 +91,11 @@ class DPOFinetuneConfig(CommonSections):
     dpo_args: DPOArguments = Field(default_factory=DPOArguments, description="DPO specific arguments")
     sft_args: None = Field(default=None, description="Not used by DPO (SiloGen configs write `sft_args: null`)")
 
+    @field_validator("eval_conf")
+    @classmethod
+    def _dpo_metrics(cls, eval_conf: EvalConfig) -> EvalConfig:
+        return _metrics_for("dpo", eval_conf)
+
 
 class GRPOFinetuneConfig(CommonSections):
     """Group relative policy optimisation on prompts with reward functions (TRL GRPOTrainer)."""
@@ -78,6 +104,11 @@ class GRPOFinetuneConfig(CommonSections):
     training_args: GRPOTrainingArguments = Field(description="TRL GRPOConfig arguments")
     grpo_args: GRPOArguments = Field(description="GRPO specific arguments")
     sft_args: None = Field(default=None, description="Not used by GRPO")
+
+    @field_validator("eval_conf")
+    @classmethod
+    def _grpo_metrics(cls, eval_conf: EvalConfig) -> EvalConfig:
+        return _metrics_for("grpo", eval_conf)
 
 
 def method_of(value: Any) -> Any:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Annotated, Any, Literal, Union
 
 from pydantic import Field, ValidationInfo, field_validator, model_validator
@@ -147,9 +148,16 @@ class SuccessiveHalvingSweep(BoundedSweep):
     strategy: Literal["successive_halving"]
     num_runs: int = num_runs_field(2)
     seed: int = 42
-    metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
-    direction: Literal["minimize", "maximize", "min", "max"] = Field(
-        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
+    metric: str = Field(
+        default="eval_loss",
+        description="The metric that ranks runs: one the runs produce (eval_loss, a metric of eval_conf.metrics, the "
+        "name of an eval_conf.custom metric; for GRPO a reward it logs)",
+    )
+    direction: Literal["minimize", "maximize", "min", "max"] | None = Field(
+        default=None,
+        description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna. Default: the "
+        "metric's own direction (eval_loss minimize, the other built-in metrics maximize, a custom metric its "
+        "eval_conf direction; minimize for another)",
     )
     min_chunks: int = Field(default=1, ge=1, le=MAX_CHUNKS, description="Chunks a run trains before its first rung")
     max_chunks: int | None = Field(default=None, ge=1, le=MAX_CHUNKS, description="Default: experiment.num_chunks")
@@ -158,8 +166,8 @@ class SuccessiveHalvingSweep(BoundedSweep):
 
     @field_validator("direction")
     @classmethod
-    def _long_direction(cls, value: str) -> str:
-        return DIRECTIONS.get(value, value)
+    def _long_direction(cls, value: str | None) -> str | None:
+        return DIRECTIONS.get(value, value) if value is not None else None
 
     @model_validator(mode="after")
     def _rungs(self) -> SuccessiveHalvingSweep:
@@ -168,3 +176,89 @@ class SuccessiveHalvingSweep(BoundedSweep):
         return self
 
 
+
+
+SAMPLERS = ("tpe", "random", "cmaes", "gp")
+PRUNERS = ("none", "median", "successive_halving", "hyperband", "asha")
+
+
+class OptunaSweep(BoundedSweep):
+    """An Optuna study whose trials are runs: its sampler proposes each new run while the experiment goes on,
+    from the results so far (the latest chunk metrics of runs still training included), and its pruner stops
+    runs at chunk boundaries. The study is kept in optuna.db in the experiment folder and resumes with it."""
+
+    strategy: Literal["optuna"]
+    num_runs: int = Field(ge=1, le=MAX_RUNS_CEILING, description="How many runs the study proposes in all (at most sweep.max_runs)")
+    seed: int = 42
+    metric: str = Field(default="eval_loss", description="The evaluation metric the study optimizes")
+    direction: Literal["minimize", "maximize", "min", "max"] = Field(
+        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
+    )
+    sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
+        default="tpe", description="How new runs are proposed: tpe (Optuna's TPESampler), random, cmaes (CMA-ES) or gp "
+        "(Gaussian process; imports torch)",
+    )
+    startup_runs: int | None = Field(
+        default=None, ge=0, le=MAX_RUNS_CEILING,
+        description="Runs proposed at random before the sampler models the results (tpe, cmaes, gp); default: "
+        "num_runs // 4, at least 2",
+    )
+    max_concurrent_runs: int = Field(
+        default=4, ge=1, le=1024,
+        description="Runs of the study training at once (they take turns on the slots, chunk by chunk); a new run is "
+        "proposed when one of them ends, is pruned or fails",
+    )
+    pruner: Literal[PRUNERS] = Field(  # type: ignore[valid-type]
+        default="median",
+        description="What stops runs at chunk boundaries: none, median (Optuna's MedianPruner), successive_halving, "
+        "hyperband (Optuna's), or asha (finetune's own asynchronous successive halving, as strategy successive_halving)",
+    )
+    min_chunks: int = Field(default=1, ge=1, le=MAX_CHUNKS, description="Chunks a run trains before it can be pruned")
+    reduction_factor: int = Field(default=2, ge=2, le=100, description="successive_halving, hyperband, asha: keep the best "
+                                  "1/reduction_factor at each rung")
+
+    @field_validator("direction")
+    @classmethod
+    def _long_direction(cls, value: str) -> str:
+        return DIRECTIONS.get(value, value)
+
+    def startup(self) -> int:
+        return self.startup_runs if self.startup_runs is not None else max(2, self.num_runs // 4)
+
+
+class PopulationBasedSweep(BoundedSweep):
+    """Population-based training: a random population of num_runs runs; at every perturbation_interval chunks
+    the worst runs stop and each is replaced by a warm-started clone of one of the best, its knobs perturbed."""
+
+    strategy: Literal["pbt"]
+    num_runs: int = Field(ge=2, le=MAX_RUNS_CEILING, description="The population: runs sampled at random to start")
+    seed: int = 42
+    metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
+    direction: Literal["minimize", "maximize", "min", "max"] = Field(
+        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
+    )
+    perturbation_interval: int = Field(default=1, ge=1, le=MAX_CHUNKS, description="Chunks between two exploit steps of a run")
+    quantile_fraction: float = Field(
+        default=0.25, gt=0, le=0.5,
+        description="The bottom fraction of the population is replaced by clones of the top fraction (at least one run each)",
+    )
+    resample_probability: float = Field(
+        default=0.25, ge=0, le=1, description="A perturbed knob is drawn afresh from its $list or $range with this probability"
+    )
+    perturbation_factors: list[float] = Field(
+        default=[0.8, 1.2], min_length=1, max_length=16,
+        description="A $range knob is multiplied by one of these, picked at random (then kept within its range); a $list "
+        "knob moves to a neighbouring value",
+    )
+
+    @field_validator("direction")
+    @classmethod
+    def _long_direction(cls, value: str) -> str:
+        return DIRECTIONS.get(value, value)
+
+    @field_validator("perturbation_factors")
+    @classmethod
+    def _positive_factors(cls, value: list[float]) -> list[float]:
+        if not all(math.isfinite(factor) and factor > 0 for factor in value):
+            raise ValueError("perturbation factors must be positive finite numbers")
+        return value

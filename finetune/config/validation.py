@@ -32,6 +32,7 @@ from finetune.config.guards import FINITE_FORM, bad_numbers, number_issue, run_c
 from finetune.config.issues import ConfigInvalid as ConfigInvalid  # re-exported: callers import it from here
 from finetune.config.issues import ConfigIssue, Locator, short_repr
 from finetune.config.loading import Location, SourceDoc
+from finetune.config.metric_check import sweep_metric_issues
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS, PER_RUN_EXPERIMENT_KEYS
 
@@ -238,7 +239,7 @@ def _knob_syntax_issues(tree: Any, strategy: str, locate: Locator, base: Path = 
                     dotted(full),
                     str(locate(full)),
                     "grid search takes only $list knobs",
-                    allowed="a $list of values, or sweep.strategy random / successive_halving for a $range",
+                    allowed="a $list of values, or sweep.strategy random / successive_halving / optuna / pbt for a $range",
                 )
             )
         for index, candidate in enumerate(knob.candidates() if knob_kind(plain) == LIST_KEY else []):
@@ -349,7 +350,8 @@ def validate_document(doc: SourceDoc) -> list[ConfigIssue]:
     reported = {issue.path for issue in issues}
     merged_groups = group_trees(tree)
     for prefix, merged in merged_groups:
-        for issue in validate_tree(merged, group_locator(doc, prefix)):
+        locate = group_locator(doc, prefix)
+        for issue in validate_tree(merged, locate) or sweep_metric_issues(with_default_method(merged), locate):
             if f"{dotted(prefix)}.{issue.path}" in reported:
                 continue  # a knob on an experiment-wide key of a group: said once, by the group check
             path = f"{dotted(prefix)}: {issue.path}" if prefix else issue.path

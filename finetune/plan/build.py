@@ -5,8 +5,9 @@ from __future__ import annotations
 import hashlib
 from typing import Any, Callable
 
-from finetune.config.knobs import dotted
+from finetune.config.knobs import dotted, first_candidates
 from finetune.config.loading import SourceDoc
+from finetune.config.metric_check import metric_direction
 from finetune.config.models import AnyFinetuneConfig
 from finetune.config.scheduling import DEFAULT_MAX_RUNS, DIRECTIONS
 from finetune.config.validation import (
@@ -47,6 +48,11 @@ def label_of(expansion: Expansion) -> str:
     return ",".join(f"{names[path]}={value}" for path, value in expansion.labels.items())
 
 
+def packs_rows(config: AnyFinetuneConfig) -> bool:
+    """Whether the batches are of packed rows, whose number is known only once the data is tokenised."""
+    return config.method == "sft" and config.sft_args.packing
+
+
 def train_examples_from_files(config: AnyFinetuneConfig) -> int | None:
     """Training examples (before length filtering) counted from the files, or None if unknown.
 
@@ -84,9 +90,23 @@ def _train_part(size: int, ratio: float | None, name: str) -> int:
         raise DeriveError(f"{name}: {error}") from None
 
 
+# Strategies that propose runs while the experiment goes on: their knob trees stay in the plan.
+SEARCHING_STRATEGIES = ("optuna", "pbt")
+# Strategies that plan no run ahead: each run is proposed by the study as slots free up.
+PROPOSING_STRATEGIES = ("optuna",)
+
+
+def strategy_of(tree: dict[str, Any]) -> str:
+    return str((tree.get("sweep") or {}).get("strategy", "grid"))
+
+
 def expand_group(tree: dict[str, Any]) -> list[Expansion]:
+    """The group's planned runs; for a strategy that proposes them as it goes, only the representative config
+    (each knob's first candidate), which is validated and derived but not planned."""
     sweep = tree.get("sweep") or {}
     strategy = sweep.get("strategy", "grid")
+    if strategy in PROPOSING_STRATEGIES:
+        return [Expansion(first_candidates(tree))]
     if strategy == "grid":
         return expand_grid(tree, int(sweep.get("max_runs", DEFAULT_MAX_RUNS)))
     return expand_random(tree, int(sweep["num_runs"]), int(sweep.get("seed", 42)))
@@ -104,6 +124,7 @@ def build_plan(
         raise ConfigInvalid(issues)
     runs: list[PlannedRun] = []
     sweeps: list[dict[str, Any]] = []
+    search_spaces: dict[int, dict[str, Any]] = {}
     seen: set[str] = set()
     experiment_config = None
     for group_index, (prefix, tree) in enumerate(group_trees(doc.tree)):
@@ -119,14 +140,15 @@ def build_plan(
             if config is None:
                 raise ConfigInvalid([_with_knobs(issue, expansion, where) for issue in problems])
             try:
-                derived = derive(config, train_examples(config))
+                examples = train_examples(config)  # checks the files even when packing hides the row count
+                derived = derive(config, None if packs_rows(config) else examples)
             except DeriveError as error:
                 raise PlanError(f"{where}run with {_describe_knobs(expansion)}: {error}") from None
+            experiment_config = experiment_config or config.experiment
             run_id = run_id_of(expansion.config)
-            if run_id in seen:
+            if run_id in seen or strategy_of(tree) in PROPOSING_STRATEGIES:
                 continue
             seen.add(run_id)
-            experiment_config = experiment_config or config.experiment
             runs.append(
                 PlannedRun(
                     run_id=run_id,
@@ -140,7 +162,11 @@ def build_plan(
         sweep = dict(tree.get("sweep") or {"strategy": "grid"})
         if "direction" in sweep:
             sweep["direction"] = DIRECTIONS.get(sweep["direction"], sweep["direction"])
+        elif "metric" in sweep and config is not None and (own := metric_direction(config, sweep["metric"])):
+            sweep["direction"] = own  # the metric's own: eval_conf knows which way each of its metrics is better
         sweeps.append(sweep)
+        if strategy_of(tree) in SEARCHING_STRATEGIES:
+            search_spaces[group_index] = tree
     assert experiment_config is not None
     return RunPlan(
         experiment=experiment_config.name,
@@ -150,6 +176,7 @@ def build_plan(
         sweeps=sweeps,
         runs=runs,
         settings=experiment_config,
+        search_spaces=search_spaces,
     )
 
 

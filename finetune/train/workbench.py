@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.evaluate.chunk import GenerationEvaluator, due, token_accuracy
 from finetune.plan.model import PlannedRun
 from finetune.train.bases import BaseCache, LoadedBase
 from finetune.train.checkpoint import DurableWriter, WriteJob, read_run_state, write_run_state
@@ -73,6 +74,7 @@ class Workbench:
         self.on_write_failed = on_write_failed or (lambda run_id, chunk, error: None)
         self.bases = BaseCache(root, device, self.strategy.writes_files, self.strategy.freeze_bases)
         self.sessions = SessionCache(self.writer.wait_for)
+        self.generation = GenerationEvaluator()
 
     def resident_runs(self) -> tuple[str, ...]:
         return self.sessions.run_ids()
@@ -89,9 +91,7 @@ class Workbench:
         self._place(run.run_id)
         step_seconds = session.train_until(chunk_boundary(run, chunk))
         eval_started = time.perf_counter()
-        # GRPO is ranked by the rewards it logs while training; evaluating would mean generating again.
-        evaluate = evaluate and config.method != "grpo" and session.trainer.eval_dataset is not None
-        metrics = session.evaluate() if evaluate else {}
+        metrics = self._measure(run, config, session, chunk, evaluate)
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
@@ -105,6 +105,21 @@ class Workbench:
         peak, total = _memory(self.device)
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
                             time.perf_counter() - started, started_at, time.time(), peak, total)
+
+    def _measure(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, asked: bool) -> dict[str, float]:
+        """The chunk's metrics (`evaluate.chunk.due` says which; `asked`: the controller's evaluation cadence).
+        What the trainer's own evaluation does not log (token_accuracy under its eval_conf name, the
+        generation metrics) goes to the sink here, for the curves and MLflow."""
+        what = due(config, chunk, len(run.derived.chunk_steps or []), asked)
+        metrics = session.evaluate() if what.teacher_forced and session.trainer.eval_dataset is not None else {}
+        extra = token_accuracy(session.trainer) if metrics and "token_accuracy" in config.eval_conf.metrics else {}
+        if what.generation:
+            base = self._base_of(run.run_id)
+            extra.update(self.generation.measure(session, config, base.tokenizer, base.input_pad_id,
+                                                 base.data_keys[run.run_id]))
+        if extra and self.sink is not None:
+            self.sink(run.run_id, session.step, extra)
+        return {**metrics, **extra}
 
     def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, state: RunState, chunk: int,
                        target: Path, final: bool) -> None:

@@ -1,0 +1,187 @@
+"""The `eval_conf` section: which metrics rank a run, and how completions are generated for them.
+
+Two kinds of metric. The teacher-forced pass over the validation data (the trainer's own
+evaluation) gives `eval_loss` and, for SFT, `token_accuracy`. Generation metrics compare the
+model's greedy answer to each validation example's reference answer (its last assistant turn):
+`exact_match`, `rouge_l`, `bleu`, `chrf`, and a user's own functions (`custom`).
+
+Every metric has a direction, so that a sweep ranks by it the right way round.
+"""
+
+from __future__ import annotations
+
+import importlib
+from typing import Any, Literal
+
+from pydantic import Field, field_validator, model_validator
+
+from finetune.config.sections import Strict
+
+Direction = Literal["minimize", "maximize"]
+DIRECTION_ALIASES = {"min": "minimize", "max": "maximize"}
+
+TEACHER_FORCED_METRICS: dict[str, Direction] = {"eval_loss": "minimize", "token_accuracy": "maximize"}
+GENERATION_METRICS: dict[str, Direction] = {
+    "exact_match": "maximize", "rouge_l": "maximize", "bleu": "maximize", "chrf": "maximize",
+}
+BUILTIN_METRICS: dict[str, Direction] = {**TEACHER_FORCED_METRICS, **GENERATION_METRICS}
+# Metrics only SFT's teacher-forced pass logs (TRL's SFTTrainer: mean_token_accuracy).
+SFT_ONLY_METRICS = ("token_accuracy",)
+DEFAULT_METRICS = ["eval_loss"]
+
+METRIC_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
+FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
+# Names the trainer or finetune itself logs: a custom metric by one of them would be confused with it.
+RESERVED_METRIC_NAMES = ("loss", "learning_rate", "grad_norm", "epoch", "reward", "generation_prompts_too_long")
+MAX_NEW_TOKENS = 32_768
+MAX_GENERATION_SAMPLES = 100_000
+MAX_GENERATION_BATCH = 4_096
+
+BuiltinMetric = Literal[tuple(BUILTIN_METRICS)]  # type: ignore[valid-type]
+
+
+def long_direction(value: str) -> str:
+    return DIRECTION_ALIASES.get(value, value)
+
+
+class GenerationConfig(Strict):
+    """How completions are generated for the generation metrics: batched, left-padded, from the
+    run's chat template with its generation prompt. A prompt that leaves no room for max_new_tokens
+    in the model's context is skipped (and counted as generation_prompts_too_long), never cut."""
+
+    max_new_tokens: int = Field(default=64, ge=1, le=MAX_NEW_TOKENS, description="Tokens generated per answer at most")
+    temperature: float = Field(
+        default=0.0, ge=0.0, le=100.0, description="0: greedy decoding (deterministic); above 0: sampling at this temperature"
+    )
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling (with temperature above 0)")
+    seed: int = Field(default=0, ge=0, le=2**32 - 1, description="Seed of the sampling (with temperature above 0)")
+    batch_size: int = Field(default=8, ge=1, le=MAX_GENERATION_BATCH, description="Prompts generated together")
+    max_samples: int = Field(
+        default=32, ge=1, le=MAX_GENERATION_SAMPLES,
+        description="Generate for the first this many validation examples (generation is costly)",
+    )
+    every_chunks: int = Field(
+        default=1, ge=1,
+        description="Compute the generation metrics after every N chunks; always after a run's last chunk and at "
+        "the chunks where successive halving compares runs",
+    )
+
+
+class CustomMetric(Strict):
+    """A user's metric: `function(prompts, completions, references) -> float` over the generated sample.
+
+    `prompts` are the conversations before the answer (lists of {role, content}), `completions` the
+    generated answers and `references` the validation answers, all in the same order."""
+
+    name: str = Field(
+        pattern=METRIC_NAME_PATTERN,
+        description="The metric's name (as logged, and as sweep.metric names it)",
+    )
+    function: str = Field(
+        pattern=FUNCTION_PATTERN,
+        description="An importable `package.module:function` (on the PYTHONPATH of finetune's processes)",
+    )
+    direction: Literal["minimize", "maximize", "min", "max"] = Field(
+        default="maximize", description="Whether a lower or a higher value is better"
+    )
+
+    @field_validator("name")
+    @classmethod
+    def _not_taken(cls, name: str) -> str:
+        if name in BUILTIN_METRICS or name in RESERVED_METRIC_NAMES or name.startswith("eval_"):
+            raise ValueError(f"'{name}' is the name of a built-in or logged metric; choose another "
+                             "(not eval_*, not one of " + ", ".join([*BUILTIN_METRICS, *RESERVED_METRIC_NAMES]) + ")")
+        return name
+
+    @field_validator("function")
+    @classmethod
+    def _importable(cls, function: str) -> str:
+        problem = function_problem(function)
+        if problem:
+            raise ValueError(problem)
+        return function
+
+    @field_validator("direction")
+    @classmethod
+    def _long_direction(cls, value: str) -> str:
+        return long_direction(value)
+
+
+def function_problem(path: str) -> str | None:
+    """Why `package.module:function` cannot be called, or None when it can (its module is imported)."""
+    module_name, _, attribute = path.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except Exception as error:  # a user's module may fail in any way while it is imported
+        return f"cannot import module '{module_name}' of {path}: {type(error).__name__}: {error}"
+    function = getattr(module, attribute, None)
+    if function is None:
+        return f"module '{module_name}' has no '{attribute}' (from {path})"
+    if not callable(function):
+        return f"{path} is not callable"
+    return None
+
+
+def load_function(path: str) -> Any:
+    """The callable named by `package.module:function` (checked when the config was validated)."""
+    problem = function_problem(path)
+    if problem:
+        raise ValueError(f"eval_conf.custom: {problem}")
+    module_name, _, attribute = path.partition(":")
+    return getattr(importlib.import_module(module_name), attribute)
+
+
+class EvalConfig(Strict):
+    """What each run is measured by at chunk boundaries (usable as sweep.metric)."""
+
+    metrics: list[BuiltinMetric] = Field(  # type: ignore[valid-type]
+        default_factory=lambda: list(DEFAULT_METRICS), min_length=1,
+        description="Built-in metrics: eval_loss and token_accuracy (SFT) from the teacher-forced pass over the "
+        "validation data; exact_match (after trimming and collapsing whitespace), rouge_l (ROUGE-L F1, "
+        "rouge-score), bleu and chrf (corpus scores 0-100, sacrebleu) over generated answers",
+    )
+    generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Generation for the generation metrics")
+    custom: list[CustomMetric] = Field(default_factory=list, description="Your own metrics over the generated answers")
+
+    @field_validator("metrics")
+    @classmethod
+    def _each_once(cls, metrics: list[str]) -> list[str]:
+        repeated = sorted({name for name in metrics if metrics.count(name) > 1})
+        if repeated:
+            raise ValueError(f"{', '.join(repeated)} listed more than once")
+        return metrics
+
+    @model_validator(mode="after")
+    def _distinct_custom_names(self) -> EvalConfig:
+        names = [metric.name for metric in self.custom]
+        repeated = sorted({name for name in names if names.count(name) > 1})
+        if repeated:
+            raise ValueError(f"custom metric {', '.join(repeated)} is defined more than once")
+        return self
+
+    @property
+    def teacher_forced(self) -> list[str]:
+        return [name for name in self.metrics if name in TEACHER_FORCED_METRICS]
+
+    @property
+    def generated(self) -> list[str]:
+        return [name for name in self.metrics if name in GENERATION_METRICS]
+
+    @property
+    def needs_generation(self) -> bool:
+        return bool(self.generated or self.custom)
+
+    def directions(self) -> dict[str, str]:
+        """Every metric this section produces, with whether lower or higher is better."""
+        return {**{name: BUILTIN_METRICS[name] for name in self.metrics},
+                **{metric.name: metric.direction for metric in self.custom}}
+
+
+def method_metric_problem(method: str, eval_conf: EvalConfig) -> str | None:
+    """Why `method`'s runs cannot produce what `eval_conf` asks for, or None."""
+    if method == "grpo" and (eval_conf.metrics != DEFAULT_METRICS or eval_conf.custom):
+        return ("GRPO runs are not evaluated at chunk boundaries: they are ranked by the rewards they log while "
+                "training (sweep.metric: reward); leave eval_conf out")
+    if method != "sft" and (only := [name for name in eval_conf.metrics if name in SFT_ONLY_METRICS]):
+        return f"{', '.join(only)} is measured by SFT's evaluation only; {method} runs do not produce it"
+    return None

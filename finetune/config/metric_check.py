@@ -1,0 +1,75 @@
+"""`sweep.metric` must be a metric the runs produce, ranked the right way round.
+
+Checked on a whole (group's) tree once its fields are valid: the representative config and every
+candidate of each knob under `eval_conf` (a metric one candidate does not produce is an error).
+GRPO runs are ranked by the rewards they log while training, whose names are not known here.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from finetune.config.issues import ConfigIssue, Locator
+from finetune.config.knobs import Path, dotted, first_candidates, iter_knobs, parse_knob, set_at
+from finetune.config.models import CONFIG_ADAPTER, AnyFinetuneConfig
+
+METRIC_PATH: Path = ("sweep", "metric")
+DIRECTION_PATH: Path = ("sweep", "direction")
+
+
+def metric_direction(config: AnyFinetuneConfig, metric: str) -> str | None:
+    """Whether `metric` is better lower or higher in runs of `config`; None when it is not one of eval_conf's."""
+    return config.eval_conf.directions().get(metric)
+
+
+def sweep_metric_issues(tree: dict[str, Any], locate: Locator) -> list[ConfigIssue]:
+    """The issues of `sweep.metric` and `sweep.direction` in a tree whose fields are all valid."""
+    issues: list[ConfigIssue] = []
+    for where, variant in _eval_conf_variants(tree):
+        config = CONFIG_ADAPTER.validate_python(variant)
+        problem = _problem(config, where, locate)
+        if problem is not None and problem not in issues:
+            issues.append(problem)
+    return issues[:1]
+
+
+def _eval_conf_variants(tree: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:
+    """(which candidate, concrete config): the representative, then each other candidate of each eval_conf knob."""
+    representative = first_candidates(tree)
+    variants = [("", representative)]
+    for path, plain in iter_knobs(tree):
+        if path[:1] != ("eval_conf",):
+            continue
+        for index, candidate in enumerate(parse_knob(plain).candidates()):
+            if index:
+                variant = set_at(representative, path, first_candidates(candidate))
+                variants.append((f"{dotted(path)}[{index}]", variant))
+    return variants
+
+
+def _problem(config: AnyFinetuneConfig, where: str, locate: Locator) -> ConfigIssue | None:
+    metric = getattr(config.sweep, "metric", None)
+    if metric is None or config.method == "grpo":
+        return None
+    produced = config.eval_conf.directions()
+    in_runs = f" (with {where})" if where else ""
+    if metric not in produced:
+        return ConfigIssue(
+            dotted(METRIC_PATH), str(locate(METRIC_PATH)), f"the runs do not produce {metric}{in_runs}", metric,
+            "a metric of eval_conf.metrics or the name of an eval_conf.custom metric: " + ", ".join(produced),
+        )
+    given = getattr(config.sweep, "direction", None)
+    own = produced[metric]
+    if given is not None and given != own:
+        return ConfigIssue(
+            dotted(DIRECTION_PATH), str(locate(DIRECTION_PATH)),
+            f"{metric} is better when {'lower' if own == 'minimize' else 'higher'}{in_runs}; ranking by {given} "
+            "would keep the worst runs", given, own + (", or leave sweep.direction out" if _follows_metric(config) else ""),
+        )
+    return None
+
+
+def _follows_metric(config: AnyFinetuneConfig) -> bool:
+    """Whether the sweep's direction, left out, is the metric's own (else the strategy's fixed default)."""
+    field = type(config.sweep).model_fields.get("direction")
+    return field is not None and field.default is None

@@ -1,0 +1,98 @@
+"""What a chunk boundary measures, by `eval_conf`, and the generation metrics themselves.
+
+The teacher-forced pass (the trainer's evaluation: eval_loss, token_accuracy) runs on the chunks
+the controller asks for (`experiment.eval_every_chunks`). Generation metrics run every
+`eval_conf.generation.every_chunks` chunks and after the last. Both also run wherever the sweep
+compares runs by its metric (successive halving's rungs, a population's exploit steps, a study's
+pruning), so that a run is never judged without it.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from finetune.evaluate.samples import EvalSample, eval_samples
+
+logger = logging.getLogger(__name__)
+TOO_LONG_METRIC = "generation_prompts_too_long"
+
+
+@dataclass(frozen=True)
+class EvalDue:
+    teacher_forced: bool
+    generation: bool
+
+
+def sha_rungs(min_chunks: int, reduction_factor: int, min_early_stopping_rate: int, max_chunks: int) -> list[int]:
+    """Chunks done at successive halving's rungs (as `schedule.policy.SuccessiveHalving.rungs`)."""
+    rungs, k = [], min_early_stopping_rate
+    while (milestone := min_chunks * reduction_factor**k) < max_chunks:
+        rungs.append(milestone)
+        k += 1
+    return rungs
+
+
+def compared_after(config: Any, chunks_done: int, total_chunks: int) -> bool:
+    """Whether the sweep compares runs by its metric once a run has `chunks_done` chunks."""
+    sweep = config.sweep
+    if sweep.strategy == "successive_halving":
+        max_chunks = sweep.max_chunks or config.experiment.num_chunks
+        return chunks_done in sha_rungs(sweep.min_chunks, sweep.reduction_factor, sweep.min_early_stopping_rate, max_chunks)
+    if sweep.strategy == "pbt":
+        return chunks_done % sweep.perturbation_interval == 0
+    if sweep.strategy == "optuna":
+        return chunks_done >= sweep.min_chunks
+    return False
+
+
+def due(config: Any, chunk: int, total_chunks: int, asked: bool) -> EvalDue:
+    """What to measure after `chunk` (0-based) of a run of `total_chunks`; `asked`: the controller's
+    evaluation cadence. GRPO is ranked by the rewards it logs while training: nothing."""
+    if config.method == "grpo":
+        return EvalDue(False, False)
+    eval_conf, done = config.eval_conf, chunk + 1
+    compared = compared_after(config, done, total_chunks)
+    every = eval_conf.generation.every_chunks
+    generation = eval_conf.needs_generation and (done % every == 0 or done == total_chunks or compared)
+    return EvalDue(bool(eval_conf.teacher_forced) and (asked or compared), generation)
+
+
+def token_accuracy(trainer: Any) -> dict[str, float]:
+    """token_accuracy of the evaluation just done: TRL's SFT trainer logs it (eval_mean_token_accuracy)."""
+    history = trainer.state.log_history
+    value = history[-1].get("eval_mean_token_accuracy") if history else None
+    return {} if value is None else {"token_accuracy": float(value)}
+
+
+class GenerationEvaluator:
+    """A worker's generation metrics; the validation samples of each data set are read once."""
+
+    def __init__(self) -> None:
+        self.samples: dict[tuple[str, int], list[EvalSample]] = {}
+
+    def measure(self, session: Any, config: Any, tokenizer: Any, pad_id: int, data_key: str) -> dict[str, float]:
+        from finetune.evaluate.generation import generate_answers
+        from finetune.evaluate.metrics import Scorer
+
+        settings = config.eval_conf.generation
+        key = (data_key, settings.max_samples)
+        if key not in self.samples:
+            self.samples[key] = eval_samples(config, settings.max_samples)
+        if not self.samples[key]:
+            return {}
+        session.activate()
+        answers = generate_answers(session.model, tokenizer, self.samples[key], settings, session.device, pad_id,
+                                   synced=session.world > 1)
+        values: dict[str, float] = {}
+        if answers.too_long:
+            logger.warning("run %s: %d of %d evaluation prompts leave no room for %d new tokens in the model's "
+                           "context and were skipped", session.run_id, answers.too_long, len(self.samples[key]),
+                           settings.max_new_tokens)
+            values[TOO_LONG_METRIC] = float(answers.too_long)
+        if answers.samples:
+            prompts = [sample.prompt for sample in answers.samples]
+            references = [sample.reference for sample in answers.samples]
+            values.update(Scorer.of(config.eval_conf).score(prompts, answers.completions, references))
+        return values

@@ -1,0 +1,314 @@
+"""eval_conf: the built-in metrics by hand, custom metrics by module path, sweep.metric checks, the
+cadence of evaluation, and generation on the demo model (left padding and masks)."""
+
+from __future__ import annotations
+
+import copy
+from types import SimpleNamespace
+
+import pytest
+
+from finetune.config.evaluation import EvalConfig
+from finetune.config.validation import CONFIG_ADAPTER
+from finetune.evaluate.chunk import due, sha_rungs
+from finetune.evaluate.metrics import Scorer, bleu, chrf, exact_match, rouge_l
+from finetune.schedule.policy import SuccessiveHalving
+from tests.conftest import BASE_SFT
+from tests.helpers import doc_of, issues_of, schema_errors
+
+CUSTOM = "tests.custom_metrics"
+
+
+def config_with(**sections) -> dict:
+    tree = copy.deepcopy(BASE_SFT)
+    tree.update(sections)
+    return tree
+
+
+def halving(**sweep) -> dict:
+    return {"strategy": "successive_halving", "num_runs": 2, **sweep}
+
+
+# ---------------------------------------------------------------- built-in metrics by hand
+
+
+def test_exact_match_compares_trimmed_answers_with_whitespace_collapsed() -> None:
+    completions = ["2 plus 3 is 5.", "  2 plus  3\nis 5. ", "2 plus 3 is 6.", "2 Plus 3 is 5."]
+    assert exact_match(completions, ["2 plus 3 is 5."] * 4) == 0.5  # case counts; spacing does not
+
+
+def test_rouge_l_is_the_f1_of_the_longest_common_subsequence() -> None:
+    # LCS("the cat sat", "the cat sat down") = 3 words: precision 3/3, recall 3/4, F1 = 2 * 0.75 / 1.75
+    assert rouge_l(["the cat sat"], ["the cat sat down"]) == pytest.approx(6 / 7)
+    # Averaged over examples: (6/7 + 0) / 2; no word in common gives 0
+    assert rouge_l(["the cat sat", "dogs"], ["the cat sat down", "birds fly"]) == pytest.approx(3 / 7)
+
+
+def test_bleu_is_the_geometric_mean_of_ngram_precisions() -> None:
+    # 5 words, the last differs: 1-4-gram precisions 4/5, 3/4, 2/3, 1/2; equal lengths, no brevity penalty
+    expected = 100 * (4 / 5 * 3 / 4 * 2 / 3 * 1 / 2) ** 0.25
+    assert bleu(["a b c d e"], ["a b c d f"]) == pytest.approx(expected)
+    assert bleu(["a b c d"], ["a b c d"]) == pytest.approx(100.0)
+
+
+def test_chrf_averages_character_ngram_precision_and_recall() -> None:
+    # "abc" vs "abd": unigrams 2/3 match both ways, bigrams 1/2, trigrams 0; precision = recall = 7/18
+    assert chrf(["abc"], ["abd"]) == pytest.approx(100 * 7 / 18)
+    assert chrf(["same words"], ["same words"]) == pytest.approx(100.0)
+
+
+def test_a_metric_refuses_samples_of_different_lengths() -> None:
+    with pytest.raises(ValueError, match="2 completions for 1 references"):
+        exact_match(["a", "b"], ["a"])
+
+
+# ---------------------------------------------------------------- custom metrics
+
+
+def test_a_custom_metric_is_loaded_from_its_module_path_and_scores_the_sample() -> None:
+    eval_conf = EvalConfig.model_validate({
+        "metrics": ["exact_match"],
+        "custom": [{"name": "answer_words", "function": f"{CUSTOM}:words_per_answer"},
+                   {"name": "reference_words", "function": f"{CUSTOM}:reference_words", "direction": "min"}],
+    })
+    prompts = [[{"role": "user", "content": "Add 1 and 2."}], [{"role": "user", "content": "Write 3 as a word."}]]
+    values = Scorer.of(eval_conf).score(prompts, ["1 plus 2 is 3.", "three"], ["1 plus 2 is 3.", "3 is three."])
+    assert values == {"exact_match": 0.5, "answer_words": 3.0, "reference_words": 8.0}
+    assert eval_conf.directions() == {"exact_match": "maximize", "answer_words": "maximize", "reference_words": "minimize"}
+
+
+def test_a_custom_metric_that_returns_no_number_names_itself() -> None:
+    eval_conf = EvalConfig.model_validate({"metrics": ["eval_loss"], "custom": [{"name": "odd", "function": f"{CUSTOM}:not_a_number"}]})
+    with pytest.raises(TypeError, match="custom metric odd returned str"):
+        Scorer.of(eval_conf).score([[]], ["a"], ["a"])
+
+
+@pytest.mark.parametrize("function,words", [
+    ("no_such_package.metrics:score", "cannot import module 'no_such_package.metrics'"),
+    (f"{CUSTOM}:missing", f"module '{CUSTOM}' has no 'missing'"),
+    (f"{CUSTOM}:NOT_CALLABLE", "is not callable"),
+    (f"{CUSTOM}.words_per_answer", "pattern"),
+])
+def test_a_bad_custom_function_is_a_validation_error_with_its_path(function, words) -> None:
+    tree = config_with(eval_conf={"custom": [{"name": "mine", "function": function}]})
+    (issue,) = issues_of(tree)
+    assert issue.path == "eval_conf.custom[0].function"
+    assert words in issue.message + (issue.allowed or "")
+    assert function in (issue.given or "")
+
+
+@pytest.mark.parametrize("eval_conf,path,words", [
+    ({"metrics": ["rouge"]}, "eval_conf.metrics[0]", "not one of the allowed values"),
+    ({"metrics": []}, "eval_conf.metrics", "at least 1"),
+    ({"metrics": ["bleu", "bleu"]}, "eval_conf.metrics", "bleu listed more than once"),
+    ({"custom": [{"name": "rouge_l", "function": f"{CUSTOM}:reference_words"}]}, "eval_conf.custom[0].name", "built-in"),
+    ({"custom": [{"name": "eval_mine", "function": f"{CUSTOM}:reference_words"}]}, "eval_conf.custom[0].name", "built-in"),
+    ({"custom": [{"name": "a", "function": f"{CUSTOM}:reference_words"}] * 2}, "eval_conf", "defined more than once"),
+    ({"generation": {"max_new_tokens": 0}}, "eval_conf.generation.max_new_tokens", "greater than or equal to 1"),
+    ({"generation": {"temperature": -1}}, "eval_conf.generation.temperature", "greater than or equal to 0"),
+    ({"generation": {"every_chunks": 0}}, "eval_conf.generation.every_chunks", "greater than or equal to 1"),
+    ({"generation": {"top_k": 5}}, "eval_conf.generation.top_k", "unknown key"),
+])
+def test_bad_eval_conf_names_the_key(eval_conf, path, words) -> None:
+    issues = issues_of(config_with(eval_conf=eval_conf))
+    assert [issue.path for issue in issues] == [path]
+    assert words in issues[0].message
+
+
+def test_method_limits_on_metrics() -> None:
+    dpo = config_with(method="dpo", eval_conf={"metrics": ["eval_loss", "token_accuracy"]})
+    dpo.pop("training_args")
+    dpo["training_args"] = {"learning_rate": 1e-4}
+    (issue,) = issues_of(dpo)
+    assert issue.path == "eval_conf" and "SFT's evaluation only" in issue.message
+    grpo = config_with(method="grpo", grpo_args={"reward_functions": ["format_chat"]}, training_args={"learning_rate": 1e-4},
+                       eval_conf={"metrics": ["rouge_l"]})
+    (issue,) = issues_of(grpo)
+    assert issue.path == "eval_conf" and "rewards" in issue.message
+
+
+def test_eval_conf_is_in_the_schema_and_a_knob_like_any_value() -> None:
+    tree = config_with(eval_conf={"metrics": {"$list": [["eval_loss"], ["eval_loss", "rouge_l"]]},
+                                  "generation": {"max_new_tokens": {"$list": [8, 16]}}})
+    assert issues_of(tree) == [] and schema_errors(tree) == []
+    assert schema_errors(config_with(eval_conf={"metrics": ["rouge"]}))
+
+
+def test_the_default_is_eval_loss_only() -> None:
+    config = CONFIG_ADAPTER.validate_python(copy.deepcopy(BASE_SFT))
+    assert config.eval_conf.metrics == ["eval_loss"] and not config.eval_conf.needs_generation
+
+
+# ---------------------------------------------------------------- sweep.metric
+
+
+def test_sweep_metric_must_be_produced_by_the_runs() -> None:
+    (issue,) = issues_of(config_with(eval_conf={"metrics": ["eval_loss", "rouge_l"]}, sweep=halving(metric="bleu")))
+    assert issue.path == "sweep.metric" and "do not produce bleu" in issue.message
+    assert issue.allowed.endswith("eval_loss, rouge_l")
+    (issue,) = issues_of(config_with(eval_conf={"metrics": ["rouge_l"]}, sweep=halving()))
+    assert issue.path == "sweep.metric" and "eval_loss" in issue.message  # the default metric too
+    custom = {"metrics": ["eval_loss"], "custom": [{"name": "words", "function": f"{CUSTOM}:reference_words"}]}
+    assert issues_of(config_with(eval_conf=custom, sweep=halving(metric="words"))) == []
+
+
+def test_every_candidate_of_an_eval_conf_knob_must_produce_the_metric() -> None:
+    tree = config_with(eval_conf={"metrics": {"$list": [["rouge_l"], ["eval_loss"]]}}, sweep=halving(metric="rouge_l"))
+    (issue,) = issues_of(tree)
+    assert issue.path == "sweep.metric" and "eval_conf.metrics[1]" in issue.message
+
+
+def test_a_direction_against_the_metric_is_an_error() -> None:
+    (issue,) = issues_of(config_with(eval_conf={"metrics": ["chrf"]}, sweep=halving(metric="chrf", direction="min")))
+    assert issue.path == "sweep.direction" and "better when higher" in issue.message
+    custom = {"custom": [{"name": "cost", "function": f"{CUSTOM}:reference_words", "direction": "minimize"}]}
+    (issue,) = issues_of(config_with(eval_conf=custom, sweep=halving(metric="cost", direction="maximize")))
+    assert issue.path == "sweep.direction" and "better when lower" in issue.message
+
+
+def test_groups_are_checked_each_with_its_own_eval_conf() -> None:
+    tree = config_with(sweep=halving(metric="rouge_l"),
+                       groups=[{"eval_conf": {"metrics": ["rouge_l"]}}, {"eval_conf": {"metrics": ["bleu"]}}])
+    (issue,) = issues_of(tree)
+    assert issue.path == "groups[1]: sweep.metric"
+
+
+def test_the_plan_ranks_by_the_metric_s_own_direction() -> None:
+    from finetune.plan.build import build_plan
+    from finetune.track.ranking import ranking_metric
+
+    custom = {"metrics": ["rouge_l"], "custom": [{"name": "cost", "function": f"{CUSTOM}:reference_words", "direction": "min"}]}
+    for metric, direction in (("rouge_l", "maximize"), ("cost", "minimize")):
+        tree = config_with(eval_conf=custom, sweep=halving(metric=metric), training_args={"learning_rate": {"$list": [1e-4, 2e-4]}})
+        plan = build_plan(doc_of(tree), train_examples=lambda config: 64)
+        assert plan.sweeps[0]["direction"] == direction
+        assert ranking_metric(plan) == (metric, direction)
+
+
+# ---------------------------------------------------------------- when metrics are computed
+
+
+def concrete(**sections):
+    return CONFIG_ADAPTER.validate_python(config_with(**sections))
+
+
+@pytest.mark.parametrize("min_chunks,factor,rate,max_chunks", [(1, 2, 0, 8), (2, 3, 0, 20), (1, 2, 1, 16), (3, 2, 0, 3)])
+def test_rungs_are_the_policy_s(min_chunks, factor, rate, max_chunks) -> None:
+    policy = SuccessiveHalving("eval_loss", "minimize", min_chunks, max_chunks, factor, rate)
+    assert sha_rungs(min_chunks, factor, rate, max_chunks) == policy.rungs()
+
+
+def test_generation_every_n_chunks_the_last_and_at_rungs() -> None:
+    every_third = {"metrics": ["rouge_l"], "generation": {"every_chunks": 3}}
+    config = concrete(eval_conf=every_third)
+    assert [due(config, chunk, 8, asked=True).generation for chunk in range(8)] == [False, False, True, False, False, True, False, True]
+    assert not any(due(config, chunk, 8, asked=True).teacher_forced for chunk in range(8))  # no eval_loss asked for
+    ranked = concrete(eval_conf=every_third, sweep=halving(metric="rouge_l"), experiment={"name": "t", "num_chunks": 8})
+    # rungs at 1, 2 and 4 chunks done
+    assert [chunk + 1 for chunk in range(8) if due(ranked, chunk, 8, asked=False).generation] == [1, 2, 3, 4, 6, 8]
+
+
+def test_the_teacher_forced_pass_follows_the_controller_and_the_rungs() -> None:
+    config = concrete(sweep=halving(), experiment={"name": "t", "num_chunks": 8})
+    assert [chunk + 1 for chunk in range(8) if due(config, chunk, 8, asked=False).teacher_forced] == [1, 2, 4]
+    assert all(due(config, chunk, 8, asked=True).teacher_forced for chunk in range(8))
+    assert not any(due(config, chunk, 8, asked=True).generation for chunk in range(8))
+
+
+# ---------------------------------------------------------------- generation on the demo model
+
+
+@pytest.fixture(scope="module")
+def demo_chat(demo_dir):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from finetune.data.templates import install_template, load_template
+
+    tokenizer = AutoTokenizer.from_pretrained(demo_dir / "model")
+    install_template(load_template("chat-ml", tokenizer), tokenizer)
+    model = AutoModelForCausalLM.from_pretrained(demo_dir / "model")
+    model.resize_token_embeddings(len(tokenizer))
+    return model, tokenizer
+
+
+def settings(**values):
+    return SimpleNamespace(**{"max_new_tokens": 6, "temperature": 0.0, "top_p": 1.0, "seed": 0, "batch_size": 4, **values})
+
+
+def test_a_batch_of_prompts_of_different_lengths_answers_as_one_at_a_time(demo_chat) -> None:
+    from finetune.evaluate.generation import generate_answers, prompt_ids
+    from finetune.evaluate.samples import EvalSample
+
+    model, tokenizer = demo_chat
+    questions = ["Hi", "What is 1 plus 2?", "Add 13 and 19, and say it twice in words.", "Write 7 as a word."]
+    samples = [EvalSample([{"role": "user", "content": question}], "") for question in questions]
+    assert len({len(prompt_ids(tokenizer, sample)) for sample in samples}) >= 3  # padding of several widths
+    model.train()
+    batched = generate_answers(model, tokenizer, samples, settings(), "cpu", tokenizer.eos_token_id)
+    assert model.training  # the mode it was in is given back
+    alone = generate_answers(model, tokenizer, samples, settings(batch_size=1), "cpu", tokenizer.eos_token_id)
+    assert batched.completions == alone.completions and all(batched.completions)
+    assert batched.samples == samples and batched.too_long == 0
+
+
+def test_the_prompt_ends_with_the_template_s_generation_prompt(demo_chat) -> None:
+    from finetune.evaluate.generation import prompt_ids
+    from finetune.evaluate.samples import EvalSample
+
+    _, tokenizer = demo_chat
+    text = tokenizer.decode(prompt_ids(tokenizer, EvalSample([{"role": "user", "content": "Hi"}], "")))
+    assert text.endswith("<|im_start|>assistant\n")
+
+
+def test_a_prompt_too_long_for_the_model_is_skipped_and_counted_not_cut(demo_chat) -> None:
+    from finetune.evaluate.generation import generate_answers
+    from finetune.evaluate.samples import EvalSample
+
+    model, tokenizer = demo_chat
+    short = EvalSample([{"role": "user", "content": "Hi"}], "")
+    long = EvalSample([{"role": "user", "content": "plus " * 2100}], "")
+    answers = generate_answers(model, tokenizer, [long, short], settings(), "cpu", tokenizer.eos_token_id)
+    assert answers.samples == [short] and answers.too_long == 1 and len(answers.completions) == 1
+
+
+def test_samples_are_the_validation_prompts_and_last_answers(tmp_path) -> None:
+    from finetune.evaluate.samples import eval_samples, sample_of
+    from finetune.train.demo import sft_records, write_jsonl
+
+    records = sft_records(3, seed=2)
+    write_jsonl(tmp_path / "valid.jsonl", records)
+    data = {"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(tmp_path / "valid.jsonl")}]},
+            "validation_data": {"type": "CONCATENATION", "datasets": [{"path": str(tmp_path / "valid.jsonl")}]}}
+    samples = eval_samples(concrete(data_conf=data), limit=2)
+    assert [sample.reference for sample in samples] == [record["messages"][-1]["content"] for record in records[:2]]
+    assert all(sample.prompt[-1]["role"] == "user" for sample in samples)
+    assert sample_of({"messages": [{"role": "assistant", "content": "alone"}]}, "sft") is None
+    preference = {"prompt_messages": [{"role": "user", "content": "q"}],
+                  "chosen_messages": [{"role": "assistant", "content": "yes"}], "rejected_messages": []}
+    assert sample_of(preference, "dpo").reference == "yes"
+
+
+@pytest.mark.slow
+def test_a_chunk_logs_its_generation_metrics(tmp_path, demo_dir) -> None:
+    """A chunk of a run with eval_conf: the metrics are in its outcome and go to the sink at its step."""
+    from finetune.plan.build import build_plan
+    from finetune.train.residency import Budgets
+    from finetune.train.workbench import Workbench
+    from tests.conftest import EXAMPLES
+
+    text = (EXAMPLES / "sft-lora-grid.yaml").read_text().replace("demo/", f"{demo_dir}/")
+    (tmp_path / "c.yaml").write_text(text)
+    from finetune.config.loading import load_document
+
+    eval_conf = ("eval_conf={metrics: [eval_loss, token_accuracy, exact_match, rouge_l], generation: {max_new_tokens: 4, "
+                 f"max_samples: 4}}, custom: [{{name: words, function: '{CUSTOM}:words_per_answer'}}]}}")
+    plan = build_plan(load_document(tmp_path / "c.yaml", overrides=["training_args.max_steps=2", "experiment.num_chunks=1", eval_conf]))
+    run = plan.runs[0]
+    logged: list = []
+    bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40), sink=lambda run_id, step, metrics: logged.append((step, metrics)))
+    outcome = bench.train_chunk(run, CONFIG_ADAPTER.validate_python(run.config), 0, None, 4)
+    bench.writer.close()
+    assert {"eval_loss", "token_accuracy", "exact_match", "rouge_l", "words"} <= outcome.metrics.keys()
+    assert outcome.metrics["token_accuracy"] == outcome.metrics["eval_mean_token_accuracy"]
+    generated = [metrics for step, metrics in logged if "rouge_l" in metrics]
+    assert generated == [{name: outcome.metrics[name] for name in ("token_accuracy", "exact_match", "rouge_l", "words")}]

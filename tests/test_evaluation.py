@@ -312,3 +312,48 @@ def test_a_chunk_logs_its_generation_metrics(tmp_path, demo_dir) -> None:
     assert outcome.metrics["token_accuracy"] == outcome.metrics["eval_mean_token_accuracy"]
     generated = [metrics for step, metrics in logged if "rouge_l" in metrics]
     assert generated == [{name: outcome.metrics[name] for name in ("token_accuracy", "exact_match", "rouge_l", "words")}]
+
+
+# ---------------------------------------------------------------- report and dashboard
+
+
+def evaluated_experiment(tmp_path, sweep: dict) -> tuple:
+    """An experiment folder of three runs whose eval_conf has no eval_loss, with logged metrics."""
+    from finetune.plan.build import build_plan
+    from finetune.schedule.store import StateStore
+
+    custom = [{"name": "cost", "function": f"{CUSTOM}:reference_words", "direction": "min"}]
+    tree = config_with(eval_conf={"metrics": ["rouge_l", "exact_match"], "custom": custom}, sweep=sweep,
+                       training_args={"learning_rate": {"$list": [1e-4, 3e-4, 1e-3]}})
+    plan = build_plan(doc_of(tree), train_examples=lambda config: 64)
+    root = tmp_path / "exp"
+    root.mkdir()
+    (root / "plan.json").write_text(plan.model_dump_json())
+    store = StateStore(root / "state.db")
+    for index, run in enumerate(plan.runs):
+        store.add_run(run.run_id, run.label, 4)
+        metrics = {"rouge_l": 0.1 * index, "exact_match": 0.5, "cost": 10.0 - index}
+        store.record_chunk(run.run_id, 0, 2, str(root / "c"), metrics, 1.0, 0.5, 0.1)
+        store.log_metrics(run.run_id, 2, metrics)
+    store.close()
+    return root, [run.run_id for run in plan.runs]
+
+
+@pytest.mark.parametrize("sweep,metric,direction", [
+    ({"strategy": "grid"}, "rouge_l", "maximize"),  # no sweep.metric and no eval_loss: eval_conf's first
+    (halving(num_runs=3, metric="cost"), "cost", "minimize"),
+])
+def test_dashboard_and_report_draw_and_rank_by_eval_conf_metrics(tmp_path, sweep, metric, direction) -> None:
+    from finetune.dashboard.views import curves_view, runs_view
+    from finetune.track.report import report_markdown
+
+    root, run_ids = evaluated_experiment(tmp_path, sweep)
+    view = runs_view(root)
+    assert (view["metric"], view["direction"]) == (metric, direction)
+    assert [run["run_id"] for run in view["runs"]] == run_ids[::-1]  # the last run has the best rouge_l and cost
+    assert view["eval_metrics"] == ["rouge_l", "exact_match", "cost"]
+    assert all({"rouge_l", "exact_match", "cost"} <= run["latest"].keys() for run in view["runs"])
+    assert {"rouge_l", "exact_match", "cost"} <= curves_view(root).keys()
+    report = report_markdown(root)
+    others = [name for name in ("rouge_l", "exact_match", "cost") if name != metric]
+    assert f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |" in report

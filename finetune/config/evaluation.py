@@ -185,3 +185,15 @@ def method_metric_problem(method: str, eval_conf: EvalConfig) -> str | None:
     if method != "sft" and (only := [name for name in eval_conf.metrics if name in SFT_ONLY_METRICS]):
         return f"{', '.join(only)} is measured by SFT's evaluation only; {method} runs do not produce it"
     return None
+
+
+def directions_in(config: dict[str, Any]) -> dict[str, str]:
+    """The metrics a run's validated config (plain data, as in plan.json) produces, with their directions;
+    read without importing its custom functions, so that report and dashboard never run user code."""
+    if config.get("method") == "grpo":
+        return {}
+    eval_conf = config.get("eval_conf") or {}
+    found = {name: BUILTIN_METRICS[name] for name in eval_conf.get("metrics", DEFAULT_METRICS) if name in BUILTIN_METRICS}
+    for metric in eval_conf.get("custom", []):
+        found[metric["name"]] = long_direction(metric.get("direction", "maximize"))
+    return found

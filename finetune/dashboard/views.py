@@ -17,9 +17,9 @@ from finetune.schedule.folder import open_store, read_plan
 from finetune.schedule.records import RunStatus
 from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
-from finetune.track.ranking import ranked_runs, ranking_metric
+from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
 
-CURVES = ("loss", "eval_loss", "reward")
+CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
 CONTROLS = ("stop", "resume", "retry", "delete")
 CLONE_FIELDS = ("set", "warm_start")
 
@@ -55,7 +55,8 @@ def runs_view(root: Path) -> dict[str, Any]:
     """Every run with its state, chunk progress, knob values, latest metrics and rank."""
     with opened(root) as (store, plan):
         metric, direction = ranking_metric(plan)
-        latest_logged = {name: store.latest_metric(name) for name in CURVES}
+        evaluated = [name for name in evaluation_metrics(plan) if name not in CURVES]
+        latest_logged = {name: store.latest_metric(name) for name in (*CURVES, *evaluated)}
         runs = []
         for entry in ranked_runs(store, plan):
             row = entry.row
@@ -67,7 +68,8 @@ def runs_view(root: Path) -> dict[str, Any]:
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
                 "parent_run_id": row.parent_run_id, "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state),
             })
-    return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root)}
+    return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root),
+            "eval_metrics": evaluated}
 
 
 def actions(state: str) -> list[str]:
@@ -81,8 +83,8 @@ def actions(state: str) -> list[str]:
 
 def curves_view(root: Path) -> dict[str, dict[str, list[list[float]]]]:
     """Learning curves by metric, then by run: [[step, value], ...]."""
-    with opened(root) as (store, _):
-        curves = {name: store.metric_series(name) for name in CURVES}
+    with opened(root) as (store, plan):
+        curves = {name: store.metric_series(name) for name in dict.fromkeys([*CURVES, *evaluation_metrics(plan)])}
     return {name: {run: [[step, value] for step, value in points] for run, points in series.items()}
             for name, series in curves.items() if series}
 

@@ -1,7 +1,8 @@
 """How an experiment's runs are ranked: the same in `finetune report` and the dashboard.
 
-By the sweep's metric when it names one; else by mean reward for GRPO (which has no validation
-loss); else by eval_loss. A run's value is its latest evaluation, else its latest logged value.
+By the sweep's metric when it names one (in its direction, which the plan holds); else by mean reward
+for GRPO (which has no validation loss); else by eval_loss, or eval_conf's first metric where it
+has no eval_loss. A run's value is its latest evaluation, else its latest logged value.
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any
 
+from finetune.config.evaluation import directions_in
 from finetune.plan.model import RunPlan
 from finetune.schedule.store import RunRow, StateStore
 
@@ -27,7 +29,18 @@ def ranking_metric(plan: RunPlan) -> tuple[str, str]:
             return sweep["metric"], sweep.get("direction", "minimize")
     if plan.runs and plan.runs[0].config.get("method") == "grpo":
         return "reward", "maximize"
+    produced = directions_in(plan.runs[0].config) if plan.runs else {}
+    if produced and "eval_loss" not in produced:  # eval_conf without eval_loss: its first metric
+        return next(iter(produced.items()))
     return "eval_loss", "minimize"
+
+
+def evaluation_metrics(plan: RunPlan) -> list[str]:
+    """The eval_conf metrics of the experiment's runs (eval_loss first when there), in the order listed."""
+    names: dict[str, None] = {}
+    for run in plan.runs:
+        names.update(dict.fromkeys(directions_in(run.config)))
+    return sorted(names, key=lambda name: name != "eval_loss")
 
 
 def ranked_runs(store: StateStore, plan: RunPlan) -> list[Ranked]:

@@ -6,7 +6,9 @@ from pathlib import Path
 
 from finetune.io import write_text_atomic
 from finetune.schedule.folder import open_store, read_plan
-from finetune.track.ranking import ranked_runs, ranking_metric
+from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
+
+CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
 
 
 def report_markdown(root: Path) -> str:
@@ -14,17 +16,20 @@ def report_markdown(root: Path) -> str:
     store = open_store(root)
     metric, direction = ranking_metric(plan)
     ranked = ranked_runs(store, plan)
+    others = [name for name in evaluation_metrics(plan) if name != metric]
+    logged = {name: store.latest_metric(name) for name in others}
     lines = [
         f"# {plan.experiment}",
         "",
         f"Ranked by `{metric}` ({direction}), latest value of each run.",
         "",
-        f"| rank | run | label | state | chunks | {metric} |",
-        "|---|---|---|---|---|---|",
+        f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |",
+        "|---|---|---|---|---|---|" + "---|" * len(others),
     ]
     for entry in ranked:
         row = entry.row
-        shown = f"{entry.value:.4f}" if entry.value is not None else ""
+        shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
+                                                                       for name in others)])
         lines.append(f"| {entry.rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
     decisions = [event for event in store.events() if event["kind"].startswith("sha_") or event["kind"].startswith("ctl_")]
     if decisions:
@@ -36,7 +41,11 @@ def report_markdown(root: Path) -> str:
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss", "reward")) -> list[Path]:
+def _shown(value: float | None) -> str:
+    return f"{value:.4f}" if value is not None else ""
+
+
+def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -52,7 +61,7 @@ def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss", "rewa
         figure, axes = plt.subplots(figsize=(8, 5))
         for run_id, points in series.items():
             steps, values = zip(*points)
-            axes.plot(steps, values, marker="o" if name.startswith("eval") else None, label=f"{run_id} {labels.get(run_id, '')}")
+            axes.plot(steps, values, marker=None if name in ("loss", "reward") else "o", label=f"{run_id} {labels.get(run_id, '')}")
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(name)
         axes.set_title(f"{root.name}: {name}")
@@ -70,7 +79,7 @@ def plot_curves(root: Path, names: tuple[str, ...] = ("loss", "eval_loss", "rewa
 def write_report(root: Path) -> tuple[Path, list[Path]]:
     target = root / "report.md"
     text = report_markdown(root)
-    plots = plot_curves(root)
+    plots = plot_curves(root, tuple(dict.fromkeys([*CURVES, *evaluation_metrics(read_plan(root))])))
     if plots:
         text += "\n" + "\n".join(f"![{path.stem}]({path.name})" for path in plots) + "\n"
     write_text_atomic(target, text)

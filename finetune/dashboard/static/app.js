@@ -78,7 +78,16 @@ function controls(run) {
     element("button", { "data-action": "clone", "data-run": run.run_id, onclick: () => openClone(run) }, "clone")];
 }
 
+// A column for each eval_conf metric beyond eval_loss (exact_match, rouge_l, a custom one...), before the actions.
+function renderMetricColumns(names) {
+  const header = document.querySelector("#runs thead tr");
+  header.querySelectorAll("th.eval-metric").forEach((cell) => cell.remove());
+  const actions = header.lastElementChild;
+  for (const name of names) header.insertBefore(element("th", { class: "eval-metric" }, name), actions);
+}
+
 function renderRuns(data) {
+  renderMetricColumns(data.eval_metrics || []);
   const body = document.querySelector("#runs tbody");
   body.replaceChildren(...data.runs.map((run) => {
     const show = element("input", { type: "checkbox", ...(hidden.has(run.run_id) ? {} : { checked: "" }),
@@ -94,6 +103,7 @@ function renderRuns(data) {
       element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
       element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),
       element("td", { class: "number" }, number(run.latest.reward)),
+      ...(data.eval_metrics || []).map((name) => element("td", { class: "number", "data-metric": name }, number(run.latest[name]))),
       element("td", {}, ...controls(run)));
   }));
 }

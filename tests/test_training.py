@@ -147,8 +147,9 @@ def _bench(root: Path, cpu_budget_bytes: int | None = None):
         ("sft-lora-grid.yaml", ["peft_conf.peft_kwargs.lora_dropout=0.1"]),
         ("sft-lora-grid.yaml", ["peft_conf={peft_type: NO_PEFT}", "training_args.learning_rate=!list [1e-4, 3e-4]"]),
         ("dpo.yaml", ["peft_conf.peft_kwargs.lora_dropout=0.1"]),
+        ("sft-lora-grid.yaml", ["sft_args.packing=true"]),
     ],
-    ids=["lora", "full", "dpo"],
+    ids=["lora", "full", "dpo", "packed"],
 )
 def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(tmp_path, demo_dir, example, overrides) -> None:
     """A run trained in 4 chunks, its turns interleaved with other runs' on one worker, and also one

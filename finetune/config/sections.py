@@ -318,6 +318,19 @@ class SFTArguments(Strict):
         default="checkpoint-new-basemodel", description="If a new basemodel is saved, it is saved with this name"
     )
     train_on_completions_only: bool = Field(default=False, description="Only compute loss on the assistant's turns.")
+    padding_free: bool = Field(
+        default=False,
+        description="Put each micro-batch's examples end to end in one row, with position_ids that restart at every "
+        "example, instead of padding them to the longest: no compute goes to padding, and the attention never crosses "
+        "from one example to another (flash-attention's variable-length kernels; a block-diagonal mask for sdpa, eager "
+        "and flex_attention). Best with flash_attention_2/3; with sdpa the attention of a row grows with its total length",
+    )
+    packing: bool = Field(
+        default=False,
+        description="Pack the training examples into rows of up to max_seq_length tokens (TRL's best-fit decreasing; an "
+        "example is never split) and train on them padding-free. The batch sizes then count rows, not examples. "
+        "Evaluation data is never packed, so eval_loss stays comparable between runs",
+    )
 
 
 class DPOArguments(Strict):

@@ -1,4 +1,10 @@
-"""Padding collator for tokenised SFT examples ({input_ids, labels})."""
+"""Collators for tokenised SFT examples ({input_ids, labels}, and `seq_lengths` once packed).
+
+`ChatCollator` pads a micro-batch to its longest example. `PaddingFreeCollator` puts the
+micro-batch's examples end to end in one row with `position_ids` that restart at every
+example: no token is padding, and transformers (5.x) builds a block-diagonal causal mask from
+the restarts (flash-attention: variable-length kernels), so no example attends to another.
+"""
 
 from __future__ import annotations
 
@@ -36,3 +42,41 @@ class ChatCollator:
             for key, (values, padding) in parts.items():
                 batch[key].append(padding + values if self.padding_side == "left" else values + padding)
         return {key: torch.tensor(value, dtype=torch.long) for key, value in batch.items()}
+
+
+def segment_lengths(example: dict[str, Any]) -> list[int]:
+    """The lengths of the sequences in one row: one unless the row was packed."""
+    return list(example.get("seq_lengths") or [len(example["input_ids"])])
+
+
+@dataclass
+class PaddingFreeCollator:
+    """One row holding every sequence of the micro-batch, without padding or attention mask.
+
+    Each sequence's first label becomes -100: the causal shift makes the token before it (the last
+    of the previous sequence) predict it, a target that does not exist when the sequences are
+    apart. A sequence's own first label is never a target anyway (nothing precedes it), so the
+    loss and its token count equal those of the same sequences padded.
+    """
+
+    def __call__(self, examples: list[dict[str, Any]]) -> dict[str, Any]:
+        import torch
+
+        input_ids: list[int] = []
+        labels: list[int] = []
+        positions: list[int] = []
+        for example in examples:
+            input_ids.extend(example["input_ids"])
+            start = 0
+            for length in segment_lengths(example):
+                labels.append(IGNORE_INDEX)
+                labels.extend(example["labels"][start + 1:start + length])
+                positions.extend(range(length))
+                start += length
+            if start != len(example["input_ids"]):
+                raise ValueError(f"a packed row's seq_lengths add up to {start}, its input_ids are {len(example['input_ids'])} long")
+        return {
+            "input_ids": torch.tensor([input_ids], dtype=torch.long),
+            "labels": torch.tensor([labels], dtype=torch.long),
+            "position_ids": torch.tensor([positions], dtype=torch.long),
+        }

@@ -33,7 +33,13 @@ class DataStats:
     train_tokens: int = 0
     loss_tokens: int = 0
     added_special_tokens: int = 0
+    packed_rows: int | None = None  # sft_args.packing: the rows the training examples were packed into
     warnings: list[str] = field(default_factory=list)
+
+    @property
+    def train_rows(self) -> int:
+        """What the batch sizes count: packed rows, or else examples."""
+        return self.packed_rows if self.packed_rows is not None else self.train_examples
 
 
 @dataclass
@@ -205,7 +211,9 @@ def data_cache_key(config: Any, tokenizer: Any) -> str:
         for dataset in data_input.datasets:
             digest.update(_file_digest(Path(dataset.path)).encode())
     digest.update(config.data_conf.model_dump_json().encode())
-    digest.update(json.dumps([config.method, _max_length(config), getattr(config.sft_args, "train_on_completions_only", None)]).encode())
+    sft = config.sft_args if config.method == "sft" else None
+    shaping = [config.method, _max_length(config), getattr(sft, "train_on_completions_only", None), getattr(sft, "packing", False)]
+    digest.update(json.dumps(shaping).encode())
     digest.update(str(tokenizer.chat_template).encode())
     backend = getattr(tokenizer, "backend_tokenizer", None)
     digest.update((backend.to_str() if backend is not None else json.dumps(tokenizer.get_vocab(), sort_keys=True)).encode())
@@ -268,10 +276,21 @@ def prepare_data(config: Any, tokenizer: Any, cache_dir: Path | None = None) -> 
         return PreparedData(datasets.load_from_disk(str(cached / "train")), evaluation, stats)
     train, evaluation = build_examples(config, tokenizer, stats)
     train_set = datasets.Dataset.from_list(train)
+    if config.method == "sft" and config.sft_args.packing:
+        train_set = pack_rows(train_set, config.sft_args.max_seq_length)
+        stats.packed_rows = len(train_set)
     eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
     if cached is not None:
         _save_atomically(cached, train_set, eval_set, stats)
     return PreparedData(train_set, eval_set, stats)
+
+
+def pack_rows(dataset: Any, row_length: int) -> Any:
+    """TRL's best-fit-decreasing packing: rows of at most `row_length` tokens, each with the lengths of
+    the examples in it (`seq_lengths`); examples are never split (none is longer: they were filtered)."""
+    from trl.data_utils import pack_dataset
+
+    return pack_dataset(dataset, row_length, strategy="bfd")
 
 
 def _save_atomically(target: Path, train: Any, evaluation: Any, stats: DataStats) -> None:

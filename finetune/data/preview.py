@@ -43,7 +43,8 @@ def preview(config_tree: dict[str, Any], count: int, console: Console) -> None:
             subtitle = config.method
         console.print(Panel(body, title=f"example {index}", subtitle=subtitle))
     console.print(
-        f"read {stats.read} records; training examples {stats.train_examples}, validation {stats.eval_examples}; "
+        f"read {stats.read} records; training examples {stats.train_examples}"
+        f"{'' if stats.packed_rows is None else f' (packed into {stats.packed_rows} rows)'}, validation {stats.eval_examples}; "
         f"filtered (longer than the maximum length) {stats.filtered_too_long}; "
         f"training tokens {stats.train_tokens}, carrying loss {stats.loss_tokens}; "
         f"special tokens added by the template {stats.added_special_tokens}",

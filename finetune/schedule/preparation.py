@@ -50,7 +50,7 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
                 prepare_tokenizer(tokenizer, config.data_conf)
                 tokenizers[key] = tokenizer
             stats = prepare_data(config, tokenizers[key], root / "cache").stats
-            run = run.model_copy(update={"derived": derive(config, stats.train_examples)})
+            run = run.model_copy(update={"derived": derive(config, stats.train_rows)})
         except Exception as error:  # a run whose model or data cannot be prepared fails alone
             failed[run.run_id] = f"{type(error).__name__}: {error}"
         runs.append(run)

@@ -9,6 +9,8 @@ import re
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.train.attention import check_liger, check_padding_free, load_model_config
+
 HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
@@ -135,6 +137,7 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
     model_problems = check_model_source(config)
     on_devices = [] if devices is None else [
         *check_quantization(config), *check_attention(config, devices), *check_precision(config, devices),
+        *check_liger(config, devices),
     ]
     return [
         *model_problems,
@@ -142,4 +145,5 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
         *check_backend(config),
         *check_distributed(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),
+        *([] if model_problems else check_padding_free(config, load_model_config)),
     ]

@@ -5,9 +5,10 @@ weights), its TRL trainer, optimizer and LR schedule, its RNG state and its posi
 Training a chunk continues that state for some optimizer steps; nothing is rebuilt or read from
 disk at a chunk boundary, and switching runs swaps only the active adapter and the RNG state.
 
-Each optimizer step is TRL's own `training_step` (the method's loss, backward and metrics); around
-it this module does what `Trainer._inner_training_loop` does for a step: gradient accumulation,
-clipping, the optimizer and scheduler steps and logging, without the per-`train()` set-up.
+Each micro-batch is TRL's own training step (the method's loss, backward and metrics; set up once
+per chunk rather than per micro-batch: `micro_step.MicroStep`); around it this module does what
+`Trainer._inner_training_loop` does for a step: gradient accumulation, clipping, the optimizer and
+scheduler steps and logging, without the per-`train()` set-up.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Callable
 
 from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
 from finetune.train.distributed import gather_to_first
+from finetune.train.micro_step import MicroStep
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]
 
@@ -84,6 +86,7 @@ class RunSession:
         self.model = trainer.model
         # In a gang, `wrapped` is the DDP (or FSDP) module whose backward synchronises the ranks.
         self.wrapped = trainer.model_wrapped
+        self.micro_step = MicroStep(trainer, self.wrapped)
         self.rank, self.world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         self.params = [param for param in self.model.parameters() if param.requires_grad]
         args = trainer.args
@@ -126,6 +129,7 @@ class RunSession:
         self.activate()
         restore_rng(self.rng, self.device)
         started = time.perf_counter()
+        self.micro_step.enter_training()
         self.trainer.accelerator.gradient_state._set_sync_gradients(True)
         while self.step < stop_step:
             self._optimizer_step()
@@ -141,7 +145,7 @@ class RunSession:
         items = trainer._get_num_items_in_batch(batches, args.device)
         for index, inputs in enumerate(batches):
             with self._gradient_sync(last=index == len(batches) - 1):
-                self.tr_loss += trainer.training_step(self.wrapped, inputs, items)
+                self.tr_loss += self.micro_step(inputs, items)
         grad_norm = self._clip(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         learning_rate = trainer.lr_scheduler.get_last_lr()[0]
         trainer.optimizer.step()

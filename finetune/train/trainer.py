@@ -60,6 +60,15 @@ def strategy_arguments(strategy: str, user: dict[str, Any]) -> dict[str, Any]:
     return {"ddp_find_unused_parameters": user.get("ddp_find_unused_parameters", False)}
 
 
+def sft_collator(config: Any, pad_id: int) -> Any:
+    """Padding-free rows when asked for (packed rows always are), else padded batches."""
+    from finetune.data.collator import ChatCollator, PaddingFreeCollator
+
+    if config.sft_args.padding_free or config.sft_args.packing:
+        return PaddingFreeCollator()
+    return ChatCollator(pad_id, config.data_conf.padding_side)
+
+
 def build_trainer(
     config: Any,
     derived: Derived,
@@ -74,6 +83,10 @@ def build_trainer(
 ) -> Any:
     import trl
 
+    from finetune.train.attention import check_padding_free
+
+    for key, problem in check_padding_free(config, lambda _: model.config):
+        raise ValueError(f"{key}: {problem}")
     args = trl_arguments(config, derived, output_dir, device)
     trainer_cls = getattr(trl, TRL_TRAINER_CLASSES[config.method])
     common: dict[str, Any] = {
@@ -85,10 +98,8 @@ def build_trainer(
         "callbacks": callbacks,
     }
     if config.method == "sft":
-        from finetune.data.collator import ChatCollator
-
         pad_id = input_pad_id if input_pad_id is not None else tokenizer.pad_token_id
-        common["data_collator"] = ChatCollator(pad_id, config.data_conf.padding_side)
+        common["data_collator"] = sft_collator(config, pad_id)
     elif config.method == "dpo" and config.dpo_args.reference_model:
         from transformers import AutoModelForCausalLM
 

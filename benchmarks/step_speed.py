@@ -1,0 +1,264 @@
+"""One run's optimizer step time: a plain PyTorch + PEFT loop, TRL's trainer by hand, and `finetune`.
+
+The three train the same LoRA adapter on the same model and tokenised data, with the same batch
+size, for `--warmup` steps and then `--steps` timed ones, each on a fresh copy of the model (plain
+and finetune take turns step by step, so that the machine's load falls on both alike):
+  (a) plain:    a loop written here: forward with the labels, backward, clip, AdamW, scheduler;
+  (b) trl:      TRL's SFTTrainer built as a user would, `trainer.train()` (its own inner loop);
+  (c) finetune: finetune's resident session (`train.session.RunSession.train_until`), which is
+                what a worker runs for every chunk.
+Each with padded batches and with padding-free rows (`sft_args.padding_free`). A step's time is the
+median of the timed steps (data collation included). Prints the table and the ratios the issue
+sets targets for: finetune / plain (target <= 1.3) and padded / padding-free (target >= 1.3 on the
+demo data, whose lengths vary).
+
+CPU, demo model:  .venv/bin/python benchmarks/step_speed.py
+GPU, 0.7 B preset: python benchmarks/step_speed.py --preset 0.7b --device cuda --batch 8 --max-length 512
+(add --attention flash_attention_2 where flash-attn is installed, --liger to add Liger's kernels)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+CONFIG = """
+method: sft
+experiment: {{name: step-speed, output_dir: {out}}}
+data_conf:
+  training_data: {{type: CONCATENATION, datasets: [{{path: {train}}}]}}
+  validation_data: {{type: CONCATENATION, datasets: [{{path: {valid}}}]}}
+  chat_template_name: chat-ml
+  missing_pad_token_strategy: bos-repurpose
+training_args: {{learning_rate: 1.0e-4, max_steps: {steps}, logging_steps: 10, seed: 42, bf16: {bf16},
+                 use_liger_kernel: {liger}, lr_scheduler_type: linear, warmup_steps: 2}}
+batchsize_conf: {{total_train_batch_size: {batch}, max_per_device_train_batch_size: {batch}}}
+peft_conf:
+  peft_type: LORA
+  peft_kwargs: {{r: 16, lora_alpha: 16, lora_dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
+run_conf: {{model: {model}, model_args: {{dtype: {dtype}{attention}}}}}
+sft_args: {{max_seq_length: {max_length}, train_on_completions_only: true, padding_free: {padding_free}}}
+"""
+
+
+def concrete_config(text: str, work: Path) -> Any:
+    from finetune.config.loading import load_document
+    from finetune.config.models import CONFIG_ADAPTER
+    from finetune.plan.build import build_plan
+
+    path = work / "step-speed.yaml"
+    path.write_text(text)
+    plan = build_plan(load_document(path))
+    return CONFIG_ADAPTER.validate_python(plan.runs[0].config)
+
+
+class Bench:
+    """The model, tokenizer and data of one configuration, and fresh LoRA models on them."""
+
+    def __init__(self, config: Any, device: str) -> None:
+        from finetune.data.pipeline import input_pad_token_id, prepare_data, prepare_tokenizer
+        from finetune.train.model import load_tokenizer
+
+        self.config, self.device = config, device
+        self.tokenizer = load_tokenizer(config)
+        prepare_tokenizer(self.tokenizer, config.data_conf)
+        self.pad_id = input_pad_token_id(self.tokenizer, config.data_conf)
+        self.data = prepare_data(config, self.tokenizer)
+
+    def fresh_model(self) -> Any:
+        from finetune.train.adapter import attach_adapter
+        from finetune.train.model import load_base_model
+
+        model = load_base_model(self.config, len(self.tokenizer), self.device)
+        return attach_adapter(model, None, self.config.peft_conf, [], "bench", seed=42)
+
+    def collator(self) -> Any:
+        from finetune.train.trainer import sft_collator
+
+        return sft_collator(self.config, self.pad_id)
+
+    def trainer(self, model: Any, out: Path, steps: int) -> Any:
+        from finetune.plan.derive import derive
+        from finetune.train.trainer import build_trainer
+
+        derived = derive(self.config, len(self.data.train)).model_copy(update={"total_steps": steps})
+        return build_trainer(self.config, derived, model, self.tokenizer, self.data.train, None, out, self.device, [], self.pad_id)
+
+
+def synchronize(device: str) -> None:
+    if device.startswith("cuda"):
+        import torch
+
+        torch.cuda.synchronize(device)
+
+
+class PlainLoop:
+    """What a hand-written PyTorch + PEFT loop does for a step, and nothing else."""
+
+    def __init__(self, bench: Bench, total_steps: int) -> None:
+        import torch
+        from transformers import get_linear_schedule_with_warmup
+
+        self.bench, self.model = bench, bench.fresh_model()
+        self.model.train()
+        self.params = [param for param in self.model.parameters() if param.requires_grad]
+        self.optimizer = torch.optim.AdamW(self.params, lr=1e-4)
+        self.scheduler = get_linear_schedule_with_warmup(self.optimizer, 2, total_steps)
+        self.collate, self.rows = bench.collator(), bench.data.train
+        self.batch_size = bench.config.batchsize_conf.max_per_device_train_batch_size
+        self.order = torch.randperm(len(self.rows), generator=torch.Generator().manual_seed(42)).tolist()
+        self.autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=bench.device.startswith("cuda"))
+        self.steps = 0
+
+    def step(self) -> None:
+        import torch
+
+        start = (self.steps * self.batch_size) % max(1, len(self.rows) - self.batch_size)
+        examples = [self.rows[i] for i in self.order[start:start + self.batch_size]]
+        batch = {key: value.to(self.bench.device) for key, value in self.collate(examples).items()}
+        items = batch["labels"][..., 1:].ne(-100).sum()
+        with self.autocast:
+            loss = self.model(**batch, num_items_in_batch=items).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.params, 1.0)
+        self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.steps += 1
+
+
+class FinetuneLoop:
+    """finetune's resident session, one optimizer step per call (a chunk trains many in a row)."""
+
+    def __init__(self, bench: Bench, total_steps: int, out: Path) -> None:
+        from finetune.train.session import RunSession
+
+        trainer = bench.trainer(bench.fresh_model(), out / "finetune", total_steps)
+        self.session = RunSession("bench", trainer, None, bench.device, total_steps)
+
+    def step(self) -> None:
+        self.session.train_until(self.session.step + 1)
+
+
+def interleaved(loops: dict[str, Any], steps: int, warmup: int, device: str) -> dict[str, float]:
+    """Median step time of each loop, the loops taking turns step by step, so that a change in the
+    machine's load (other processes, CPU frequency) falls on all of them alike."""
+    times: dict[str, list[float]] = {name: [] for name in loops}
+    for index in range(warmup + steps):
+        for name, loop in loops.items():
+            started = time.perf_counter()
+            loop.step()
+            synchronize(device)
+            if index >= warmup:
+                times[name].append(time.perf_counter() - started)
+    return {name: statistics.median(values) for name, values in times.items()}
+
+
+def trl_by_hand(bench: Bench, steps: int, warmup: int, out: Path) -> float:
+    """TRL's own loop (`trainer.train()`), timed between its step-end callbacks."""
+    from transformers import TrainerCallback
+
+    marks: list[float] = []
+
+    class Marks(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            synchronize(bench.device)
+            marks.append(time.perf_counter())
+
+    trainer = bench.trainer(bench.fresh_model(), out / "trl", steps + warmup)
+    trainer.args.max_steps = steps + warmup
+    trainer.add_callback(Marks())
+    trainer.train()
+    gaps = [later - earlier for earlier, later in zip(marks, marks[1:])]
+    return statistics.median(gaps[max(0, warmup - 1):])
+
+
+def demo_inputs(work: Path) -> tuple[Path, Path, Path]:
+    from finetune.train.demo import init_demo
+
+    demo = init_demo(work / "demo")
+    return demo / "model", demo / "data" / "sft_train.jsonl", demo / "data" / "sft_valid.jsonl"
+
+
+def measure(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    if args.preset == "demo":
+        model, train, valid = demo_inputs(work)
+    else:
+        from benchmarks.gpu_sweep import build_inputs
+
+        model, train, valid = build_inputs(work, args.preset, args.dtype, args.examples)
+    on_gpu = args.device.startswith("cuda")
+    attention = f", attn_implementation: {args.attention}" if args.attention else ""
+    results: dict[str, dict[str, float]] = {}
+    for layout in ("padded", "padding_free"):
+        text = CONFIG.format(out=work / "runs", train=train, valid=valid, steps=args.steps + args.warmup, bf16=str(on_gpu).lower(),
+                             liger=str(args.liger).lower(), batch=args.batch, model=model, dtype=args.dtype, attention=attention,
+                             max_length=args.max_length, padding_free=str(layout == "padding_free").lower())
+        bench = Bench(concrete_config(text, work), args.device)
+        total = args.steps + args.warmup
+        loops = {"plain": PlainLoop(bench, total), "finetune": FinetuneLoop(bench, total, work)}
+        results[layout] = interleaved(loops, args.steps, args.warmup, args.device)
+        results[layout]["trl"] = trl_by_hand(bench, args.steps, args.warmup, work)
+        print(f"{layout}: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in results[layout].items()), flush=True)
+    return results
+
+
+def report(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    ratios = {
+        "finetune/plain padded": results["padded"]["finetune"] / results["padded"]["plain"],
+        "finetune/plain padding-free": results["padding_free"]["finetune"] / results["padding_free"]["plain"],
+        "trl/plain padded": results["padded"]["trl"] / results["padded"]["plain"],
+        "padded/padding-free finetune": results["padded"]["finetune"] / results["padding_free"]["finetune"],
+        "padded/padding-free plain": results["padded"]["plain"] / results["padding_free"]["plain"],
+    }
+    print("\nseconds per optimizer step (median)")
+    print(f"{'':14}{'plain':>10}{'trl':>10}{'finetune':>10}")
+    for layout, times in results.items():
+        print(f"{layout:14}" + "".join(f"{times[name]:>10.4f}" for name in ("plain", "trl", "finetune")))
+    print()
+    for name, value in ratios.items():
+        target = {"finetune/plain padded": " (target <= 1.3)", "padded/padding-free finetune": " (target >= 1.3)"}.get(name, "")
+        print(f"{name}: {value:.2f}x{target}")
+    return ratios
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--preset", default="demo", help="demo (the offline demo model), or a gpu_sweep preset: tiny, 0.7b, 3b")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
+    parser.add_argument("--attention", default=None, help="run_conf.model_args.attn_implementation (default: transformers' choice)")
+    parser.add_argument("--liger", action="store_true", help="training_args.use_liger_kernel (CUDA, with liger-kernel)")
+    parser.add_argument("--batch", type=int, default=8)
+    parser.add_argument("--max-length", type=int, default=256)
+    parser.add_argument("--examples", type=int, default=512, help="examples of a preset's synthetic data")
+    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
+    parser.add_argument("--json-out", type=Path, default=None)
+    args = parser.parse_args()
+    args.dtype = args.dtype or ("bfloat16" if args.device.startswith("cuda") else "float32")
+    import torch
+
+    from finetune.runtime import quiet_libraries
+
+    quiet_libraries()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    with tempfile.TemporaryDirectory(prefix="finetune-step-speed-") as work:
+        results = measure(args, Path(work))
+    ratios = report(results)
+    if args.json_out:
+        args.json_out.write_text(json.dumps({"seconds": results, "ratios": ratios, "args": {k: str(v) for k, v in vars(args).items()}}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

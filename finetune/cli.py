@@ -99,14 +99,17 @@ def report_issues(config: Path, issues: list, as_json: bool, notices: list[str] 
 @app.command()
 def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None, as_json: JsonOpt = False) -> None:
     """Expand the sweep into its runs and print them; trains nothing."""
-    from finetune.plan.render import plan_table, plan_summary
+    from finetune.plan.render import plan_summary, plan_table, search_space_lines
 
     doc = load_or_exit(config, values_key, set_, as_json)
     run_plan = build_plan_or_exit(doc, config, as_json)
     if as_json:
         console.print_json(run_plan.model_dump_json())
         return
-    console.print(plan_table(run_plan))
+    if run_plan.runs:
+        console.print(plan_table(run_plan))
+    for line in search_space_lines(run_plan):
+        console.print(line, highlight=False, markup=False)
     console.print(plan_summary(run_plan), highlight=False)
 
 
@@ -169,21 +172,23 @@ def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated
     import time as _time
 
     from finetune.schedule.display import runs_table
-    from finetune.schedule.folder import open_store
+    from finetune.schedule.folder import open_store, read_plan
+    from finetune.track.ranking import ranking_metric
 
     store = open_store(experiment_or_exit(experiment))
     if as_json:
         console.print_json(json.dumps([row.__dict__ for row in store.runs()]))
         return
+    evaluated = (ranking_metric(read_plan(experiment))[0],)  # e.g. rouge_l; every metric: report, dashboard, --json
     if not watch:
-        console.print(runs_table(store, str(experiment)))
+        console.print(runs_table(store, str(experiment), evaluated))
         return
     from rich.live import Live
 
-    with Live(runs_table(store, str(experiment)), console=console, refresh_per_second=1) as live:
+    with Live(runs_table(store, str(experiment), evaluated), console=console, refresh_per_second=1) as live:
         while True:
             _time.sleep(1)
-            live.update(runs_table(store, str(experiment)))
+            live.update(runs_table(store, str(experiment), evaluated))
 
 
 @app.command()

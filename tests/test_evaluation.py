@@ -166,6 +166,13 @@ def test_a_direction_against_the_metric_is_an_error() -> None:
     assert issue.path == "sweep.direction" and "better when lower" in issue.message
 
 
+def test_generation_metrics_without_validation_data_are_an_error() -> None:
+    data = {**BASE_SFT["data_conf"], "validation_data": {"type": "NONE"}}
+    (issue,) = issues_of(config_with(data_conf=data, eval_conf={"metrics": ["eval_loss", "bleu"]}))
+    assert issue.path == "eval_conf" and "validation_data is NONE" in issue.message
+    assert issues_of(config_with(data_conf=data, eval_conf={"metrics": ["eval_loss"]})) == []
+
+
 def test_groups_are_checked_each_with_its_own_eval_conf() -> None:
     tree = config_with(sweep=halving(metric="rouge_l"),
                        groups=[{"eval_conf": {"metrics": ["rouge_l"]}}, {"eval_conf": {"metrics": ["bleu"]}}])

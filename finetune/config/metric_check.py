@@ -1,4 +1,5 @@
-"""`sweep.metric` must be a metric the runs produce, ranked the right way round.
+"""`sweep.metric` must be a metric the runs produce, ranked the right way round; generation metrics
+need validation examples.
 
 Checked on a whole (group's) tree once its fields are valid: the representative config and every
 candidate of each knob under `eval_conf` (a metric one candidate does not produce is an error).
@@ -23,7 +24,7 @@ def metric_direction(config: AnyFinetuneConfig, metric: str) -> str | None:
 
 
 def sweep_metric_issues(tree: dict[str, Any], locate: Locator) -> list[ConfigIssue]:
-    """The issues of `sweep.metric` and `sweep.direction` in a tree whose fields are all valid."""
+    """The issues of `sweep.metric`, `sweep.direction` and `eval_conf` in a tree whose fields are all valid."""
     issues: list[ConfigIssue] = []
     for where, variant in _eval_conf_variants(tree):
         config = CONFIG_ADAPTER.validate_python(variant)
@@ -48,11 +49,17 @@ def _eval_conf_variants(tree: dict[str, Any]) -> list[tuple[str, dict[str, Any]]
 
 
 def _problem(config: AnyFinetuneConfig, where: str, locate: Locator) -> ConfigIssue | None:
+    in_runs = f" (with {where})" if where else ""
+    if config.eval_conf.needs_generation and config.data_conf.validation_data.type == "NONE":
+        return ConfigIssue(
+            "eval_conf", str(locate(("eval_conf",))), f"generation metrics need validation examples{in_runs}, and "
+            "data_conf.validation_data is NONE", allowed="validation_data CONCATENATION or AUTO_SPLIT, or only "
+            "eval_loss / token_accuracy in eval_conf.metrics and no custom metric",
+        )
     metric = getattr(config.sweep, "metric", None)
     if metric is None or config.method == "grpo":
         return None
     produced = config.eval_conf.directions()
-    in_runs = f" (with {where})" if where else ""
     if metric not in produced:
         return ConfigIssue(
             dotted(METRIC_PATH), str(locate(METRIC_PATH)), f"the runs do not produce {metric}{in_runs}", metric,

@@ -10,11 +10,13 @@ STATE_STYLES = {"completed": "green", "running": "yellow", "failed": "red", "sto
 SHOWN_METRICS = ("eval_loss", "loss", "reward")
 
 
-def runs_table(store: StateStore, title: str) -> Table:
+def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = ()) -> Table:
+    """`evaluated`: metrics shown after the usual ones (the ranking metric, when it is another)."""
+    shown = tuple(dict.fromkeys([*SHOWN_METRICS, *evaluated]))
     table = Table(title=title, title_justify="left")
-    for column in ("run", "label", "chunks", "state", *SHOWN_METRICS):
-        table.add_column(column, justify="right" if column in SHOWN_METRICS or column == "chunks" else "left")
-    latest = _latest_train_metrics(store)
+    for column in ("run", "label", "chunks", "state", *shown):
+        table.add_column(column, justify="right" if column in shown or column == "chunks" else "left")
+    latest = _latest_train_metrics(store, shown)
     for row in store.runs():
         metrics = {**latest.get(row.run_id, {}), **row.latest_metrics}
         style = STATE_STYLES.get(row.state, "")
@@ -23,14 +25,17 @@ def runs_table(store: StateStore, title: str) -> Table:
             row.label,
             f"{row.chunks_done}/{row.total_chunks}",
             f"[{style}]{row.state}[/]" if style else row.state,
-            *(f"{metrics[name]:.4f}" if name in metrics else "" for name in SHOWN_METRICS),
+            *(f"{metrics[name]:.4f}" if name in metrics else "" for name in shown),
         )
     return table
 
 
-def _latest_train_metrics(store: StateStore) -> dict[str, dict[str, float]]:
+def _latest_train_metrics(store: StateStore, shown: tuple[str, ...]) -> dict[str, dict[str, float]]:
+    """The latest logged value of each shown metric but eval_loss (which every evaluated chunk holds)."""
     latest: dict[str, dict[str, float]] = {}
-    for name in ("loss", "reward"):
+    for name in shown:
+        if name == "eval_loss":
+            continue
         for run_id, value in store.latest_metric(name).items():
             latest.setdefault(run_id, {})[name] = value
     return latest

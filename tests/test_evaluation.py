@@ -364,3 +364,30 @@ def test_dashboard_and_report_draw_and_rank_by_eval_conf_metrics(tmp_path, sweep
     report = report_markdown(root)
     others = [name for name in ("rouge_l", "exact_match", "cost") if name != metric]
     assert f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |" in report
+
+
+def test_the_example_custom_metric_compares_final_numbers() -> None:
+    from finetune.evaluate.examples import final_number_match
+
+    completions = ["3 plus 4 is 7.", "3 plus 4 is 8.", "seven", "x"]
+    references = ["3 plus 4 is 7."] * 3 + ["no number"]
+    assert final_number_match([], completions, references) == pytest.approx(1 / 3)  # the last pair is left out
+
+
+@pytest.mark.slow
+def test_a_sharded_gang_generates_together_and_logs_the_metrics(tmp_path, demo_dir) -> None:
+    """Two FSDP ranks on the CPU: every rank generates (the shards are gathered layer by layer), none waits
+    for ever, and rank 0 reports the generation metrics of each chunk."""
+    import json
+    import sqlite3
+
+    from tests.test_gangs import ON_CPU
+    from tests.test_training import demo_config, finetune, small
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "gang")
+    eval_conf = "eval_conf={metrics: [eval_loss, rouge_l], generation: {max_new_tokens: 4, max_samples: 4, batch_size: 2}}"
+    finetune(tmp_path, "run", str(config), *small("gang", steps=4, chunks=2), *ON_CPU, "--set", "experiment.devices_per_run=2",
+             "--set", "experiment.distributed=fsdp", "--set", "training_args.learning_rate=1e-3", "--set", eval_conf)
+    with sqlite3.connect(tmp_path / "runs" / "gang" / "state.db") as db:
+        rows = db.execute("SELECT chunk, metrics FROM chunks ORDER BY chunk").fetchall()
+    assert [chunk for chunk, _ in rows] == [0, 1] and all("rouge_l" in json.loads(metrics) for _, metrics in rows)

@@ -236,7 +236,7 @@ def data_preview(
     doc = load_or_exit(config, values_key, set_, False)
     run_plan = build_plan_or_exit(doc, config, False)
     try:
-        preview(run_plan.runs[0].config, n, console)
+        preview(run_plan.first_config(), n, console)
     except ValueError as error:
         exit_with(str(error), EXIT_INVALID)
 

@@ -18,7 +18,8 @@ SCHEMA_DIALECT = "https://json-schema.org/draft/2020-12/schema"
 NOT_KNOBBABLE_TOP = {"method", "experiment", "sweep"}
 METHOD_DEFS = ("SFTFinetuneConfig", "DPOFinetuneConfig", "GRPOFinetuneConfig")
 # Sections of the experiment as a whole: no knobs inside them, but for the per-run keys of `experiment`.
-WHOLE_EXPERIMENT_DEFS = ("ExperimentConfig", "GridSweep", "RandomSweep", "SuccessiveHalvingSweep")
+WHOLE_EXPERIMENT_DEFS = ("ExperimentConfig", "GridSweep", "RandomSweep", "SuccessiveHalvingSweep", "OptunaSweep",
+                         "PopulationBasedSweep")
 
 
 def concrete_schema() -> dict[str, Any]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import json
 import random
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Callable
 
-from finetune.config.knobs import ListKnob, combinations, dotted, iter_knobs, parse_knob, set_at
+from finetune.config.knobs import Knob, ListKnob, combinations, dotted, iter_knobs, parse_knob, set_at
 
 MAX_DRAWS_PER_RUN = 200
 # Random search counts the distinct combinations exactly (by expanding them) only when there are at most
@@ -103,17 +103,31 @@ def distinct_grid_size(tree: dict[str, Any], limit: int) -> int | None:
     return len({expansion.key() for expansion in _grid(Expansion(tree))})
 
 
-def _sample(partial: Expansion, rng: random.Random) -> Expansion:
+# Picks a knob's value by its dotted path: a candidate's index for a `$list`, a number for a `$range`.
+Chooser = Callable[[str, Knob], Any]
+
+
+def sample_with(tree: dict[str, Any], choose: Chooser) -> Expansion:
+    """One concrete config, each knob (outermost first, nested ones once their candidate is chosen) set
+    by `choose`: the seam through which random search and a study's sampler pick values."""
+    partial = Expansion(tree)
     while (first := next(iter_knobs(partial.config), None)) is not None:
         path, plain = first
         knob = parse_knob(plain)
         if isinstance(knob, ListKnob):
-            index = rng.randrange(len(knob.values))
+            index = int(choose(dotted(path), knob))
             partial = _choose(partial, path, knob.values[index], _list_label(knob, index))
         else:
-            value = knob.sample(rng.random())
+            value = knob.cast(choose(dotted(path), knob))
             partial = _choose(partial, path, value, format_value(value))
     return partial
+
+
+def _sample(partial: Expansion, rng: random.Random) -> Expansion:
+    def draw(_: str, knob: Knob) -> Any:
+        return rng.randrange(len(knob.values)) if isinstance(knob, ListKnob) else knob.sample(rng.random())
+
+    return sample_with(partial.config, draw)
 
 
 def expand_random(tree: dict[str, Any], num_runs: int, seed: int) -> list[Expansion]:

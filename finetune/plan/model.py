@@ -7,6 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, model_validator
 
+from finetune.config.knobs import first_candidates
 from finetune.config.scheduling import ExperimentConfig
 
 
@@ -47,6 +48,7 @@ class PlannedRun(BaseModel):
         default=None,
         description="a warm-start clone's adapter, relative to the experiment folder (its config names the same path)",
     )
+    trial: int | None = Field(default=None, description="the Optuna trial that proposed it (sweep.strategy optuna)")
 
     def located(self, root: Path) -> PlannedRun:
         """This run with its warm-start adapter where the experiment folder `root` holds it now (a
@@ -67,6 +69,11 @@ class RunPlan(BaseModel):
     sweeps: list[dict[str, Any]] = Field(description="the sweep section of each group")
     runs: list[PlannedRun]
     failed: dict[str, str] = Field(default_factory=dict, description="runs whose model or data could not be prepared")
+    search_spaces: dict[int, dict[str, Any]] = Field(
+        default_factory=dict,
+        description="the knob tree of each group (by index) that proposes runs while the experiment goes on (sweep.strategy "
+        "optuna and pbt)",
+    )
     settings: ExperimentConfig = Field(
         default_factory=ExperimentConfig,
         description="the experiment section; its experiment-wide keys (devices, slots, backend, budgets) are read "
@@ -89,6 +96,13 @@ class RunPlan(BaseModel):
     def total_steps(self) -> int | None:
         steps = [run.derived.total_steps for run in self.runs]
         return None if any(step is None for step in steps) else sum(steps)  # type: ignore[arg-type]
+
+    def first_config(self) -> dict[str, Any]:
+        """The first run's config; before a study has proposed any, its search space's representative (each
+        knob's first value): what experiment-wide settings such as tracking are read from."""
+        if self.runs or not self.search_spaces:
+            return self.runs[0].config
+        return first_candidates(self.search_spaces[min(self.search_spaces)])
 
     def run(self, run_id: str) -> PlannedRun:
         for run in self.runs:

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 from rich.table import Table
 
-from finetune.plan.build import short_knob_names
+from finetune.config.knobs import ListKnob, dotted, iter_knobs, parse_knob
+from finetune.plan.build import PROPOSING_STRATEGIES, short_knob_names
 from finetune.plan.expand import format_value
 from finetune.plan.model import PlannedRun, RunPlan
 
@@ -12,7 +13,8 @@ from finetune.plan.model import PlannedRun, RunPlan
 def plan_table(plan: RunPlan) -> Table:
     knob_names = list(dict.fromkeys(name for run in plan.runs for name in run.knobs))
     headers = short_knob_names(knob_names)
-    table = Table(title=f"{plan.experiment}: {len(plan.runs)} run(s) from {plan.source}", title_justify="left")
+    proposed = " (more proposed as it goes)" if plan.search_spaces else ""
+    table = Table(title=f"{plan.experiment}: {len(plan.runs)} run(s){proposed} from {plan.source}", title_justify="left")
     table.add_column("run", style="cyan", no_wrap=True)
     table.add_column("group", justify="right")
     for name in knob_names:
@@ -42,9 +44,10 @@ def plan_table(plan: RunPlan) -> Table:
 
 def plan_summary(plan: RunPlan) -> str:
     total = plan.total_steps
-    steps = f"{total} optimizer steps in all" if total is not None else "steps unknown until the data exists"
+    steps = f"{total} optimizer steps in all" if total is not None else "steps unknown until the data is read (and tokenised, when packed)"
     strategies = ", ".join(sorted({sweep.get("strategy", "grid") for sweep in plan.sweeps}))
-    return f"{len(plan.runs)} run(s), {steps}, {_chunks_per_run(plan)}, strategy {strategies}"
+    ahead = " planned ahead (the study proposes the others as it goes)" if plan.search_spaces and not plan.runs else ""
+    return f"{len(plan.runs)} run(s){ahead}, {steps}, {_chunks_per_run(plan)}, strategy {strategies}"
 
 
 def _chunks_per_run(plan: RunPlan) -> str:
@@ -71,3 +74,36 @@ def _knob_cell(value: object, name: str, label: str, headers: dict[str, str]) ->
         if key == headers[name]:
             return text
     return format_value(value)
+
+
+def search_space_lines(plan: RunPlan) -> list[str]:
+    """For each group that proposes runs while the experiment goes on: how, and over which knobs."""
+    lines = []
+    for group, tree in sorted(plan.search_spaces.items()):
+        sweep = plan.sweeps[group]
+        lines.append(f"group {group}: {_search_summary(sweep)}")
+        for path, plain in iter_knobs(tree):
+            lines.append(f"  {dotted(path)}: {_knob_text(plain)}")
+    return lines
+
+
+def _search_summary(sweep: dict) -> str:
+    from finetune.config.scheduling import OptunaSweep, PopulationBasedSweep
+
+    if sweep.get("strategy") in PROPOSING_STRATEGIES:
+        study = OptunaSweep.model_validate(sweep)
+        return (f"an Optuna study proposes runs as the experiment goes, as slots free up: up to {study.num_runs} in all, "
+                f"{study.max_concurrent_runs} at a time; sampler {study.sampler} (its first {study.startup()} at random), "
+                f"pruner {study.pruner} from chunk {study.min_chunks}; {study.direction} {study.metric}. Search space:")
+    pbt = PopulationBasedSweep.model_validate(sweep)
+    return (f"population-based training of the {pbt.num_runs} runs above: every {pbt.perturbation_interval} chunk(s) the "
+            f"worst {pbt.quantile_fraction:.0%} are replaced by warm-started clones of the best {pbt.quantile_fraction:.0%} "
+            f"({pbt.direction} {pbt.metric}), these knobs perturbed (peft_conf ones kept: a warm start keeps the adapter):")
+
+
+def _knob_text(plain: dict) -> str:
+    knob = parse_knob(plain)
+    if isinstance(knob, ListKnob):
+        return "one of " + ", ".join(format_value(value) for value in knob.values)
+    kind = "int" if knob.is_int else "float"
+    return f"{kind} in [{format_value(knob.start)}, {format_value(knob.end)}]" + (", log scale" if knob.log else "")

@@ -258,7 +258,13 @@ def _apply(target: ControlTarget, kind: RequestKind, run_id: str, payload: Any) 
 
 
 def _clone(target: ControlTarget, record: RunRecord, request: CloneRequest) -> str:
-    parent = CloneParent.of(record)
+    clone = add_clone(target, CloneParent.of(record), request)
+    return f"applied: new run {clone.run_id}"
+
+
+def add_clone(target: ControlTarget, parent: CloneParent, request: CloneRequest) -> PlannedRun:
+    """The clone planned, prepared and added to the experiment (its warm start copied first); the
+    one path of `ctl clone` and of population-based training. Raises `RequestRejected`."""
     clone = target.prepare(plan_clone(parent, request, target.run_ids()))
     if clone.warm_start is not None:
         try:
@@ -266,4 +272,4 @@ def _clone(target: ControlTarget, record: RunRecord, request: CloneRequest) -> s
         except OSError as error:
             raise RequestRejected([("warm_start", f"the parent's checkpoint could not be copied ({error})")]) from None
     target.add_run(clone)
-    return f"applied: new run {clone.run_id}"
+    return clone

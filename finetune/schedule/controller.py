@@ -33,18 +33,11 @@ from finetune.schedule.messages import (
     WorkerMessage,
     WriteFailed,
 )
-from finetune.schedule.policy import (
-    RunView,
-    SuccessiveHalving,
-    WorkerView,
-    assign,
-    replay_rungs,
-    slots_for,
-    successive_halving_policies,
-)
+from finetune.schedule.policy import RunView, WorkerView, assign, slots_for
 from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
 from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
+from finetune.schedule.search import SearchDriver
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import ExperimentTracking, Tracker
 
@@ -62,7 +55,7 @@ class Controller:
     on_change: Callable[[], None] = lambda: None
     # How a clone is prepared as a new run (`preparation.prepare_run`: preflight, data, derived values).
     prepare_run: Callable[[RunPlan, Path, PlannedRun, list[str] | None], PlannedRun] = prepare_run
-    sha: dict[int, SuccessiveHalving] = field(default_factory=dict)
+    search: SearchDriver = field(default_factory=SearchDriver)  # successive halving, optuna, pbt
     runs: dict[str, RunRecord] = field(default_factory=dict)  # in plan order
     chunks: dict[tuple[str, int], ChunkRecord] = field(default_factory=dict)  # dispatched, not yet in the store
     poll_seconds: float = POLL_SECONDS
@@ -88,7 +81,7 @@ class Controller:
             if self.runs[run_id].status is not RunStatus.FAILED:
                 self._set_status(self.runs[run_id], RunStatus.FAILED, error)
                 self.store.event("run_failed", run_id, error=error, stage="preparing data")
-        self._setup_sha()
+        self._record_events(self.search.start(self, self.store.chunk_rows()))
         self.tracking.start(list(self.runs.values()))
 
     def _register(self, run: PlannedRun) -> RunRecord:
@@ -105,10 +98,9 @@ class Controller:
             self.store.event("workers_started", None, worker=added.worker_id, device=added.device, gang=added.gang)
         return record
 
-    def _setup_sha(self) -> None:
-        self.sha = successive_halving_policies(self.plan.sweeps, self.plan.num_chunks)
-        groups = {run_id: record.planned.group for run_id, record in self.runs.items()}
-        replay_rungs(self.sha, groups, self.store.chunk_rows())
+    def _record_events(self, events: list[tuple[str | None, str, dict]]) -> None:
+        for run_id, kind, detail in events:
+            self.store.event(kind, run_id, **detail)
 
     # ------------------------------------------------------------ the interface of interactive control
 
@@ -161,6 +153,7 @@ class Controller:
     def step(self) -> bool:
         """One turn: control requests, new tasks, worker messages, dead workers. False once all is done."""
         self._apply_requests()
+        self._record_events(self.search.fill(self))
         self._dispatch()
         if not any(worker.busy_with for worker in self.workers) and not self._awaiting_durability() and self._nothing_left():
             return False
@@ -178,6 +171,7 @@ class Controller:
         check_transition(record.run_id, record.status, status)
         record.status = status
         self.store.set_state(record.run_id, status.value, error)
+        self.search.on_status(record)
 
     def _views(self) -> list[RunView]:
         return [
@@ -286,14 +280,10 @@ class Controller:
             self._record_durable(record, chunk, chunk.durable)
 
     def _decide(self, record: RunRecord, message: ChunkDone) -> None:
-        """Successive halving's verdict on the run, at each of its rungs."""
-        policy = self.sha.get(record.planned.group)
-        if policy is None or not record.active or message.chunk + 1 >= record.total_chunks:
-            return
-        decision, detail = policy.on_result(record.run_id, message.chunk + 1, message.metrics)
-        if detail:
-            self.store.event(f"sha_{decision}", record.run_id, **detail)
-        if decision == "stop":
+        """The search's verdict on the run (successive halving's rungs, a study's pruner, PBT's exploit)."""
+        verdict = self.search.on_chunk(self, record, message.chunk + 1, message.metrics)
+        self._record_events([(record.run_id, kind, detail) for kind, detail in verdict.events])
+        if verdict.stop:
             self._set_status(record, RunStatus.STOPPED)
             self.tracking.end(record, "KILLED")
 

@@ -10,6 +10,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.live import Live
 
+from finetune.config.knobs import first_candidates
 from finetune.config.scheduling import ExperimentConfig
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
@@ -41,8 +42,8 @@ class Throttled:
 
 def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str, Any]:
     """Every problem of every run that can be known now, at once, before data, workers or MLflow
-    (`devices` None: on a Ray cluster, whose devices the workers check). Returns the validated
-    config of each run."""
+    (`devices` None: on a Ray cluster, whose devices the workers check), and of each search space's
+    representative config. Returns the validated config of each, by run id or `group N`."""
     from finetune.train.model import load_tokenizer
 
     tokenizers: dict[str, Any] = {}
@@ -54,10 +55,13 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
         return tokenizers[source]
 
     lines, configs = [], {}
-    for run in plan.runs:
-        config = configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
+    named = [(run.run_id, f"run {run.run_id} ({run.label or 'the only run'})", run.config) for run in plan.runs]
+    named += [(f"group {group}", f"the search space of group {group} (each knob's first value)", first_candidates(tree))
+              for group, tree in sorted(plan.search_spaces.items())]
+    for key, name, tree in named:
+        config = configs[key] = CONFIG_ADAPTER.validate_python(tree)
         problems = start_up_problems(config, devices, tokenizer_of)
-        lines += [f"run {run.run_id} ({run.label or 'the only run'}): {path}: {problem}" for path, problem in problems]
+        lines += [f"{name}: {path}: {problem}" for path, problem in problems]
     if lines:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
     return configs

@@ -108,7 +108,7 @@ def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     saved = root / "plan.json"
     if saved.is_file():
         existing = read_plan(root)
-        original = {run.run_id for run in existing.runs if run.parent_run_id is None}
+        original = {run.run_id for run in existing.runs if run.parent_run_id is None and run.trial is None}
         if resume or original == {run.run_id for run in plan.runs}:
             return existing
         raise ExperimentError(

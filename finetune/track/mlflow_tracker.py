@@ -110,7 +110,7 @@ def tracker_for(root: Path, plan: Any) -> Tracker:
     """The experiment's MLflow tracker, from the first run's `tracking` section (or the defaults)."""
     from finetune.config.validation import CONFIG_ADAPTER
 
-    tracking = CONFIG_ADAPTER.validate_python(plan.runs[0].config).tracking
+    tracking = CONFIG_ADAPTER.validate_python(plan.first_config()).tracking
     return Tracker(
         tracking_uri(tracking, root),
         tracking.experiment_name if tracking else plan.experiment,

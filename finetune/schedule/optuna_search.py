@@ -1,0 +1,277 @@
+"""`sweep.strategy: optuna`: an Optuna study whose trials are the group's runs, one trial per run.
+
+The study lives in `optuna.db` (SQLite) in the experiment folder. A trial is asked when a slot of the
+study is free (`max_concurrent_runs`), its knob values become a run's config, and the run joins the plan
+with its trial number (`PlannedRun.trial`, written atomically with plan.json): that mapping is what a
+resume reads, so a trial whose run never joined the plan (the controller was killed between the two)
+is failed rather than run again, and no run is proposed twice. Each chunk's metric is the trial's
+intermediate value at step = chunks done; the pruner (or finetune's own ASHA) stops runs at chunk
+boundaries; a completed run completes its trial with its last value.
+
+Evidence of runs still training: the sampler never sees the study directly but a view of it, rebuilt
+for each proposal, in which a running trial with intermediate values appears finished so far: as a
+pruned trial at its latest step for TPE (which ranks pruned trials by how far they got, then by their
+value there), as a completed trial of its latest value for the other samplers. Running trials without a
+value yet are shown to TPE as running (its constant liar keeps proposals apart).
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Callable
+
+from finetune.config.knobs import Knob, ListKnob
+from finetune.config.scheduling import OptunaSweep
+from finetune.config.validation import validate_concrete
+from finetune.plan.build import label_of, run_id_of
+from finetune.plan.derive import DeriveError, derive
+from finetune.plan.expand import Expansion, sample_with
+from finetune.plan.model import PlannedRun, RunPlan
+from finetune.schedule.policy import SuccessiveHalving, replay_rungs
+from finetune.schedule.records import RunRecord, RunStatus
+from finetune.schedule.search import NewRun, Proposal, Verdict, latest_metrics
+
+if TYPE_CHECKING:
+    import optuna
+
+OPTUNA_FILE = "optuna.db"
+RUN_ATTR = "run_id"
+MAX_REJECTIONS_IN_A_ROW = 20  # proposals refused one after another (duplicates, bad configs): the study stops proposing
+PRIMITIVES = (type(None), bool, int, float, str)
+
+
+def open_study(path: Path, name: str, sweep: OptunaSweep, num_chunks: int) -> optuna.Study:
+    """The group's study in the SQLite file `path`, created on first use and loaded on resume."""
+    import optuna
+
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}})
+    return optuna.create_study(storage=storage, study_name=name, direction=sweep.direction, load_if_exists=True,
+                               sampler=optuna.samplers.RandomSampler(sweep.seed), pruner=make_pruner(sweep, num_chunks))
+
+
+def make_pruner(sweep: OptunaSweep, num_chunks: int) -> optuna.pruners.BasePruner:
+    import optuna
+
+    if sweep.pruner == "median":
+        return optuna.pruners.MedianPruner(n_startup_trials=sweep.startup(), n_warmup_steps=sweep.min_chunks - 1)
+    if sweep.pruner == "successive_halving":
+        return optuna.pruners.SuccessiveHalvingPruner(min_resource=sweep.min_chunks, reduction_factor=sweep.reduction_factor)
+    if sweep.pruner == "hyperband":
+        return optuna.pruners.HyperbandPruner(min_resource=sweep.min_chunks, max_resource=max(num_chunks, sweep.min_chunks),
+                                              reduction_factor=sweep.reduction_factor)
+    return optuna.pruners.NopPruner()  # none, and asha (decided by finetune's own policy)
+
+
+def make_sampler(sweep: OptunaSweep, seed: int) -> optuna.samplers.BaseSampler:
+    import optuna
+
+    if sweep.sampler == "tpe":
+        return optuna.samplers.TPESampler(seed=seed, n_startup_trials=sweep.startup(), constant_liar=True)
+    if sweep.sampler == "cmaes":
+        return optuna.samplers.CmaEsSampler(seed=seed, n_startup_trials=sweep.startup(), warn_independent_sampling=False)
+    if sweep.sampler == "gp":
+        return optuna.samplers.GPSampler(seed=seed, n_startup_trials=sweep.startup())
+    return optuna.samplers.RandomSampler(seed=seed)
+
+
+def suggest_on(trial: optuna.Trial) -> Callable[[str, Knob], Any]:
+    """The chooser of `plan.expand.sample_with` that asks `trial`: a `$list` is categorical (over its values,
+    or over their indices when they are sub-configs), a `$range` an int or float, log-scaled or not."""
+
+    def choose(name: str, knob: Knob) -> Any:
+        if isinstance(knob, ListKnob):
+            if all(isinstance(value, PRIMITIVES) for value in knob.values):
+                picked = trial.suggest_categorical(name, knob.values)
+                return next(index for index, value in enumerate(knob.values) if type(value) is type(picked) and value == picked)
+            return trial.suggest_categorical(name, list(range(len(knob.values))))
+        if knob.is_int:
+            return trial.suggest_int(name, int(knob.cast(knob.start)), int(knob.cast(knob.end)), log=knob.log)
+        return trial.suggest_float(name, float(knob.start), float(knob.end), log=knob.log)
+
+    return choose
+
+
+def as_evidence(trial: optuna.trial.FrozenTrial, running_as_pruned: bool) -> optuna.trial.FrozenTrial | None:
+    """How a trial of the study is shown to the sampler: finished ones as they are, a running one with
+    intermediate values as finished so far (pruned at its latest step, or completed with its latest value)."""
+    from optuna.trial import TrialState, create_trial
+
+    if trial.state in (TrialState.COMPLETE, TrialState.PRUNED):
+        return trial
+    if trial.state is not TrialState.RUNNING:
+        return None
+    values = {step: value for step, value in trial.intermediate_values.items() if math.isfinite(value)}
+    if not values:
+        return trial if running_as_pruned else None
+    common = {"params": trial.params, "distributions": trial.distributions, "user_attrs": trial.user_attrs,
+              "system_attrs": trial.system_attrs, "intermediate_values": values}
+    if running_as_pruned:
+        return create_trial(state=TrialState.PRUNED, **common)
+    return create_trial(state=TrialState.COMPLETE, value=values[max(values)], **common)
+
+
+class OptunaSearch:
+    """The searcher of one optuna group (see the module's docstring)."""
+
+    def __init__(self, group: int, sweep: OptunaSweep, tree: dict[str, Any], study: optuna.Study, num_chunks: int) -> None:
+        self.group, self.sweep, self.tree, self.study, self.num_chunks = group, sweep, tree, study, num_chunks
+        self.trial_of: dict[str, int] = {}  # run_id -> trial number
+        self.latest: dict[str, float] = {}  # run_id -> its latest metric value
+        self.rejections_in_a_row = 0
+        self.asha = SuccessiveHalving(sweep.metric, sweep.direction, sweep.min_chunks, num_chunks, sweep.reduction_factor)
+
+    @classmethod
+    def open(cls, plan: RunPlan, group: int, root: Path) -> OptunaSearch:
+        sweep = OptunaSweep.model_validate(plan.sweeps[group])
+        tree = plan.search_spaces[group]
+        num_chunks = int((tree.get("experiment") or {}).get("num_chunks", plan.num_chunks))
+        study = open_study(root / OPTUNA_FILE, f"{plan.experiment}-group{group}", sweep, num_chunks)
+        return cls(group, sweep, tree, study, num_chunks)
+
+    # ------------------------------------------------------------ resume
+
+    def resume(self, runs: list[RunRecord], chunk_rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        """Map trials to runs from the plan, fail the trials whose run never joined it, replay the durable
+        chunks' values, and finish the trials of runs that ended while no controller watched."""
+        from optuna.trial import TrialState
+
+        mine = [run for run in runs if run.planned.group == self.group]
+        self.trial_of = {run.run_id: run.planned.trial for run in mine if run.planned.trial is not None}
+        events = []
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+            if trial.number not in self.trial_of.values():
+                self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
+                events.append(("optuna_trial_abandoned", {"trial": trial.number, "reason": "its run never joined the plan"}))
+        metrics = latest_metrics(chunk_rows)
+        for run in mine:
+            for chunks_done, values in sorted(metrics.get(run.run_id, {}).items()):
+                if self.sweep.metric in values:
+                    self._report(run.run_id, chunks_done, values[self.sweep.metric])
+            self.on_status(run)
+        if self.sweep.pruner == "asha":
+            replay_rungs({self.group: self.asha}, {run.run_id: self.group for run in mine}, chunk_rows)
+        return events
+
+    # ------------------------------------------------------------ results
+
+    def on_chunk(self, record: RunRecord, chunks_done: int, metrics: dict[str, float], runs: list[RunRecord]) -> Verdict:
+        value = metrics.get(self.sweep.metric)
+        if value is None or record.run_id not in self.trial_of:
+            return Verdict()
+        self._report(record.run_id, chunks_done, value)
+        if chunks_done >= record.total_chunks or not self._prune(record.run_id, chunks_done, metrics):
+            return Verdict()
+        from optuna.trial import TrialState
+
+        self.study.tell(self.trial_of[record.run_id], state=TrialState.PRUNED, skip_if_finished=True)
+        detail = {"trial": self.trial_of[record.run_id], "pruner": self.sweep.pruner, "chunks": chunks_done,
+                  "metric": self.sweep.metric, "value": value}
+        return Verdict(True, [("optuna_pruned", detail)])
+
+    def _report(self, run_id: str, chunks_done: int, value: float) -> None:
+        self.latest[run_id] = value
+        if self._state(run_id) == "RUNNING":  # a value after a resume replaces the one of the same step
+            self.study._storage.set_trial_intermediate_value(self._trial_id(run_id), chunks_done, value)
+
+    def _prune(self, run_id: str, chunks_done: int, metrics: dict[str, float]) -> bool:
+        if self.sweep.pruner == "none" or chunks_done < self.sweep.min_chunks:
+            return False
+        if self.sweep.pruner == "asha":
+            return self.asha.on_result(run_id, chunks_done, metrics)[0] == "stop"
+        import optuna
+
+        return optuna.trial.Trial(self.study, self._trial_id(run_id)).should_prune()
+
+    def on_status(self, record: RunRecord) -> None:
+        """A completed run completes its trial with its last value; a deleted one fails it. A run stopped by
+        the user or failed keeps its trial running: `ctl resume` or `retry` may still finish it."""
+        from optuna.trial import TrialState
+
+        number = self.trial_of.get(record.run_id)
+        if number is None:
+            return
+        if record.status is RunStatus.COMPLETED:
+            value = self.latest.get(record.run_id)
+            finite = value is not None and math.isfinite(value)
+            self.study.tell(number, value if finite else None, state=None if finite else TrialState.FAIL, skip_if_finished=True)
+        elif record.status is RunStatus.DELETED:
+            self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
+
+    # ------------------------------------------------------------ proposals
+
+    def propose(self, runs: list[RunRecord]) -> list[Proposal]:
+        """As many new runs as the study has free slots, up to num_runs in all."""
+        if self.rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
+            return []
+        mine = [run for run in runs if run.planned.group == self.group]
+        room = min(self.sweep.max_concurrent_runs - sum(run.unfinished for run in mine), self.sweep.num_runs - len(mine))
+        proposals: list[Proposal] = []
+        for _ in range(max(0, room)):
+            planned = self.ask()
+            if planned is not None:
+                proposals.append(NewRun(planned))
+        return proposals
+
+    def ask(self) -> PlannedRun | None:
+        """A new trial and its run: the sampler picks the knob values on the study's view, the trial takes them."""
+        import optuna
+        from optuna.trial import TrialState
+
+        trials = self.study.get_trials(deepcopy=False)
+        view = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction=self.sweep.direction,
+                                   sampler=make_sampler(self.sweep, self.sweep.seed + len(trials)))
+        for trial in trials:
+            evidence = as_evidence(trial, running_as_pruned=self.sweep.sampler == "tpe")
+            if evidence is not None:
+                view.add_trial(evidence)
+        sample_with(self.tree, suggest_on(view.ask()))
+        chosen = view.get_trials(deepcopy=False)[-1]
+        self.study.enqueue_trial(chosen.params)
+        trial = self.study.ask()
+        for key, value in chosen.system_attrs.items():  # CMA-ES keeps its state in them
+            if key != "fixed_params":
+                self.study._storage.set_trial_system_attr(trial._trial_id, key, value)
+        expansion = sample_with(self.tree, suggest_on(trial))
+        planned, problem = self._planned(expansion, trial.number)
+        if planned is None:
+            trial.set_user_attr("rejected", problem)
+            self.study.tell(trial, state=TrialState.FAIL)
+            self.rejections_in_a_row += 1
+            return None
+        trial.set_user_attr(RUN_ATTR, planned.run_id)
+        return planned
+
+    def _planned(self, expansion: Expansion, number: int) -> tuple[PlannedRun | None, str]:
+        config, issues = validate_concrete(expansion.config, lambda path: "the study's proposal")
+        if config is None:
+            return None, "; ".join(f"{issue.path}: {issue.message}" for issue in issues)
+        try:
+            derived = derive(config, None)  # from the run's own data once it is prepared
+        except DeriveError as error:
+            return None, str(error)
+        return PlannedRun(run_id=run_id_of(expansion.config), label=f"trial {number}: {label_of(expansion)}", group=self.group,
+                          knobs=expansion.knobs, config=expansion.config, derived=derived, trial=number), ""
+
+    def accepted(self, proposal: Proposal, run_id: str) -> None:
+        assert isinstance(proposal, NewRun) and proposal.planned.trial is not None
+        self.trial_of[run_id] = proposal.planned.trial
+        self.rejections_in_a_row = 0
+
+    def rejected(self, proposal: Proposal, reason: str) -> None:
+        from optuna.trial import TrialState
+
+        assert isinstance(proposal, NewRun) and proposal.planned.trial is not None
+        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, proposal.planned.trial)
+        self.study._storage.set_trial_user_attr(trial_id, "rejected", reason)
+        self.study.tell(proposal.planned.trial, state=TrialState.FAIL, skip_if_finished=True)
+        self.rejections_in_a_row += 1
+
+    # ------------------------------------------------------------ helpers
+
+    def _trial_id(self, run_id: str) -> int:
+        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, self.trial_of[run_id])
+
+    def _state(self, run_id: str) -> str:
+        return self.study._storage.get_trial(self._trial_id(run_id)).state.name

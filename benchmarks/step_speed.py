@@ -2,17 +2,19 @@
 
 The three train the same LoRA adapter on the same model and tokenised data, with the same batch
 size, for `--warmup` steps and then `--steps` timed ones, each on a fresh copy of the model (plain
-and finetune take turns step by step, so that the machine's load falls on both alike):
+and finetune of every layout take turns step by step, so that the machine's load falls on all alike):
   (a) plain:    a loop written here: forward with the labels, backward, clip, AdamW, scheduler;
   (b) trl:      TRL's SFTTrainer built as a user would, `trainer.train()` (its own inner loop);
   (c) finetune: finetune's resident session (`train.session.RunSession.train_until`), which is
                 what a worker runs for every chunk.
-Each with padded batches and with padding-free rows (`sft_args.padding_free`). A step's time is the
-median of the timed steps (data collation included). Prints the table and the ratios the issue
-sets targets for: finetune / plain (target <= 1.3) and padded / padding-free (target >= 1.3 on the
-demo data, whose lengths vary).
+Each with three batch layouts: padded, padding-free rows (`sft_args.padding_free`) and packed rows
+(`sft_args.packing`, whose steps train more examples). A step's time is the median of the timed
+steps (data collation included). Prints the table and the ratios the issue sets targets for:
+finetune / plain per step (target <= 1.3) and the padding-free layouts' training examples per
+second against padded batches' (target >= 1.3).
 
 CPU, demo model:  .venv/bin/python benchmarks/step_speed.py
+CPU, a model whose steps are compute-bound, chats of varied length: ... --preset small --max-length 512
 GPU, 0.7 B preset: python benchmarks/step_speed.py --preset 0.7b --device cuda --batch 8 --max-length 512
 (add --attention flash_attention_2 where flash-attn is installed, --liger to add Liger's kernels)
 """
@@ -45,7 +47,7 @@ peft_conf:
   peft_type: LORA
   peft_kwargs: {{r: 16, lora_alpha: 16, lora_dropout: 0.0, target_modules: [q_proj, k_proj, v_proj, o_proj, gate_proj, up_proj, down_proj]}}
 run_conf: {{model: {model}, model_args: {{dtype: {dtype}{attention}}}}}
-sft_args: {{max_seq_length: {max_length}, train_on_completions_only: true, padding_free: {padding_free}}}
+sft_args: {{max_seq_length: {max_length}, train_on_completions_only: true, {layout}}}
 """
 
 
@@ -148,10 +150,10 @@ class FinetuneLoop:
         self.session.train_until(self.session.step + 1)
 
 
-def interleaved(loops: dict[str, Any], steps: int, warmup: int, device: str) -> dict[str, float]:
+def interleaved(loops: dict[Any, Any], steps: int, warmup: int, device: str) -> dict[Any, float]:
     """Median step time of each loop, the loops taking turns step by step, so that a change in the
     machine's load (other processes, CPU frequency) falls on all of them alike."""
-    times: dict[str, list[float]] = {name: [] for name in loops}
+    times: dict[Any, list[float]] = {name: [] for name in loops}
     for index in range(warmup + steps):
         for name, loop in loops.items():
             started = time.perf_counter()
@@ -188,51 +190,98 @@ def demo_inputs(work: Path) -> tuple[Path, Path, Path]:
     return demo / "model", demo / "data" / "sft_train.jsonl", demo / "data" / "sft_valid.jsonl"
 
 
+def preset_inputs(work: Path, preset: str, dtype: str, examples: int) -> tuple[Path, Path, Path]:
+    """A Llama-shaped model of the preset's size (random weights) and chats of 1 to 16 exchanges, so
+    that lengths vary as in real data (about 15 to 250 tokens)."""
+    import random
+
+    from benchmarks.gpu_sweep import PRESETS
+    from finetune.train.demo import ModelShape, build_model, build_tokenizer, sft_records, write_jsonl
+
+    rng = random.Random(7)
+    records = iter(sft_records(examples * 16, seed=7))
+    chats = []
+    for _ in range(examples):
+        exchanges = [next(records)["messages"] for _ in range(rng.randint(1, 16))]
+        chats.append({"messages": [m for messages in exchanges for m in messages if m["role"] != "system"]})
+    write_jsonl(work / "train.jsonl", chats[: examples - 32])
+    write_jsonl(work / "valid.jsonl", chats[examples - 32:])
+    shape = {**PRESETS, "small": (256, 688, 4, 4, 2)}[preset]
+    tokenizer = build_tokenizer([m["content"] for chat in chats for m in chat["messages"]])
+    build_model(tokenizer, shape=ModelShape(*shape), dtype=dtype).save_pretrained(work / "model")
+    tokenizer.save_pretrained(work / "model")
+    return work / "model", work / "train.jsonl", work / "valid.jsonl"
+
+
+LAYOUTS = {"padded": "padding_free: false", "padding_free": "padding_free: true", "packed": "packing: true"}
+
+
+def examples_per_row(bench: Bench) -> float:
+    rows = bench.data.train
+    if "seq_lengths" not in rows.column_names:
+        return 1.0
+    return statistics.mean(len(lengths) for lengths in rows["seq_lengths"])
+
+
 def measure(args: argparse.Namespace, work: Path) -> dict[str, dict[str, float]]:
+    """Per layout: seconds per step of each loop, and the examples one step trains."""
     if args.preset == "demo":
         model, train, valid = demo_inputs(work)
     else:
-        from benchmarks.gpu_sweep import build_inputs
-
-        model, train, valid = build_inputs(work, args.preset, args.dtype, args.examples)
+        model, train, valid = preset_inputs(work, args.preset, args.dtype, args.examples)
     on_gpu = args.device.startswith("cuda")
     attention = f", attn_implementation: {args.attention}" if args.attention else ""
-    results: dict[str, dict[str, float]] = {}
-    for layout in ("padded", "padding_free"):
-        text = CONFIG.format(out=work / "runs", train=train, valid=valid, steps=args.steps + args.warmup, bf16=str(on_gpu).lower(),
+    benches: dict[str, Bench] = {}
+    loops: dict[tuple[str, str], Any] = {}
+    total = args.steps + args.warmup
+    for layout in args.layouts.split(","):
+        text = CONFIG.format(out=work / "runs", train=train, valid=valid, steps=total, bf16=str(on_gpu).lower(),
                              liger=str(args.liger).lower(), batch=args.batch, model=model, dtype=args.dtype, attention=attention,
-                             max_length=args.max_length, padding_free=str(layout == "padding_free").lower())
-        bench = Bench(concrete_config(text, work), args.device)
-        total = args.steps + args.warmup
-        loops = {"plain": PlainLoop(bench, total), "finetune": FinetuneLoop(bench, total, work)}
-        results[layout] = interleaved(loops, args.steps, args.warmup, args.device)
-        results[layout]["trl"] = trl_by_hand(bench, args.steps, args.warmup, work)
-        print(f"{layout}: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in results[layout].items()), flush=True)
+                             max_length=args.max_length, layout=LAYOUTS[layout])
+        benches[layout] = bench = Bench(concrete_config(text, work), args.device)
+        loops[layout, "plain"] = PlainLoop(bench, total)
+        loops[layout, "finetune"] = FinetuneLoop(bench, total, work / layout)
+    results: dict[str, dict[str, float]] = {layout: {} for layout in benches}
+    for (layout, name), seconds in interleaved(loops, args.steps, args.warmup, args.device).items():
+        results[layout][name] = seconds
+    for layout, bench in benches.items():
+        if not args.skip_trl:
+            results[layout]["trl"] = trl_by_hand(bench, args.steps, args.warmup, work / layout)
+        results[layout]["examples_per_step"] = args.batch * examples_per_row(bench)
+        print(f"{layout}: " + ", ".join(f"{name} {seconds * 1000:.1f} ms" for name, seconds in results[layout].items()
+                                        if name != "examples_per_step"), flush=True)
     return results
 
 
 def report(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    ratios = {
-        "finetune/plain padded": results["padded"]["finetune"] / results["padded"]["plain"],
-        "finetune/plain padding-free": results["padding_free"]["finetune"] / results["padding_free"]["plain"],
-        "trl/plain padded": results["padded"]["trl"] / results["padded"]["plain"],
-        "padded/padding-free finetune": results["padded"]["finetune"] / results["padding_free"]["finetune"],
-        "padded/padding-free plain": results["padded"]["plain"] / results["padding_free"]["plain"],
-    }
-    print("\nseconds per optimizer step (median)")
-    print(f"{'':14}{'plain':>10}{'trl':>10}{'finetune':>10}")
+    loops = [name for name in ("plain", "trl", "finetune") if name in next(iter(results.values()))]
+    print("\nseconds per optimizer step (median), and finetune's training examples per second")
+    print(f"{'':14}" + "".join(f"{name:>10}" for name in loops) + f"{'examples/s':>12}")
     for layout, times in results.items():
-        print(f"{layout:14}" + "".join(f"{times[name]:>10.4f}" for name in ("plain", "trl", "finetune")))
+        throughput = times["examples_per_step"] / times["finetune"]
+        print(f"{layout:14}" + "".join(f"{times[name]:>10.4f}" for name in loops) + f"{throughput:>12.0f}")
+    ratios = {f"finetune/plain {layout}": times["finetune"] / times["plain"] for layout, times in results.items()}
+    if "trl" in loops:
+        ratios.update({f"trl/plain {layout}": times["trl"] / times["plain"] for layout, times in results.items()})
+    padded = results.get("padded")
+    for layout in ("padding_free", "packed"):
+        if padded and layout in results:
+            mine = results[layout]
+            ratios[f"{layout} vs padded, examples/s (finetune)"] = (
+                (mine["examples_per_step"] / mine["finetune"]) / (padded["examples_per_step"] / padded["finetune"]))
     print()
     for name, value in ratios.items():
-        target = {"finetune/plain padded": " (target <= 1.3)", "padded/padding-free finetune": " (target >= 1.3)"}.get(name, "")
+        target = " (target <= 1.3)" if name.startswith("finetune/plain") else " (target >= 1.3)" if "vs padded" in name else ""
         print(f"{name}: {value:.2f}x{target}")
     return ratios
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="demo", help="demo (the offline demo model), or a gpu_sweep preset: tiny, 0.7b, 3b")
+    parser.add_argument("--preset", default="demo", help="demo (the offline demo model and data), or a model size with "
+                        "chats of varied length: small (~10 M parameters, for the CPU), or gpu_sweep's tiny, 0.7b, 3b")
+    parser.add_argument("--layouts", default="padded,padding_free,packed", help="batch layouts to compare")
+    parser.add_argument("--skip-trl", action="store_true", help="leave out TRL's own loop")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
     parser.add_argument("--attention", default=None, help="run_conf.model_args.attn_implementation (default: transformers' choice)")

@@ -20,8 +20,8 @@ EXAMPLES = [
 ]
 
 
-def test_rows_restart_positions_and_never_train_across_examples() -> None:
-    batch = PaddingFreeCollator()(EXAMPLES)
+def test_flattened_rows_restart_positions_and_never_train_across_examples() -> None:
+    batch = PaddingFreeCollator(0, flatten=True)(EXAMPLES)
     assert set(batch) == {"input_ids", "labels", "position_ids"}  # no attention mask: the restarts are the mask
     assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9, 10, 11, 12, 13, 14]]
     assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4, 0, 1, 0, 1, 2]]
@@ -29,22 +29,31 @@ def test_rows_restart_positions_and_never_train_across_examples() -> None:
     assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9, -100, 11, -100, 13, 14]]
 
 
-def test_target_count_equals_the_padded_batch() -> None:
+def test_unflattened_rows_end_in_a_padding_segment_of_their_own() -> None:
+    batch = PaddingFreeCollator(0)(EXAMPLES)
+    assert "attention_mask" not in batch
+    assert batch["input_ids"].tolist() == [[5, 6, 7, 8, 9], [10, 11, 0, 0, 0], [12, 13, 14, 0, 0]]
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 3, 4], [0, 1, 0, 1, 2], [0, 1, 2, 0, 1]]
+    assert batch["labels"].tolist() == [[-100, -100, 7, 8, 9], [-100, 11, -100, -100, -100], [-100, 13, 14, -100, -100]]
+
+
+@pytest.mark.parametrize("flatten", [True, False])
+def test_target_count_equals_the_padded_batch(flatten: bool) -> None:
     padded = ChatCollator(0, "right")(EXAMPLES)
-    flat = PaddingFreeCollator()(EXAMPLES)
-    assert padded["labels"][..., 1:].ne(IGNORE_INDEX).sum() == flat["labels"][..., 1:].ne(IGNORE_INDEX).sum()
+    free = PaddingFreeCollator(0, flatten)(EXAMPLES)
+    assert padded["labels"][..., 1:].ne(IGNORE_INDEX).sum() == free["labels"][..., 1:].ne(IGNORE_INDEX).sum()
 
 
 def test_a_packed_row_restarts_at_each_of_its_sequences() -> None:
     row = {"input_ids": [1, 2, 3, 4, 5], "labels": [1, 2, 3, 4, 5], "seq_lengths": [3, 2]}
-    batch = PaddingFreeCollator()([row, {"input_ids": [6, 7], "labels": [6, 7]}])
-    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1, 0, 1]]
-    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5, -100, 7]]
+    batch = PaddingFreeCollator(0)([row, {"input_ids": [6, 7], "labels": [6, 7]}])
+    assert batch["position_ids"].tolist() == [[0, 1, 2, 0, 1], [0, 1, 0, 1, 2]]
+    assert batch["labels"].tolist() == [[-100, 2, 3, -100, 5], [-100, 7, -100, -100, -100]]
 
 
 def test_a_packed_row_whose_lengths_disagree_is_refused() -> None:
     with pytest.raises(ValueError, match="add up to 4"):
-        PaddingFreeCollator()([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "seq_lengths": [2, 2]}])
+        PaddingFreeCollator(0)([{"input_ids": [1, 2, 3], "labels": [1, 2, 3], "seq_lengths": [2, 2]}])
 
 
 def _per_token_losses(model, batch) -> list[float]:
@@ -59,7 +68,8 @@ def _per_token_losses(model, batch) -> list[float]:
 
 
 @pytest.mark.slow
-def test_per_token_losses_of_a_padding_free_row_equal_the_padded_batch(demo_dir) -> None:
+@pytest.mark.parametrize("flatten", [True, False])
+def test_per_token_losses_of_padding_free_rows_equal_the_padded_batch(demo_dir, flatten: bool) -> None:
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -71,11 +81,16 @@ def test_per_token_losses_of_a_padding_free_row_equal_the_padded_batch(demo_dir)
         ids = tokenizer(text)["input_ids"]
         examples.append({"input_ids": ids, "labels": [IGNORE_INDEX] * 2 + ids[2:]})
     padded = _per_token_losses(model, ChatCollator(tokenizer.eos_token_id, "right")(examples))
-    flat = _per_token_losses(model, PaddingFreeCollator()(examples))
+    flat = _per_token_losses(model, PaddingFreeCollator(tokenizer.eos_token_id, flatten)(examples))
     assert len(flat) == len(padded) > 10
     assert torch.allclose(torch.tensor(flat), torch.tensor(padded), atol=1e-5, rtol=1e-5)
+    first, second, third = examples  # the first two packed in one row, as packing leaves them
+    packed_row = {key: first[key] + second[key] for key in ("input_ids", "labels")}
+    packed_row["seq_lengths"] = [len(first["input_ids"]), len(second["input_ids"])]
+    packed = _per_token_losses(model, PaddingFreeCollator(tokenizer.eos_token_id, flatten)([packed_row, third]))
+    assert torch.allclose(torch.tensor(packed), torch.tensor(padded), atol=1e-5, rtol=1e-5)
     # The control: the same row with one position sequence (examples attending to each other) differs.
-    joined = PaddingFreeCollator()(examples)
+    joined = PaddingFreeCollator(tokenizer.eos_token_id, flatten=True)(examples)
     joined["position_ids"] = torch.arange(joined["input_ids"].shape[1])[None]
     assert not torch.allclose(torch.tensor(_per_token_losses(model, joined)), torch.tensor(padded), atol=1e-3)
 
@@ -145,6 +160,14 @@ def test_a_model_that_builds_no_masks_from_positions_is_refused() -> None:
     assert "custom modeling code" in check_padding_free(_config(padding_free=True), lambda c: remote)[0][1]
 
 
+def test_dpo_padding_free_is_refused_rather_than_ignored() -> None:
+    from finetune.train.attention import check_padding_free
+
+    config = SimpleNamespace(method="dpo", training_args=SimpleNamespace(padding_free=True))
+    [(key, message)] = check_padding_free(config, lambda c: None)
+    assert key == "training_args.padding_free" and "falls back to padding" in message
+
+
 def test_liger_is_refused_on_the_cpu() -> None:
     from finetune.train.attention import check_liger
 
@@ -198,3 +221,13 @@ def test_a_packed_run_derives_its_steps_from_the_rows_and_trains(tmp_path, demo_
     assert run["derived"]["total_steps"] == math.ceil(rows / 8)
     with state_db(root) as db:
         assert db.execute("SELECT state FROM runs").fetchall() == [("completed",)]
+
+
+def test_runs_with_and_without_liger_never_share_a_loaded_base(base_config) -> None:
+    from finetune.config.models import CONFIG_ADAPTER
+    from finetune.train.bases import base_key
+
+    plain = CONFIG_ADAPTER.validate_python(base_config)
+    fused = copy.deepcopy(base_config)
+    fused["training_args"]["use_liger_kernel"] = True
+    assert base_key(plain) != base_key(CONFIG_ADAPTER.validate_python(fused))

@@ -320,16 +320,16 @@ class SFTArguments(Strict):
     train_on_completions_only: bool = Field(default=False, description="Only compute loss on the assistant's turns.")
     padding_free: bool = Field(
         default=False,
-        description="Put each micro-batch's examples end to end in one row, with position_ids that restart at every "
-        "example, instead of padding them to the longest: no compute goes to padding, and the attention never crosses "
-        "from one example to another (flash-attention's variable-length kernels; a block-diagonal mask for sdpa, eager "
-        "and flex_attention). Best with flash_attention_2/3; with sdpa the attention of a row grows with its total length",
+        description="Tell examples apart by position_ids that restart at each, not by padding and an attention mask, "
+        "so the attention never crosses from one example to another. With flash_attention_2/3 a micro-batch's examples "
+        "then run as one row with no padding at all; other attention implementations (whose masked attention costs "
+        "the square of a row's length) keep one row per example, so there it pays with packing",
     )
     packing: bool = Field(
         default=False,
         description="Pack the training examples into rows of up to max_seq_length tokens (TRL's best-fit decreasing; an "
         "example is never split) and train on them padding-free. The batch sizes then count rows, not examples. "
-        "Evaluation data is never packed, so eval_loss stays comparable between runs",
+        "Evaluation data is never packed, so eval_loss stays comparable between runs. Packed rows are padding-free",
     )
 
 

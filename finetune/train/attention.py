@@ -28,8 +28,6 @@ def padding_free_key(config: Any) -> str | None:
         if config.sft_args.packing:
             return "sft_args.packing"
         return "sft_args.padding_free" if config.sft_args.padding_free else None
-    if config.method == "dpo" and getattr(config.training_args, "padding_free", False):
-        return "training_args.padding_free"
     return None
 
 
@@ -57,6 +55,9 @@ def model_class_builds_masks(model_config: Any) -> tuple[bool, str]:
 
 
 def check_padding_free(config: Any, load_model_config: Callable[[Any], Any | None]) -> list[Problem]:
+    if config.method == "dpo" and getattr(config.training_args, "padding_free", False):
+        return [("training_args.padding_free", "TRL's DPO trainer (1.x) trains padded batches: its padding_free only warns "
+                 "and falls back to padding; remove it")]
     key = padding_free_key(config)
     if key is None:
         return []

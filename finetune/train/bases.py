@@ -42,6 +42,8 @@ def base_key(config: Any) -> str:
         config.quant_conf.model_dump_json(), config.data_conf.chat_template_name,
         config.data_conf.missing_pad_token_strategy, config.data_conf.padding_side, adapter_family(config.peft_conf),
         bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)), bool(getattr(args, "gradient_checkpointing", False)),
+        # Liger patches the loaded model's layers in place: a patched base is not shared with unpatched runs.
+        bool(getattr(args, "use_liger_kernel", False)), json.dumps(getattr(args, "liger_kernel_config", None), default=str),
     ]
     return json.dumps(shaping, default=str)
 

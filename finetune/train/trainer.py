@@ -61,11 +61,13 @@ def strategy_arguments(strategy: str, user: dict[str, Any]) -> dict[str, Any]:
 
 
 def sft_collator(config: Any, pad_id: int) -> Any:
-    """Padding-free rows when asked for (packed rows always are), else padded batches."""
+    """Padding-free rows when asked for (packed rows always are), else padded batches. The rows are
+    flattened into one only for flash-attention, whose cost grows with each sequence's length alone."""
     from finetune.data.collator import ChatCollator, PaddingFreeCollator
+    from finetune.train.attention import VARLEN_KERNELS
 
     if config.sft_args.padding_free or config.sft_args.packing:
-        return PaddingFreeCollator()
+        return PaddingFreeCollator(pad_id, flatten=config.run_conf.model_args.attn_implementation in VARLEN_KERNELS)
     return ChatCollator(pad_id, config.data_conf.padding_side)
 
 

@@ -36,3 +36,15 @@ def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
         assert re.search(rf"runs_per_device={slots} \({slots} worker\(s\)\): first comparison [\d.]+s \([\d.]+x\)", out), out
     assert "MB written per chunk" in out and "GPU busy n/a" in out
     assert set(json.loads((tmp_path / "out.json").read_text())) == {"sequential", "runs_per_device=1", "runs_per_device=2"}
+
+
+def test_step_speed_compares_the_three_loops_in_every_layout(tmp_path) -> None:
+    out = run("step_speed.py", "--steps", "3", "--warmup", "1", "--json-out", str(tmp_path / "out.json"), cwd=tmp_path)
+    for layout in ("padded", "padding_free", "packed"):
+        assert re.search(rf"finetune/plain {layout}: [\d.]+x", out), out
+        assert re.search(rf"trl/plain {layout}: [\d.]+x", out), out
+    assert re.search(r"packed vs padded, examples/s \(finetune\): [\d.]+x", out), out
+    figures = json.loads((tmp_path / "out.json").read_text())
+    assert set(figures["seconds"]) == {"padded", "padding_free", "packed"}
+    # A packed row holds several of the demo's short examples: a step trains more of them.
+    assert figures["seconds"]["packed"]["examples_per_step"] > 2 * figures["seconds"]["padded"]["examples_per_step"]

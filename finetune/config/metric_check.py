@@ -25,13 +25,11 @@ def metric_direction(config: AnyFinetuneConfig, metric: str) -> str | None:
 
 def sweep_metric_issues(tree: dict[str, Any], locate: Locator) -> list[ConfigIssue]:
     """The issues of `sweep.metric`, `sweep.direction` and `eval_conf` in a tree whose fields are all valid."""
-    issues: list[ConfigIssue] = []
     for where, variant in _eval_conf_variants(tree):
-        config = CONFIG_ADAPTER.validate_python(variant)
-        problem = _problem(config, where, locate)
-        if problem is not None and problem not in issues:
-            issues.append(problem)
-    return issues[:1]
+        problem = _problem(CONFIG_ADAPTER.validate_python(variant), where, locate)
+        if problem is not None:
+            return [problem]  # said once, for the first candidate that has it
+    return []
 
 
 def _eval_conf_variants(tree: dict[str, Any]) -> list[tuple[str, dict[str, Any]]]:

@@ -34,7 +34,7 @@ def sha_rungs(min_chunks: int, reduction_factor: int, min_early_stopping_rate: i
     return rungs
 
 
-def compared_after(config: Any, chunks_done: int, total_chunks: int) -> bool:
+def compared_after(config: Any, chunks_done: int) -> bool:
     """Whether the sweep compares runs by its metric once a run has `chunks_done` chunks."""
     sweep = config.sweep
     if sweep.strategy == "successive_halving":
@@ -53,7 +53,7 @@ def due(config: Any, chunk: int, total_chunks: int, asked: bool) -> EvalDue:
     if config.method == "grpo":
         return EvalDue(False, False)
     eval_conf, done = config.eval_conf, chunk + 1
-    compared = compared_after(config, done, total_chunks)
+    compared = compared_after(config, done)
     every = eval_conf.generation.every_chunks
     generation = eval_conf.needs_generation and (done % every == 0 or done == total_chunks or compared)
     return EvalDue(bool(eval_conf.teacher_forced) and (asked or compared), generation)

@@ -69,7 +69,8 @@ def _problem(config: AnyFinetuneConfig, where: str, locate: Locator) -> ConfigIs
         return ConfigIssue(
             dotted(DIRECTION_PATH), str(locate(DIRECTION_PATH)),
             f"{metric} is better when {'lower' if own == 'minimize' else 'higher'}{in_runs}; ranking by {given} "
-            "would keep the worst runs", given, own + (", or leave sweep.direction out" if _follows_metric(config) else ""),
+            "would keep the worst runs", given if "direction" in config.sweep.model_fields_set else f"{given} (the default)",
+            own + (", or leave sweep.direction out" if _follows_metric(config) else ""),
         )
     return None
 

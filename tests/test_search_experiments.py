@@ -77,3 +77,30 @@ def test_an_optuna_study_with_pruning_survives_sigkill_and_resumes_the_same_stud
     assert len(chunk_rows(root)) == len(set(chunk_rows(root)))
     report = finetune(tmp_path, "report", str(root)).stdout
     assert "trial 0" in report
+
+
+def test_population_based_training_replaces_the_worst_runs_by_warm_clones_of_the_best(tmp_path, demo_dir) -> None:
+    config = demo_config(tmp_path, demo_dir, "sft-pbt.yaml", "pbt")
+    finetune(tmp_path, "run", str(config), *small("pbt", steps=8, chunks=4), "--set", "sweep.quantile_fraction=0.5")
+    root = tmp_path / "runs" / "pbt"
+    final = states(root)
+    exploits = events(root, "pbt_exploit")
+    added = {run: detail for run, detail, _ in events(root, "search_added")}
+    assert exploits, "no run was replaced"
+    plan = {run["run_id"]: run for run in json.loads((root / "plan.json").read_text())["runs"]}
+    with state_db(root) as db:
+        parents = dict(db.execute("SELECT run_id, parent_run_id FROM runs").fetchall())
+    replacements = 0
+    for replaced, detail, _ in exploits:
+        clones = [run for run, info in added.items() if info["replaces"] == replaced]
+        if not clones:  # rejected (the events say why): the run goes on
+            continue
+        replacements += 1
+        (clone,) = clones
+        assert final[replaced] == "stopped"
+        assert parents[clone] == detail["parent"] == added[clone]["parent"]
+        assert plan[clone]["warm_start"] and plan[clone]["config"]["peft_conf"]["peft_type"] == "PRETRAINED_PEFT"
+        assert final[clone] in ("completed", "stopped")
+    assert replacements and len([run for run, parent in parents.items() if parent]) == replacements
+    report = finetune(tmp_path, "report", str(root)).stdout
+    assert "pbt_exploit" in report and "Lineage" in (root / "report.md").read_text()

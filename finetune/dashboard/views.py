@@ -17,7 +17,9 @@ from finetune.schedule.folder import open_store, read_plan
 from finetune.schedule.records import RunStatus
 from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
+from finetune.track.lineage import lineages
 from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
+from finetune.track.report import DECISION_KINDS
 
 CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
 CONTROLS = ("stop", "resume", "retry", "delete")
@@ -58,6 +60,7 @@ def runs_view(root: Path) -> dict[str, Any]:
         evaluated = [name for name in evaluation_metrics(plan) if name not in CURVES]
         latest_logged = {name: store.latest_metric(name) for name in (*CURVES, *evaluated)}
         runs = []
+        chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
         for entry in ranked_runs(store, plan):
             row = entry.row
             planned = _planned(plan, row.run_id)
@@ -66,7 +69,8 @@ def runs_view(root: Path) -> dict[str, Any]:
                 "run_id": row.run_id, "label": row.label, "state": row.state, "rank": entry.rank, "value": entry.value,
                 "chunks_done": row.chunks_done, "total_chunks": row.total_chunks, "error": row.error,
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
-                "parent_run_id": row.parent_run_id, "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state),
+                "parent_run_id": row.parent_run_id, "lineage": chains.get(row.run_id, []), "mlflow_run_id": row.mlflow_run_id,
+                "actions": actions(row.state),
             })
     return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root),
             "eval_metrics": evaluated}
@@ -90,9 +94,9 @@ def curves_view(root: Path) -> dict[str, dict[str, list[list[float]]]]:
 
 
 def events_view(root: Path) -> list[dict[str, Any]]:
-    """Successive-halving decisions and control requests, oldest first."""
+    """Decisions (successive halving, pruning, PBT, runs a search added), control requests and run ends, oldest first."""
     with opened(root) as (store, _):
-        return [event for event in store.events() if event["kind"].startswith(("sha_", "ctl_", "run_"))]
+        return [event for event in store.events() if event["kind"].startswith((*DECISION_KINDS, "run_"))]
 
 
 def run_config_view(root: Path, run_id: str) -> dict[str, Any]:

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any, Protocol
 
 from finetune.config.knobs import iter_knobs
-from finetune.config.loading import ConfigLoadError, SourceDoc, apply_override, translate_legacy_keys
+from finetune.config.loading import ConfigLoadError, SourceDoc, apply_override, parse_override, translate_legacy_keys
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS
 from finetune.config.validation import CONFIG_ADAPTER, validate_document
 from finetune.data.files import data_paths
@@ -160,7 +160,7 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
         run_id=run_id,
         label=f"clone of {parent.run_id}: {changes}" + (" (warm)" if request.warm_start else ""),
         group=parent.planned.group,
-        knobs={**parent.planned.knobs, **{c.partition("=")[0].strip(): c.partition("=")[2] for c in request.changes}},
+        knobs={**parent.planned.knobs, **{c.partition("=")[0].strip(): parse_override(c)[1] for c in request.changes}},
         config=doc.tree,
         derived=derived,
         parent_run_id=parent.run_id,

@@ -43,10 +43,16 @@ Proposal = Union[NewRun, CloneOf]
 
 @dataclass
 class Verdict:
-    """A searcher's answer to a chunk's result: whether the run stops, and what to record (event kind, detail)."""
+    """A searcher's answer to a chunk's result: whether the run stops, what to record (event kind, detail),
+    and runs to add at once, before the run stops (PBT's replacement of it: a run whose replacements are
+    all rejected goes on)."""
 
     stop: bool = False
     events: list[tuple[str, dict[str, Any]]] = field(default_factory=list)
+    add: list[Proposal] = field(default_factory=list)
+
+
+Event = tuple[Union[str, None], str, dict[str, Any]]  # (run_id, kind, detail) for the state store
 
 
 class Searcher(Protocol):
@@ -133,38 +139,47 @@ class SearchDriver:
 
     searchers: dict[int, Searcher] = field(default_factory=dict)
 
-    def start(self, target: SearchTarget, chunk_rows: list[dict[str, Any]]) -> list[tuple[str | None, str, dict[str, Any]]]:
+    def start(self, target: SearchTarget, chunk_rows: list[dict[str, Any]]) -> list[Event]:
         """Open the searchers of the plan and let them catch up; (run_id, event kind, detail) to record."""
         self.searchers = searchers_for(target.plan, target.root)
         runs = list(target.runs.values())
         return [(detail.pop("run_id", None), kind, detail)
                 for searcher in self.searchers.values() for kind, detail in searcher.resume(runs, chunk_rows)]
 
-    def on_chunk(self, target: SearchTarget, record: RunRecord, chunks_done: int, metrics: dict[str, float]) -> Verdict:
+    def on_chunk(self, target: SearchTarget, record: RunRecord, chunks_done: int,
+                 metrics: dict[str, float]) -> tuple[bool, list[Event]]:
+        """Whether the run stops after this chunk, and the events of the decision and of the runs it added."""
         searcher = self.searchers.get(record.planned.group)
         if searcher is None or not record.active:
-            return Verdict()
-        return searcher.on_chunk(record, chunks_done, metrics, list(target.runs.values()))
+            return False, []
+        verdict = searcher.on_chunk(record, chunks_done, metrics, list(target.runs.values()))
+        events: list[Event] = [(record.run_id, kind, detail) for kind, detail in verdict.events]
+        added = self._add_all(target, searcher, verdict.add)
+        replaced = not verdict.add or any(kind == "search_added" for _, kind, _ in added)
+        return verdict.stop and replaced, events + added
 
     def on_status(self, record: RunRecord) -> None:
         searcher = self.searchers.get(record.planned.group)
         if searcher is not None:
             searcher.on_status(record)
 
-    def fill(self, target: SearchTarget) -> list[tuple[str | None, str, dict[str, Any]]]:
-        """Add the runs the searchers propose now; events (run_id, kind, detail) of what was added or rejected."""
-        events: list[tuple[str | None, str, dict[str, Any]]] = []
-        for searcher in self.searchers.values():
-            for proposal in searcher.propose(list(target.runs.values())):
-                try:
-                    run = _add(target, proposal)
-                except RequestRejected as rejected:
-                    searcher.rejected(proposal, str(rejected))
-                    events.append((_parent_of(proposal), "search_rejected", {"group": searcher.group, "reason": str(rejected)}))
-                    continue
-                searcher.accepted(proposal, run.run_id)
-                detail = {"group": searcher.group, "parent": _parent_of(proposal), "trial": run.trial, "knobs": run.knobs}
-                events.append((run.run_id, "search_added", detail | (proposal.reason if isinstance(proposal, CloneOf) else {})))
+    def fill(self, target: SearchTarget) -> list[Event]:
+        """Add the runs the searchers propose now; the events of what was added or rejected."""
+        return [event for searcher in self.searchers.values()
+                for event in self._add_all(target, searcher, searcher.propose(list(target.runs.values())))]
+
+    def _add_all(self, target: SearchTarget, searcher: Searcher, proposals: list[Proposal]) -> list[Event]:
+        events: list[Event] = []
+        for proposal in proposals:
+            try:
+                run = _add(target, proposal)
+            except RequestRejected as rejected:
+                searcher.rejected(proposal, str(rejected))
+                events.append((_parent_of(proposal), "search_rejected", {"group": searcher.group, "reason": str(rejected)}))
+                continue
+            searcher.accepted(proposal, run.run_id)
+            detail = {"group": searcher.group, "parent": _parent_of(proposal), "trial": run.trial, "knobs": run.knobs}
+            events.append((run.run_id, "search_added", detail | (proposal.reason if isinstance(proposal, CloneOf) else {})))
         return events
 
 

@@ -1,4 +1,5 @@
-"""`finetune report`: a Markdown comparison of the runs, learning curves as PNG, and the SHA decisions."""
+"""`finetune report`: a Markdown comparison of the runs, learning curves as PNG, the lineage of runs made from
+others, and the decisions (successive halving, pruning, PBT, control requests)."""
 
 from __future__ import annotations
 
@@ -6,9 +7,12 @@ from pathlib import Path
 
 from finetune.io import write_text_atomic
 from finetune.schedule.folder import open_store, read_plan
+from finetune.track.lineage import lineage_text, lineages
 from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
 
 CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
+# Events that are decisions: successive halving's, control requests, a study's pruning, PBT's exploits, runs a search added.
+DECISION_KINDS = ("sha_", "ctl_", "optuna_", "pbt_", "search_")
 
 
 def report_markdown(root: Path) -> str:
@@ -31,7 +35,12 @@ def report_markdown(root: Path) -> str:
         shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
                                                                        for name in others)])
         lines.append(f"| {entry.rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
-    decisions = [event for event in store.events() if event["kind"].startswith("sha_") or event["kind"].startswith("ctl_")]
+    chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
+    if chains:
+        lines += ["", "## Lineage", "", "Runs made from other runs (clones, population-based training), first ancestor first.",
+                  "", "| run | lineage |", "|---|---|"]
+        lines += [f"| `{run_id}` | {lineage_text(run_id, chain)} |" for run_id, chain in chains.items()]
+    decisions = [event for event in store.events() if event["kind"].startswith(DECISION_KINDS)]
     if decisions:
         lines += ["", "## Decisions", "", "| run | decision | detail |", "|---|---|---|"]
         for event in decisions:

@@ -46,6 +46,12 @@ function knobText(run) {
   return entries.length ? entries.map(([key, value]) => `${key.split(".").pop()}=${JSON.stringify(value)}`).join(", ") : run.label;
 }
 
+function lineageNote(run) {
+  const ancestors = run.lineage || [];
+  return ancestors.length ? [element("div", { class: "lineage", title: "made from these runs, first ancestor first" },
+    `from ${ancestors.join(" → ")}`)] : [];
+}
+
 function number(value) {
   return value === undefined || value === null ? "" : Number(value).toPrecision(4);
 }
@@ -98,7 +104,7 @@ function renderRuns(data) {
       : element("code", { title: run.mlflow_run_id ? `MLflow run ${run.mlflow_run_id}` : "" }, run.run_id);
     return element("tr", { "data-run": run.run_id, class: run.rank === 1 && run.value !== null ? "best" : "" },
       element("td", {}, show), element("td", { class: "number" }, String(run.rank)), element("td", {}, mlflowLink),
-      element("td", { title: run.label }, knobText(run)),
+      element("td", { title: run.label }, knobText(run), ...lineageNote(run)),
       element("td", { class: `state-${run.state}`, title: run.error || "" }, run.state),
       element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
       element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),

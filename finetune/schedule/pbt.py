@@ -1,0 +1,142 @@
+"""`sweep.strategy: pbt`: population-based training (Jaderberg et al. 2017) in chunks.
+
+The population is the group's planned runs (a random sample). When a run reaches a perturbation point
+(every `perturbation_interval` chunks of its lineage), every run of the population has a value, and its
+metric is in the bottom `quantile_fraction` of the population's latest values, it stops, and a clone of one of the top runs
+replaces it (exploit): warm-started from that run's latest durable chunk (the `ctl clone --warm-start`
+machinery), its knobs perturbed (explore): a `$range` knob multiplied by one of `perturbation_factors`
+and kept in its range, a `$list` knob moved to a neighbouring value, either drawn afresh with
+`resample_probability`. Knobs under `peft_conf` are kept: a warm start trains the parent's adapter.
+
+A clone trains what its parent had left: the parent's remaining optimizer steps (`training_args.max_steps`)
+in its remaining chunks (`experiment.num_chunks`), so every lineage trains the population's budget. Its
+`parent_run_id` is the lineage, shown by `report` and the dashboard. The clone is added before the
+worse run stops, so a controller killed between the two leaves one run too many, never one too few; a clone
+that is rejected (an identical run exists, a full-model run has no adapter to warm-start) leaves the worse
+run training.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+from typing import Any
+
+from finetune.config.knobs import ListKnob, Path, iter_knobs, parse_knob
+from finetune.config.scheduling import PopulationBasedSweep
+from finetune.plan.model import RunPlan
+from finetune.schedule.control import CloneRequest
+from finetune.schedule.records import RunRecord
+from finetune.schedule.search import CloneOf, Proposal, Verdict, latest_metrics
+
+KEPT_SECTIONS = ("peft_conf",)  # a warm start keeps the parent's adapter as it is
+MAX_DRAWS = 20  # perturbations tried for a clone unlike the ones already made
+
+
+def value_at(tree: Any, path: Path) -> Any:
+    for part in path:
+        tree = tree[part]
+    return tree
+
+
+class PopulationBasedTraining:
+    """The searcher of one pbt group (see the module's docstring)."""
+
+    def __init__(self, group: int, sweep: PopulationBasedSweep, tree: dict[str, Any], lineage_chunks: int) -> None:
+        self.group, self.sweep, self.tree, self.lineage_chunks = group, sweep, tree, lineage_chunks
+        self.latest: dict[str, float] = {}  # run_id -> its latest metric value
+        self.rng = random.Random(sweep.seed)
+        self.made: set[tuple[str, tuple[str, ...]]] = set()  # (parent, changes) of the clones proposed so far
+        self.knobs = [(path, parse_knob(plain)) for path, plain in iter_knobs(tree) if path[0] not in KEPT_SECTIONS]
+
+    @classmethod
+    def of(cls, plan: RunPlan, group: int) -> PopulationBasedTraining:
+        tree = plan.search_spaces[group]
+        chunks = int((tree.get("experiment") or {}).get("num_chunks", plan.num_chunks))
+        return cls(group, PopulationBasedSweep.model_validate(plan.sweeps[group]), tree, chunks)
+
+    def resume(self, runs: list[RunRecord], chunk_rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+        mine = {run.run_id for run in runs if run.planned.group == self.group}
+        for run_id, by_chunk in latest_metrics(chunk_rows).items():
+            values = [metrics[self.sweep.metric] for _, metrics in sorted(by_chunk.items()) if self.sweep.metric in metrics]
+            if run_id in mine and values:
+                self.latest[run_id] = values[-1]
+        self.rng = random.Random(self.sweep.seed + len(chunk_rows))  # not the draws made before the restart
+        return []
+
+    def lineage_progress(self, record: RunRecord, chunks_done: int) -> int:
+        """Chunks its lineage has trained: a clone starts where its parent's durable chunks ended."""
+        return self.lineage_chunks - record.total_chunks + chunks_done
+
+    def on_chunk(self, record: RunRecord, chunks_done: int, metrics: dict[str, float], runs: list[RunRecord]) -> Verdict:
+        value = metrics.get(self.sweep.metric)
+        if value is None or not math.isfinite(value):
+            return Verdict()
+        self.latest[record.run_id] = value
+        progress = self.lineage_progress(record, chunks_done)
+        if chunks_done >= record.total_chunks or progress % self.sweep.perturbation_interval:
+            return Verdict()
+        population = [run for run in runs if run.planned.group == self.group and run.active]
+        ranked = self._ranked(population)
+        count = max(1, int(len(ranked) * self.sweep.quantile_fraction))
+        if len(ranked) < max(2, len(population)) or record.run_id not in {run.run_id for run in ranked[-count:]}:
+            return Verdict()
+        donors = [run for run in ranked[:count] if run.run_id != record.run_id and self._chunks_left(run) > 0]
+        if not donors:
+            return Verdict()
+        parent = self.rng.choice(donors)
+        detail = {"parent": parent.run_id, "value": value, "parent_value": self.latest[parent.run_id], "progress": progress,
+                  "metric": self.sweep.metric}
+        changes = self.explore(parent)
+        for _ in range(MAX_DRAWS):  # another clone of the same chunk of the same parent would be the same run
+            if (parent.run_id, tuple(changes)) not in self.made:
+                break
+            changes = self.explore(parent)
+        self.made.add((parent.run_id, tuple(changes)))
+        clone = CloneOf(parent.run_id, CloneRequest(tuple(changes), warm_start=True), {"replaces": record.run_id})
+        return Verdict(stop=True, events=[("pbt_exploit", detail)], add=[clone])
+
+    def _ranked(self, runs: list[RunRecord]) -> list[RunRecord]:
+        """Best first, of the runs with a value."""
+        scored = [run for run in runs if run.run_id in self.latest]
+        return sorted(scored, key=lambda run: self.latest[run.run_id], reverse=self.sweep.direction == "maximize")
+
+    def _chunks_left(self, run: RunRecord) -> int:
+        return run.total_chunks - run.durable_chunks if run.last_checkpoint else 0
+
+    def explore(self, parent: RunRecord) -> list[str]:
+        """The clone's `--set` changes: its knobs perturbed, and the parent's remaining budget."""
+        changes = []
+        for path, knob in self.knobs:
+            current = value_at(parent.planned.config, path)
+            changes.append(f"{'.'.join(map(str, path))}={json.dumps(self._perturb(knob, current))}")  # --set's path form
+        steps = parent.planned.derived.chunk_steps or []
+        changes.append(f"training_args.max_steps={sum(steps[parent.durable_chunks:])}")
+        changes.append(f"experiment.num_chunks={self._chunks_left(parent)}")
+        return changes
+
+    def _perturb(self, knob: Any, current: Any) -> Any:
+        resample = self.rng.random() < self.sweep.resample_probability
+        if isinstance(knob, ListKnob):
+            index = next((i for i, value in enumerate(knob.values) if value == current), None)
+            if resample or index is None:
+                return knob.values[self.rng.randrange(len(knob.values))]
+            step = self.rng.choice((-1, 1)) if 0 < index < len(knob.values) - 1 else (1 if index == 0 else -1)
+            return knob.values[max(0, min(len(knob.values) - 1, index + step))]
+        if resample:
+            return knob.sample(self.rng.random())
+        moved = current * self.rng.choice(self.sweep.perturbation_factors)
+        return knob.cast(min(max(moved, knob.start), knob.end))
+
+    def on_status(self, record: RunRecord) -> None:
+        return None
+
+    def propose(self, runs: list[RunRecord]) -> list[Proposal]:
+        return []  # clones come with the verdict that stops the run they replace
+
+    def accepted(self, proposal: Proposal, run_id: str) -> None:
+        return None
+
+    def rejected(self, proposal: Proposal, reason: str) -> None:
+        return None

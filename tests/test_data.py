@@ -335,3 +335,19 @@ def test_a_weighted_mix_that_would_explode_is_refused_before_drawing() -> None:
         with pytest.raises(MixError):
             weighted_mix_order([5, 5], weights, 1)
     assert time.perf_counter() - started < 5
+
+
+def test_preference_and_prompt_length_filters_count_tokens(demo_tokenizer) -> None:
+    from finetune.data.pipeline import DataStats, preference_examples, prompt_examples
+
+    install_template(load_template("chat-ml", demo_tokenizer), demo_tokenizer)
+    prompt = [{"role": "user", "content": "What is 3 plus 4?"}]
+    pair = {"prompt_messages": prompt, "chosen_messages": [{"role": "assistant", "content": "3 plus 4 is 7."}],
+            "rejected_messages": [{"role": "assistant", "content": "3 plus 4 is 8, " * 10}]}
+    length = len(demo_tokenizer.apply_chat_template(prompt + pair["rejected_messages"], tokenize=True, return_dict=True)["input_ids"])
+    for limit, kept in ((length, 1), (length - 1, 0)):
+        stats = DataStats()
+        assert len(preference_examples([pair], demo_tokenizer, limit, stats)) == kept
+        assert stats.filtered_too_long == 1 - kept
+    stats = DataStats()
+    assert prompt_examples([{"prompt_messages": prompt}], demo_tokenizer, 3, stats) == [] and stats.filtered_too_long == 1

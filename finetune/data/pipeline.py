@@ -164,7 +164,8 @@ def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int, completio
 
 
 def _length_of(tokenizer: Any, messages: list[dict[str, str]], generation_prompt: bool = False) -> int:
-    return len(tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt))
+    encoded = tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=generation_prompt, return_dict=True)
+    return len(encoded["input_ids"])  # transformers 5 returns a BatchEncoding, whose len() counts its keys
 
 
 def preference_examples(records: list[dict], tokenizer: Any, max_length: int, stats: DataStats) -> list[dict]:

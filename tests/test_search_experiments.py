@@ -104,3 +104,7 @@ def test_population_based_training_replaces_the_worst_runs_by_warm_clones_of_the
     assert replacements and len([run for run, parent in parents.items() if parent]) == replacements
     report = finetune(tmp_path, "report", str(root)).stdout
     assert "pbt_exploit" in report and "Lineage" in (root / "report.md").read_text()
+    from finetune.dashboard.views import runs_view
+
+    shown = {run["run_id"]: run["lineage"] for run in runs_view(root)["runs"]}
+    assert all(shown[run] == ([parent] if parent else []) for run, parent in parents.items() if parent is None or parents[parent] is None)

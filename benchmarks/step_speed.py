@@ -271,16 +271,35 @@ def report(results: dict[str, dict[str, float]]) -> dict[str, float]:
                 (mine["examples_per_step"] / mine["finetune"]) / (padded["examples_per_step"] / padded["finetune"]))
     print()
     for name, value in ratios.items():
-        target = " (target <= 1.3)" if name.startswith("finetune/plain") else " (target >= 1.3)" if "vs padded" in name else ""
+        target = ""
+        if name.startswith("finetune/plain"):
+            target = f" (target <= 1.3: {'met' if value <= 1.3 else 'missed'})"
+        elif "vs padded" in name:
+            target = f" (target >= 1.3: {'met' if value >= 1.3 else 'missed'})"
         print(f"{name}: {value:.2f}x{target}")
     return ratios
 
 
+def layouts(text: str) -> str:
+    unknown = [name for name in text.split(",") if name not in LAYOUTS]
+    if unknown or not text:
+        raise argparse.ArgumentTypeError(f"unknown layout {', '.join(unknown) or repr(text)}; choose from {', '.join(LAYOUTS)}")
+    return text
+
+
+def positive(text: str) -> int:
+    if not text.isdigit() or int(text) < 1:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a positive whole number")
+    return int(text)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--preset", default="demo", help="demo (the offline demo model and data), or a model size with "
-                        "chats of varied length: small (~10 M parameters, for the CPU), or gpu_sweep's tiny, 0.7b, 3b")
-    parser.add_argument("--layouts", default="padded,padding_free,packed", help="batch layouts to compare")
+    parser.add_argument("--preset", default="demo", choices=["demo", "small", "tiny", "0.7b", "3b"],
+                        help="demo (the offline demo model and data; default), or a model size with chats of varied "
+                        "length: small (~10 M parameters, for the CPU), or gpu_sweep's tiny, 0.7b, 3b")
+    parser.add_argument("--layouts", default="padded,padding_free,packed", type=layouts,
+                        help=f"comma-separated batch layouts to compare, of {', '.join(LAYOUTS)} (default: all)")
     parser.add_argument("--skip-trl", action="store_true", help="leave out TRL's own loop")
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--dtype", default=None, help="default: float32 on the CPU, bfloat16 on a GPU")
@@ -289,8 +308,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=256)
     parser.add_argument("--examples", type=int, default=512, help="examples of a preset's synthetic data")
-    parser.add_argument("--steps", type=int, default=30, help="timed optimizer steps")
-    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--steps", type=positive, default=30, help="timed optimizer steps (default 30)")
+    parser.add_argument("--warmup", type=positive, default=5, help="untimed steps first (default 5)")
     parser.add_argument("--threads", type=int, default=None, help="torch threads on the CPU")
     parser.add_argument("--json-out", type=Path, default=None)
     args = parser.parse_args()

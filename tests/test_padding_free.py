@@ -160,12 +160,29 @@ def test_a_model_that_builds_no_masks_from_positions_is_refused() -> None:
     assert "custom modeling code" in check_padding_free(_config(padding_free=True), lambda c: remote)[0][1]
 
 
-def test_dpo_padding_free_is_refused_rather_than_ignored() -> None:
-    from finetune.train.attention import check_padding_free
+def test_dpo_padding_free_is_refused_by_validate_rather_than_ignored(base_config) -> None:
+    tree = copy.deepcopy(base_config)
+    tree.update(method="dpo", data_conf={**tree["data_conf"], "chat_template_name": "chat-ml"})
+    tree["training_args"]["padding_free"] = True
+    [issue] = issues_of(tree)
+    assert issue.path.startswith("training_args") and "falls back to padding" in issue.message
 
-    config = SimpleNamespace(method="dpo", training_args=SimpleNamespace(padding_free=True))
-    [(key, message)] = check_padding_free(config, lambda c: None)
-    assert key == "training_args.padding_free" and "falls back to padding" in message
+
+def test_packing_with_padding_free_false_is_a_contradiction(base_config) -> None:
+    tree = copy.deepcopy(base_config)
+    tree["sft_args"] = {"packing": True, "padding_free": False}
+    [issue] = issues_of(tree)
+    assert "always padding-free" in issue.message
+    tree["sft_args"] = {"packing": True}
+    assert issues_of(tree) == []
+
+
+def test_flex_attention_cannot_train_on_the_cpu() -> None:
+    from finetune.train.preflight import check_attention
+
+    config = SimpleNamespace(run_conf=SimpleNamespace(model_args=SimpleNamespace(attn_implementation="flex_attention")))
+    [(key, message)] = check_attention(config, ["cpu"])
+    assert key == "run_conf.model_args.attn_implementation" and "no backward pass on the CPU" in message
 
 
 def test_liger_is_refused_on_the_cpu() -> None:
@@ -231,3 +248,21 @@ def test_runs_with_and_without_liger_never_share_a_loaded_base(base_config) -> N
     fused = copy.deepcopy(base_config)
     fused["training_args"]["use_liger_kernel"] = True
     assert base_key(plain) != base_key(CONFIG_ADAPTER.validate_python(fused))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("row_length,expected", [("256", r"\(packed into \d+ rows\)"), ("40", "packing packed nothing")])
+def test_data_preview_shows_the_packed_rows(tmp_path, demo_dir, row_length, expected) -> None:
+    import re
+
+    from typer.testing import CliRunner
+
+    from finetune.cli import app
+    from tests.conftest import EXAMPLES
+
+    config = tmp_path / "c.yaml"
+    config.write_text((EXAMPLES / "sft-lora-grid.yaml").read_text().replace("demo/", f"{demo_dir}/"))
+    settings = ["--set", "sft_args.packing=true", "--set", f"sft_args.max_seq_length={row_length}"]
+    result = CliRunner().invoke(app, ["data", "preview", str(config), "--n", "1", *settings])
+    assert result.exit_code == 0, result.output
+    assert re.search(expected, " ".join(result.output.split())), result.output

@@ -332,6 +332,13 @@ class SFTArguments(Strict):
         "Evaluation data is never packed, so eval_loss stays comparable between runs. Packed rows are padding-free",
     )
 
+    @model_validator(mode="after")
+    def _packed_rows_are_padding_free(self) -> SFTArguments:
+        if self.packing and "padding_free" in self.model_fields_set and not self.padding_free:
+            raise ValueError("packing: true with padding_free: false: packed rows are always padding-free; remove "
+                             "padding_free (or set it true)")
+        return self
+
 
 class DPOArguments(Strict):
     """Direct preference optimisation arguments (beta, loss type etc. are in training_args)."""

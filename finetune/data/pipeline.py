@@ -252,7 +252,8 @@ def build_examples(config: Any, tokenizer: Any, stats: DataStats) -> tuple[list[
         train = tokenize_sft(train_records, tokenizer, max_length, completions, stats)
         evaluation = tokenize_sft(eval_records, tokenizer, max_length, completions, stats)
         stats.train_tokens = sum(len(example["input_ids"]) for example in train)
-        stats.loss_tokens = sum(sum(label != IGNORE_INDEX for label in example["labels"]) for example in train)
+        # A sequence's first label is never a target (nothing precedes it to predict it).
+        stats.loss_tokens = sum(sum(label != IGNORE_INDEX for label in example["labels"][1:]) for example in train)
     elif config.method == "dpo":
         train = preference_examples(train_records, tokenizer, max_length, stats)
         evaluation = preference_examples(eval_records, tokenizer, max_length, stats)
@@ -276,14 +277,23 @@ def prepare_data(config: Any, tokenizer: Any, cache_dir: Path | None = None) -> 
         evaluation = datasets.load_from_disk(str(cached / "eval")) if (cached / "eval").is_dir() else None
         return PreparedData(datasets.load_from_disk(str(cached / "train")), evaluation, stats)
     train, evaluation = build_examples(config, tokenizer, stats)
-    train_set = datasets.Dataset.from_list(train)
-    if config.method == "sft" and config.sft_args.packing:
-        train_set = pack_rows(train_set, config.sft_args.max_seq_length)
-        stats.packed_rows = len(train_set)
+    train_set = pack_training_rows(config, datasets.Dataset.from_list(train), stats)
     eval_set = datasets.Dataset.from_list(evaluation) if evaluation else None
     if cached is not None:
         _save_atomically(cached, train_set, eval_set, stats)
     return PreparedData(train_set, eval_set, stats)
+
+
+def pack_training_rows(config: Any, train: Any, stats: DataStats) -> Any:
+    """The training set as the batches will draw it: packed rows under `sft_args.packing`."""
+    if config.method != "sft" or not config.sft_args.packing:
+        return train
+    packed = pack_rows(train, config.sft_args.max_seq_length)
+    stats.packed_rows = len(packed)
+    if len(packed) == len(train):
+        stats.warnings.append(f"sft_args.packing packed nothing: no two training examples fit in {config.sft_args.max_seq_length} "
+                              "tokens (sft_args.max_seq_length), so each row holds one example")
+    return packed
 
 
 def pack_rows(dataset: Any, row_length: int) -> Any:

@@ -9,7 +9,7 @@ from rich.panel import Panel
 from rich.text import Text
 
 from finetune.config.validation import CONFIG_ADAPTER
-from finetune.data.pipeline import IGNORE_INDEX, DataStats, build_examples, prepare_tokenizer
+from finetune.data.pipeline import IGNORE_INDEX, DataStats, build_examples, pack_training_rows, prepare_tokenizer
 
 
 def highlighted(tokenizer: Any, input_ids: list[int], labels: list[int]) -> Text:
@@ -30,6 +30,10 @@ def preview(config_tree: dict[str, Any], count: int, console: Console) -> None:
     added = prepare_tokenizer(tokenizer, config.data_conf)
     stats = DataStats(added_special_tokens=added)
     train, evaluation = build_examples(config, tokenizer, stats)
+    if config.method == "sft" and config.sft_args.packing:
+        import datasets
+
+        pack_training_rows(config, datasets.Dataset.from_list(train), stats)
     for index, example in enumerate(train[:count]):
         if config.method == "sft":
             body = highlighted(tokenizer, example["input_ids"], example["labels"])

@@ -55,9 +55,6 @@ def model_class_builds_masks(model_config: Any) -> tuple[bool, str]:
 
 
 def check_padding_free(config: Any, load_model_config: Callable[[Any], Any | None]) -> list[Problem]:
-    if config.method == "dpo" and getattr(config.training_args, "padding_free", False):
-        return [("training_args.padding_free", "TRL's DPO trainer (1.x) trains padded batches: its padding_free only warns "
-                 "and falls back to padding; remove it")]
     key = padding_free_key(config)
     if key is None:
         return []

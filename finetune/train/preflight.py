@@ -31,10 +31,13 @@ def check_model_source(config: Any) -> list[Problem]:
 
 def check_attention(config: Any, devices: list[str]) -> list[Problem]:
     implementation = config.run_conf.model_args.attn_implementation
+    key = "run_conf.model_args.attn_implementation"
+    if implementation == "flex_attention" and not any(device.startswith("cuda") for device in devices):
+        return [(key, f"flex_attention has no backward pass on the CPU, so it cannot train on {', '.join(devices)}; "
+                 "use sdpa or eager")]
     package = ATTENTION_PACKAGES.get(implementation or "")
     if package is None:
         return []
-    key = "run_conf.model_args.attn_implementation"
     if importlib.util.find_spec(package) is None:
         return [(key, f"{implementation} needs the {package} package, which is not installed; use sdpa, or install it")]
     if not any(device.startswith("cuda") for device in devices):

@@ -96,6 +96,14 @@ class DPOFinetuneConfig(CommonSections):
     def _dpo_metrics(cls, eval_conf: EvalConfig) -> EvalConfig:
         return _metrics_for("dpo", eval_conf)
 
+    @field_validator("training_args")
+    @classmethod
+    def _padded_batches(cls, training_args: Any) -> Any:
+        if getattr(training_args, "padding_free", False):
+            raise ValueError("padding_free: TRL's DPO trainer (1.x) trains padded batches (its padding_free only warns and "
+                             "falls back to padding); remove it")
+        return training_args
+
 
 class GRPOFinetuneConfig(CommonSections):
     """Group relative policy optimisation on prompts with reward functions (TRL GRPOTrainer)."""

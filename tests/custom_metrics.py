@@ -19,3 +19,45 @@ def not_a_number(prompts, completions, references):
 
 
 NOT_CALLABLE = 3
+
+
+def raises(prompts, completions, references):
+    raise RuntimeError("boom from user metric")
+
+
+def not_finite(prompts, completions, references):
+    return float("nan")
+
+
+def infinite(prompts, completions, references):
+    return float("inf")
+
+
+def nothing(prompts, completions, references):
+    return None
+
+
+def a_bool(prompts, completions, references):
+    return True
+
+
+def exits(prompts, completions, references):
+    import sys
+
+    sys.exit(3)
+
+
+def interrupted(prompts, completions, references):
+    raise KeyboardInterrupt
+
+
+def wrong_arguments(a, b):
+    return 1.0
+
+
+def keywords_only(*, prompts, completions, references, weight=1.0):
+    return weight
+
+
+def anything(**kwargs):
+    return float(len(kwargs))

@@ -77,10 +77,39 @@ def test_a_custom_metric_is_loaded_from_its_module_path_and_scores_the_sample() 
     assert eval_conf.directions() == {"exact_match": "maximize", "answer_words": "maximize", "reference_words": "minimize"}
 
 
-def test_a_custom_metric_that_returns_no_number_names_itself() -> None:
-    eval_conf = EvalConfig.model_validate({"metrics": ["eval_loss"], "custom": [{"name": "odd", "function": f"{CUSTOM}:not_a_number"}]})
-    with pytest.raises(TypeError, match="custom metric odd returned str"):
+@pytest.mark.parametrize("function,words", [
+    ("raises", "RuntimeError: boom from user metric"),
+    ("not_a_number", "returned str, not a number"),
+    ("nothing", "returned NoneType, not a number"),
+    ("a_bool", "returned bool, not a number"),
+    ("not_finite", "returned nan, not a finite number"),
+    ("infinite", "returned inf, not a finite number"),
+    ("exits", "SystemExit: 3"),
+])
+def test_a_failing_custom_metric_is_a_warning_naming_it_and_its_value_is_absent(function, words, caplog) -> None:
+    eval_conf = EvalConfig.model_validate({"metrics": ["exact_match"], "custom": [
+        {"name": "fine", "function": f"{CUSTOM}:reference_words"}, {"name": "odd", "function": f"{CUSTOM}:{function}"}]})
+    with caplog.at_level("WARNING"):
+        values = Scorer.of(eval_conf).score([[]], ["a"], ["a"])
+    assert values == {"exact_match": 1.0, "fine": 1.0}  # the others are still measured
+    (record,) = caplog.records
+    assert f"eval_conf.custom[1] (odd, {CUSTOM}:{function})" in record.getMessage() and words in record.getMessage()
+
+
+def test_a_keyboard_interrupt_in_a_custom_metric_still_stops() -> None:
+    eval_conf = EvalConfig.model_validate({"custom": [{"name": "odd", "function": f"{CUSTOM}:interrupted"}]})
+    with pytest.raises(KeyboardInterrupt):
         Scorer.of(eval_conf).score([[]], ["a"], ["a"])
+
+
+def test_a_custom_metric_that_no_longer_loads_is_a_warning(caplog, monkeypatch) -> None:
+    eval_conf = EvalConfig.model_validate({"custom": [{"name": "gone", "function": f"{CUSTOM}:reference_words"}]})
+    import tests.custom_metrics
+
+    monkeypatch.delattr(tests.custom_metrics, "reference_words")
+    with caplog.at_level("WARNING"):
+        assert Scorer.of(eval_conf).score([[]], ["a"], ["a"]) == {}
+    assert "eval_conf.custom[0] (gone" in caplog.text and "has no 'reference_words'" in caplog.text
 
 
 @pytest.mark.parametrize("function,words", [
@@ -88,6 +117,11 @@ def test_a_custom_metric_that_returns_no_number_names_itself() -> None:
     (f"{CUSTOM}:missing", f"module '{CUSTOM}' has no 'missing'"),
     (f"{CUSTOM}:NOT_CALLABLE", "is not callable"),
     (f"{CUSTOM}.words_per_answer", "pattern"),
+    (f"{CUSTOM}:wrong_arguments", "cannot be called as function(prompts=..., completions=..., references=...)"),
+    ("os:system", "cannot be called as function(prompts="),
+    ("builtins:eval", "cannot be called as function(prompts="),
+    ("builtins:print", "cannot be called as function(prompts="),
+    ("builtins:max", "has no inspectable signature"),
 ])
 def test_a_bad_custom_function_is_a_validation_error_with_its_path(function, words) -> None:
     tree = config_with(eval_conf={"custom": [{"name": "mine", "function": function}]})
@@ -95,6 +129,30 @@ def test_a_bad_custom_function_is_a_validation_error_with_its_path(function, wor
     assert issue.path == "eval_conf.custom[0].function"
     assert words in issue.message + (issue.allowed or "")
     assert function in (issue.given or "")
+
+
+@pytest.mark.parametrize("function", ["keywords_only", "anything", "words_per_answer"])
+def test_a_function_taking_the_three_keywords_is_accepted(function) -> None:
+    assert issues_of(config_with(eval_conf={"custom": [{"name": "mine", "function": f"{CUSTOM}:{function}"}]})) == []
+
+
+@pytest.mark.parametrize("name", ["entropy", "mean_token_accuracy", "num_tokens", "train_loss", "train_runtime",
+                                  "train_samples_per_second", "total_flos", "eval_runtime", "num_input_tokens_seen",
+                                  "aux_loss", "test_loss", "loss", "grad_norm", "kl", "reward_std"])
+def test_a_custom_metric_may_not_take_a_name_the_trainer_logs(name) -> None:
+    (issue,) = issues_of(config_with(eval_conf={"custom": [{"name": name, "function": f"{CUSTOM}:reference_words"}]}))
+    assert issue.path == "eval_conf.custom[0].name"
+    assert "one the trainer logs" in issue.message and "train_*" in issue.message and "mean_token_accuracy" in issue.message
+
+
+def test_trainer_names_are_reserved() -> None:
+    """Every metric name an SFT run logs (with token accuracy and the end-of-training summary) is refused."""
+    from finetune.config.evaluation import RESERVED_METRIC_NAMES, RESERVED_METRIC_PREFIXES
+
+    logged = ["loss", "grad_norm", "learning_rate", "entropy", "num_tokens", "mean_token_accuracy", "epoch", "train_runtime",
+              "train_samples_per_second", "train_steps_per_second", "total_flos", "train_loss", "eval_loss",
+              "eval_runtime", "eval_entropy"]
+    assert all(name in RESERVED_METRIC_NAMES or name.startswith(RESERVED_METRIC_PREFIXES) for name in logged)
 
 
 @pytest.mark.parametrize("eval_conf,path,words", [

@@ -11,6 +11,7 @@ Every metric has a direction, so that a sweep ranks by it the right way round.
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Any, Literal
 
 from pydantic import Field, field_validator, model_validator
@@ -31,8 +32,17 @@ DEFAULT_METRICS = ["eval_loss"]
 
 METRIC_NAME_PATTERN = r"^[A-Za-z][A-Za-z0-9_]{0,63}$"
 FUNCTION_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
-# Names the trainer or finetune itself logs: a custom metric by one of them would be confused with it.
-RESERVED_METRIC_NAMES = ("loss", "learning_rate", "grad_norm", "epoch", "reward", "generation_prompts_too_long")
+# Names the trainers or finetune itself log: a custom metric by one of them would mix two series in
+# state.db, MLflow and the dashboard. HF Trainer.log (loss, grad_norm, learning_rate, epoch,
+# num_input_tokens_seen, total_flos, the train_/eval_/test_ speed metrics, memory metrics,
+# hyperparameter search's objective) and the keys of TRL's `_metrics` in its SFT, DPO and GRPO
+# trainers that fit a metric name (those with a '/' cannot).
+RESERVED_METRIC_NAMES = (
+    "loss", "learning_rate", "grad_norm", "epoch", "step", "num_input_tokens_seen", "total_flos", "objective",
+    "entropy", "mean_token_accuracy", "num_tokens", "aux_loss", "step_time", "reward", "reward_std",
+    "frac_reward_zero_std", "kl", "policy_loss", "entropy_coef", "cispo_clip_ratio", "generation_prompts_too_long",
+)
+RESERVED_METRIC_PREFIXES = ("eval_", "train_", "test_", "predict_", "init_mem_", "before_init_mem_")
 MAX_NEW_TOKENS = 32_768
 MAX_GENERATION_SAMPLES = 100_000
 MAX_GENERATION_BATCH = 4_096
@@ -88,9 +98,10 @@ class CustomMetric(Strict):
     @field_validator("name")
     @classmethod
     def _not_taken(cls, name: str) -> str:
-        if name in BUILTIN_METRICS or name in RESERVED_METRIC_NAMES or name.startswith("eval_"):
-            raise ValueError(f"'{name}' is the name of a built-in or logged metric; choose another "
-                             "(not eval_*, not one of " + ", ".join([*BUILTIN_METRICS, *RESERVED_METRIC_NAMES]) + ")")
+        if name in BUILTIN_METRICS or name in RESERVED_METRIC_NAMES or name.startswith(RESERVED_METRIC_PREFIXES):
+            prefixes = ", ".join(prefix + "*" for prefix in RESERVED_METRIC_PREFIXES)
+            raise ValueError(f"'{name}' is the name of a built-in metric or of one the trainer logs; choose another "
+                             f"(not {prefixes}, not one of " + ", ".join([*BUILTIN_METRICS, *RESERVED_METRIC_NAMES]) + ")")
         return name
 
     @field_validator("function")
@@ -119,6 +130,20 @@ def function_problem(path: str) -> str | None:
         return f"module '{module_name}' has no '{attribute}' (from {path})"
     if not callable(function):
         return f"{path} is not callable"
+    return signature_problem(path, function)
+
+
+def signature_problem(path: str, function: Any) -> str | None:
+    """Why `function` cannot be called as a custom metric is (keywords prompts, completions, references)."""
+    try:
+        signature = inspect.signature(function)
+    except (TypeError, ValueError):  # a builtin without a signature: what it accepts cannot be known
+        return f"{path} has no inspectable signature; wrap it in a function (prompts, completions, references)"
+    try:
+        signature.bind(prompts=[], completions=[], references=[])
+    except TypeError as error:
+        return (f"{path}{signature} cannot be called as function(prompts=..., completions=..., references=...): "
+                f"{error}")
     return None
 
 

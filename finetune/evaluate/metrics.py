@@ -6,6 +6,7 @@ the whole sample. The libraries are imported when a metric is computed, never on
 
 from __future__ import annotations
 
+import logging
 import math
 import re
 from dataclasses import dataclass
@@ -13,6 +14,7 @@ from typing import Any, Callable
 
 Messages = list[dict[str, str]]
 MetricFn = Callable[[list[str], list[str]], float]
+logger = logging.getLogger(__name__)
 
 
 def normalized(text: str) -> str:
@@ -65,24 +67,66 @@ def _same_length(completions: list[str], references: list[str]) -> None:
 
 
 @dataclass(frozen=True)
+class CustomFunction:
+    """A user's metric as `eval_conf.custom[index]` names it; `function` None: it could not be loaded."""
+
+    index: int
+    name: str
+    path: str
+    function: Callable[..., Any] | None
+
+    @property
+    def label(self) -> str:
+        return f"eval_conf.custom[{self.index}] ({self.name}, {self.path})"
+
+
+@dataclass(frozen=True)
 class Scorer:
-    """The generation metrics of one run: built-in names and custom (name, `module:function`) pairs."""
+    """The generation metrics of one run: built-in names and the user's custom functions."""
 
     builtin: tuple[str, ...]
-    custom: tuple[tuple[str, Callable[..., Any]], ...] = ()
+    custom: tuple[CustomFunction, ...] = ()
 
     @classmethod
     def of(cls, eval_conf: Any) -> Scorer:
-        from finetune.config.evaluation import load_function
-
-        custom = tuple((metric.name, load_function(metric.function)) for metric in eval_conf.custom)
+        custom = tuple(_loaded(index, metric.name, metric.function) for index, metric in enumerate(eval_conf.custom))
         return cls(tuple(eval_conf.generated), custom)
 
     def score(self, prompts: list[Messages], completions: list[str], references: list[str]) -> dict[str, float]:
+        """The metrics' values; a custom metric that fails (see `call_custom`) is left out."""
         values = {name: BUILTIN_FUNCTIONS[name](completions, references) for name in self.builtin}
-        for name, function in self.custom:
-            values[name] = custom_value(name, function(prompts=prompts, completions=completions, references=references))
+        for metric in self.custom:
+            value = call_custom(metric, prompts, completions, references)
+            if value is not None:
+                values[metric.name] = value
         return values
+
+
+def _loaded(index: int, name: str, path: str) -> CustomFunction:
+    """The custom function, or None in it (with a warning) when it no longer loads in this process."""
+    from finetune.config.evaluation import load_function
+
+    try:
+        return CustomFunction(index, name, path, load_function(path))
+    except Exception as error:  # validated, but the module may have changed or fail on another machine
+        logger.warning("custom metric eval_conf.custom[%d] (%s, %s) cannot be loaded: %s; it is not measured",
+                       index, name, path, error)
+        return CustomFunction(index, name, path, None)
+
+
+def call_custom(metric: CustomFunction, prompts: list[Messages], completions: list[str],
+                references: list[str]) -> float | None:
+    """The custom metric's value, or None when it raises (SystemExit included: a user's sys.exit must not end
+    the worker; KeyboardInterrupt still does) or returns no finite number. A broken metric is then missing
+    for this evaluation, as a metric not measured at a chunk is: the chunk is still saved and training goes on."""
+    if metric.function is None:
+        return None
+    try:
+        return custom_value(metric.name, metric.function(prompts=prompts, completions=completions, references=references))
+    except (Exception, SystemExit) as error:
+        logger.warning("custom metric %s failed, no %s for this evaluation: %s: %s", metric.label, metric.name,
+                       type(error).__name__, error)
+        return None
 
 
 def custom_value(name: str, value: Any) -> float:

@@ -379,6 +379,31 @@ def test_a_chunk_logs_its_generation_metrics(tmp_path, demo_dir) -> None:
     assert generated == [{name: outcome.metrics[name] for name in ("token_accuracy", "exact_match", "rouge_l", "words")}]
 
 
+@pytest.mark.slow
+def test_a_broken_custom_metric_leaves_the_chunk_saved_and_training_on(tmp_path, demo_dir, caplog) -> None:
+    """Both chunks of a run whose custom metric raises: each is trained, measured by the other metrics and saved."""
+    from finetune.config.loading import load_document
+    from finetune.plan.build import build_plan
+    from finetune.train.residency import Budgets
+    from finetune.train.workbench import Workbench
+    from tests.conftest import EXAMPLES
+
+    (tmp_path / "c.yaml").write_text((EXAMPLES / "sft-lora-grid.yaml").read_text().replace("demo/", f"{demo_dir}/"))
+    eval_conf = ("eval_conf={metrics: [eval_loss, exact_match], generation: {max_new_tokens: 2, max_samples: 2}, "
+                 f"custom: [{{name: boom, function: '{CUSTOM}:raises'}}]}}")
+    overrides = ["training_args.max_steps=2", "experiment.num_chunks=2", eval_conf]
+    run = build_plan(load_document(tmp_path / "c.yaml", overrides=overrides)).runs[0]
+    config = CONFIG_ADAPTER.validate_python(run.config)
+    bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40))
+    with caplog.at_level("WARNING"):
+        outcomes = [bench.train_chunk(run, config, chunk, None, 2) for chunk in (0, 1)]
+    bench.writer.close()
+    assert [outcome.global_step for outcome in outcomes] == [1, 2]
+    assert all("exact_match" in outcome.metrics and "boom" not in outcome.metrics for outcome in outcomes)
+    assert all((tmp_path / "exp" / "runs" / run.run_id / f"chunk-{chunk}").is_dir() for chunk in (0, 1))
+    assert "eval_conf.custom[0] (boom" in caplog.text and "boom from user metric" in caplog.text
+
+
 # ---------------------------------------------------------------- report and dashboard
 
 

@@ -169,3 +169,34 @@ def test_a_duplicate_proposal_is_rejected_and_its_trial_failed(tmp_path) -> None
     search.rejected(proposal, "an identical run exists")
     trial = search.study.trials[proposal.planned.trial]
     assert trial.state.name == "FAIL" and trial.user_attrs["rejected"] == "an identical run exists"
+
+
+@pytest.mark.parametrize("sampler", ["random", "cmaes", "gp"])
+def test_every_sampler_proposes_runs_within_the_knobs(tmp_path, sampler: str) -> None:
+    if sampler == "cmaes":
+        pytest.importorskip("cmaes")
+    search = searcher(tmp_path, sampler=sampler, startup_runs=2)
+    for _ in range(5):  # past the startup runs: the sampler's own model proposes the last ones
+        run = propose_one(search, [])
+        search.on_chunk(run, 1, {"eval_loss": loss(run.planned)}, [])
+        assert 1e-6 <= run.planned.knobs["training_args.learning_rate"] <= 1.0
+        assert run.planned.knobs["peft_conf.peft_kwargs.r"] in (4, 8)
+    assert len({trial.params["training_args.learning_rate"] for trial in search.study.trials}) == 5
+
+
+def test_a_small_space_is_proposed_without_duplicates_until_it_is_exhausted(tmp_path) -> None:
+    settings = OptunaSweep.model_validate({"strategy": "optuna", "num_runs": 5, "max_concurrent_runs": 1, "startup_runs": 1})
+    space = tree()
+    space["training_args"]["learning_rate"] = {"$list": [1e-4, 1e-3]}  # with r: 4 distinct configs
+    search = OptunaSearch(0, settings, space, open_study(tmp_path / "optuna.db", "small", settings, CHUNKS), CHUNKS)
+    runs: list[RunRecord] = []
+    for _ in range(4):
+        (proposal,) = search.propose(runs)
+        run = record(proposal.planned, RunStatus.COMPLETED)
+        search.accepted(proposal, run.run_id)
+        search.on_chunk(run, CHUNKS, {"eval_loss": loss(run.planned)}, runs)
+        search.on_status(run)
+        runs.append(run)
+    assert len({run.run_id for run in runs}) == 4
+    assert search.propose(runs) == [], "every config of the space has a run"
+    assert {trial.state.name for trial in search.study.trials} == {"COMPLETE"}, "no trial was asked for a duplicate"

@@ -37,7 +37,8 @@ if TYPE_CHECKING:
 
 OPTUNA_FILE = "optuna.db"
 RUN_ATTR = "run_id"
-MAX_REJECTIONS_IN_A_ROW = 20  # proposals refused one after another (duplicates, bad configs): the study stops proposing
+MAX_REJECTIONS_IN_A_ROW = 20  # proposals refused one after another (bad configs): the study stops proposing
+MAX_DRAWS = 50  # draws for a run unlike the existing ones before the space counts as exhausted
 PRIMITIVES = (type(None), bool, int, float, str)
 
 
@@ -208,26 +209,27 @@ class OptunaSearch:
         mine = [run for run in runs if run.planned.group == self.group]
         room = min(self.sweep.max_concurrent_runs - sum(run.unfinished for run in mine), self.sweep.num_runs - len(mine))
         proposals: list[Proposal] = []
+        existing = {run.run_id for run in runs}
         for _ in range(max(0, room)):
-            planned = self.ask()
+            planned = self.ask(existing)
             if planned is not None:
                 proposals.append(NewRun(planned))
+                existing.add(planned.run_id)
         return proposals
 
-    def ask(self) -> PlannedRun | None:
-        """A new trial and its run: the sampler picks the knob values on the study's view, the trial takes them."""
-        import optuna
+    def ask(self, existing: set[str]) -> PlannedRun | None:
+        """A new trial and its run: the sampler picks the knob values on the study's view, the trial takes them.
+        Where the sampler picks a run that exists (small discrete spaces), a random draw of the knobs is taken
+        instead; None when MAX_DRAWS draws found nothing new (the space is exhausted)."""
         from optuna.trial import TrialState
 
-        trials = self.study.get_trials(deepcopy=False)
-        view = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction=self.sweep.direction,
-                                   sampler=make_sampler(self.sweep, self.sweep.seed + len(trials)))
-        for trial in trials:
-            evidence = as_evidence(trial, running_as_pruned=self.sweep.sampler == "tpe")
-            if evidence is not None:
-                view.add_trial(evidence)
-        sample_with(self.tree, suggest_on(view.ask()))
-        chosen = view.get_trials(deepcopy=False)[-1]
+        for attempt in range(MAX_DRAWS):
+            chosen, expansion = self._sampled(random_draw=attempt > 0, attempt=attempt)
+            if run_id_of(expansion.config) not in existing:
+                break
+        else:
+            self.rejections_in_a_row = MAX_REJECTIONS_IN_A_ROW
+            return None
         self.study.enqueue_trial(chosen.params)
         trial = self.study.ask()
         for key, value in chosen.system_attrs.items():  # CMA-ES keeps its state in them
@@ -242,6 +244,21 @@ class OptunaSearch:
             return None
         trial.set_user_attr(RUN_ATTR, planned.run_id)
         return planned
+
+    def _sampled(self, random_draw: bool, attempt: int) -> tuple[optuna.trial.FrozenTrial, Expansion]:
+        """Knob values from the sampler on the study's view (or a random draw), as a view trial and a config."""
+        import optuna
+
+        trials = self.study.get_trials(deepcopy=False)
+        seed = self.sweep.seed + len(trials) + attempt
+        sampler = optuna.samplers.RandomSampler(seed) if random_draw else make_sampler(self.sweep, seed)
+        view = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction=self.sweep.direction, sampler=sampler)
+        for trial in [] if random_draw else trials:
+            evidence = as_evidence(trial, running_as_pruned=self.sweep.sampler == "tpe")
+            if evidence is not None:
+                view.add_trial(evidence)
+        expansion = sample_with(self.tree, suggest_on(view.ask()))
+        return view.get_trials(deepcopy=False)[-1], expansion
 
     def _planned(self, expansion: Expansion, number: int) -> tuple[PlannedRun | None, str]:
         config, issues = validate_concrete(expansion.config, lambda path: "the study's proposal")

@@ -404,11 +404,44 @@ def test_a_broken_custom_metric_leaves_the_chunk_saved_and_training_on(tmp_path,
     assert "eval_conf.custom[0] (boom" in caplog.text and "boom from user metric" in caplog.text
 
 
+@pytest.mark.parametrize("max_new_tokens,refused", [(127, False), (128, True), (4096, True)])
+def test_run_refuses_max_new_tokens_that_fill_the_model_s_context(max_new_tokens, refused) -> None:
+    from transformers import LlamaConfig
+
+    from finetune.train.preflight import check_generation_room
+
+    config = CONFIG_ADAPTER.validate_python(config_with(eval_conf={"metrics": ["rouge_l"], "generation": {"max_new_tokens": max_new_tokens}}))
+    problems = check_generation_room(config, lambda c: LlamaConfig(max_position_embeddings=128))
+    assert [path for path, _ in problems] == (["eval_conf.generation.max_new_tokens"] if refused else [])
+    if refused:
+        assert f"{max_new_tokens} new tokens" in problems[0][1] and "128-token context" in problems[0][1]
+
+
+def test_the_context_is_not_read_without_generation_metrics() -> None:
+    from finetune.train.preflight import check_generation_room
+
+    config = CONFIG_ADAPTER.validate_python(config_with(eval_conf={"generation": {"max_new_tokens": 30000}}))
+    assert check_generation_room(config, lambda c: pytest.fail("nothing to check")) == []
+
+
+def test_run_s_preflight_reads_the_demo_model_s_context(demo_dir) -> None:
+    from transformers import AutoConfig
+
+    from finetune.train.preflight import preflight
+
+    context = AutoConfig.from_pretrained(demo_dir / "model").max_position_embeddings
+    tree = config_with(eval_conf={"custom": [{"name": "words", "function": f"{CUSTOM}:words_per_answer"}],
+                                  "generation": {"max_new_tokens": context}})
+    tree["run_conf"] = {**tree.get("run_conf", {}), "model": str(demo_dir / "model")}
+    problems = preflight(CONFIG_ADAPTER.validate_python(tree), ["cpu"], lambda c: None)
+    assert "eval_conf.generation.max_new_tokens" in [path for path, _ in problems]
+
+
 # ---------------------------------------------------------------- report and dashboard
 
 
-def evaluated_experiment(tmp_path, sweep: dict) -> tuple:
-    """An experiment folder of three runs whose eval_conf has no eval_loss, with logged metrics."""
+def evaluated_experiment(tmp_path, sweep: dict, drop: tuple[str, ...] = ()) -> tuple:
+    """An experiment folder of three runs whose eval_conf has no eval_loss, with logged metrics (but `drop`)."""
     from finetune.plan.build import build_plan
     from finetune.schedule.store import StateStore
 
@@ -422,7 +455,8 @@ def evaluated_experiment(tmp_path, sweep: dict) -> tuple:
     store = StateStore(root / "state.db")
     for index, run in enumerate(plan.runs):
         store.add_run(run.run_id, run.label, 4)
-        metrics = {"rouge_l": 0.1 * index, "exact_match": 0.5, "cost": 10.0 - index}
+        metrics = {name: value for name, value in {"rouge_l": 0.1 * index, "exact_match": 0.5, "cost": 10.0 - index}.items()
+                   if name not in drop}
         store.record_chunk(run.run_id, 0, 2, str(root / "c"), metrics, 1.0, 0.5, 0.1)
         store.log_metrics(run.run_id, 2, metrics)
     store.close()
@@ -447,6 +481,18 @@ def test_dashboard_and_report_draw_and_rank_by_eval_conf_metrics(tmp_path, sweep
     report = report_markdown(root)
     others = [name for name in ("rouge_l", "exact_match", "cost") if name != metric]
     assert f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |" in report
+
+
+def test_the_report_says_when_the_sweep_metric_was_never_measured(tmp_path) -> None:
+    from finetune.track.report import report_markdown
+
+    root, run_ids = evaluated_experiment(tmp_path, halving(num_runs=3, metric="cost"), drop=("cost",))
+    report = report_markdown(root)
+    assert "Not ranked: `cost` has not been measured for any run" in report and "Ranked by" not in report
+    assert all(f"| - | `{run_id}` |" in report for run_id in run_ids)
+    (tmp_path / "other").mkdir()
+    measured, _ = evaluated_experiment(tmp_path / "other", halving(num_runs=3, metric="cost"), drop=("rouge_l",))
+    assert "Ranked by `cost` (minimize)" in report_markdown(measured)
 
 
 def test_the_example_custom_metric_compares_final_numbers() -> None:

@@ -22,10 +22,11 @@ def report_markdown(root: Path) -> str:
     ranked = ranked_runs(store, plan)
     others = [name for name in evaluation_metrics(plan) if name != metric]
     logged = {name: store.latest_metric(name) for name in others}
+    measured = any(entry.value is not None for entry in ranked) or not ranked
     lines = [
         f"# {plan.experiment}",
         "",
-        f"Ranked by `{metric}` ({direction}), latest value of each run.",
+        f"Ranked by `{metric}` ({direction}), latest value of each run." if measured else _never_measured(metric),
         "",
         f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |",
         "|---|---|---|---|---|---|" + "---|" * len(others),
@@ -34,7 +35,7 @@ def report_markdown(root: Path) -> str:
         row = entry.row
         shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
                                                                        for name in others)])
-        lines.append(f"| {entry.rank} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
+        lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
     chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
     if chains:
         lines += ["", "## Lineage", "", "Runs made from other runs (clones, population-based training), first ancestor first.",
@@ -48,6 +49,13 @@ def report_markdown(root: Path) -> str:
             lines.append(f"| `{event['run_id']}` | {event['kind']} | {detail} |")
     store.close()
     return "\n".join(lines) + "\n"
+
+
+def _never_measured(metric: str) -> str:
+    """Said instead of a ranking when no run has a value of the metric the runs are ranked by."""
+    return (f"**Not ranked: `{metric}` has not been measured for any run.** A generation metric is missing when "
+            "every prompt was skipped (`generation_prompts_too_long`: max_new_tokens leaves no room in the model's "
+            "context), a custom metric when its function failed (see the workers' warnings).")
 
 
 def _shown(value: float | None) -> str:

@@ -131,6 +131,21 @@ def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> li
     return []
 
 
+def check_generation_room(config: Any, load_model_config: Callable[[Any], Any | None]) -> list[Problem]:
+    """Generation metrics need room for a prompt besides `max_new_tokens` in the model's context: without it
+    every prompt would be skipped, and the generation metrics (perhaps sweep.metric) never measured."""
+    if config.method == "grpo" or not config.eval_conf.needs_generation:
+        return []
+    model_config = load_model_config(config)
+    context = getattr(model_config, "max_position_embeddings", None) if model_config is not None else None
+    wanted = config.eval_conf.generation.max_new_tokens
+    if not isinstance(context, int) or wanted < context:
+        return []
+    return [("eval_conf.generation.max_new_tokens", f"{wanted} new tokens leave no room for a prompt in the "
+             f"{context}-token context of {config.run_conf.model} (max_position_embeddings), so no answer would be "
+             f"generated and no generation metric measured; use fewer than {context}, with room for the prompts")]
+
+
 def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
     """Every problem this run would hit at start-up, found now.
 
@@ -149,4 +164,5 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
         *check_distributed(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),
         *([] if model_problems else check_padding_free(config, load_model_config)),
+        *([] if model_problems else check_generation_room(config, load_model_config)),
     ]

@@ -155,13 +155,25 @@ def test_trainer_names_are_reserved() -> None:
     assert all(name in RESERVED_METRIC_NAMES or name.startswith(RESERVED_METRIC_PREFIXES) for name in logged)
 
 
+def test_a_duplicate_custom_name_given_by_set_is_reported_at_its_set(tmp_path) -> None:
+    import json
+
+    from finetune.config.loading import load_document
+    from finetune.config.validation import validate_document
+
+    (tmp_path / "c.json").write_text(json.dumps(BASE_SFT))
+    metric = f"{{name: a, function: '{CUSTOM}:reference_words'}}"
+    doc = load_document(tmp_path / "c.json", overrides=[f"eval_conf.custom=[{metric}, {metric}]"])
+    assert [(issue.path, issue.location) for issue in validate_document(doc)] == [("eval_conf.custom", "--set eval_conf.custom")]
+
+
 @pytest.mark.parametrize("eval_conf,path,words", [
     ({"metrics": ["rouge"]}, "eval_conf.metrics[0]", "not one of the allowed values"),
     ({"metrics": []}, "eval_conf.metrics", "at least 1"),
     ({"metrics": ["bleu", "bleu"]}, "eval_conf.metrics", "bleu listed more than once"),
     ({"custom": [{"name": "rouge_l", "function": f"{CUSTOM}:reference_words"}]}, "eval_conf.custom[0].name", "built-in"),
     ({"custom": [{"name": "eval_mine", "function": f"{CUSTOM}:reference_words"}]}, "eval_conf.custom[0].name", "built-in"),
-    ({"custom": [{"name": "a", "function": f"{CUSTOM}:reference_words"}] * 2}, "eval_conf", "defined more than once"),
+    ({"custom": [{"name": "a", "function": f"{CUSTOM}:reference_words"}] * 2}, "eval_conf.custom", "defined more than once"),
     ({"generation": {"max_new_tokens": 0}}, "eval_conf.generation.max_new_tokens", "greater than or equal to 1"),
     ({"generation": {"temperature": -1}}, "eval_conf.generation.temperature", "greater than or equal to 0"),
     ({"generation": {"every_chunks": 0}}, "eval_conf.generation.every_chunks", "greater than or equal to 1"),

@@ -14,7 +14,7 @@ import importlib
 import inspect
 from typing import Any, Literal
 
-from pydantic import Field, field_validator, model_validator
+from pydantic import Field, field_validator
 
 from finetune.config.sections import Strict
 
@@ -176,13 +176,14 @@ class EvalConfig(Strict):
             raise ValueError(f"{', '.join(repeated)} listed more than once")
         return metrics
 
-    @model_validator(mode="after")
-    def _distinct_custom_names(self) -> EvalConfig:
-        names = [metric.name for metric in self.custom]
+    @field_validator("custom")
+    @classmethod
+    def _distinct_custom_names(cls, custom: list[CustomMetric]) -> list[CustomMetric]:
+        names = [metric.name for metric in custom]
         repeated = sorted({name for name in names if names.count(name) > 1})
         if repeated:
             raise ValueError(f"custom metric {', '.join(repeated)} is defined more than once")
-        return self
+        return custom
 
     @property
     def teacher_forced(self) -> list[str]:

@@ -167,6 +167,21 @@ def test_a_duplicate_custom_name_given_by_set_is_reported_at_its_set(tmp_path) -
     assert [(issue.path, issue.location) for issue in validate_document(doc)] == [("eval_conf.custom", "--set eval_conf.custom")]
 
 
+@pytest.mark.parametrize("change,says", [
+    ("eval_conf.generation.temperature=-1", r"eval_conf.generation.temperature: .*greater than or equal to 0 \(given: -1"),
+    ("eval_conf.metrics=[rouge]", r"eval_conf.metrics\[0\]: .*\(given: 'rouge'; allowed: .*rouge_l"),
+    (f"eval_conf.custom=[{{name: entropy, function: '{CUSTOM}:reference_words'}}]", r"\(given: 'entropy'"),
+])
+def test_a_rejected_clone_says_what_was_given_and_what_is_allowed(tmp_path, change, says) -> None:
+    from finetune.schedule.control import RequestRejected
+    from finetune.schedule.requests import submit_request
+    from tests.test_experiment_folder import make_experiment, run_ids
+
+    root = make_experiment(tmp_path)
+    with pytest.raises(RequestRejected, match=says):
+        submit_request(root, "clone", run_ids(root)[0], {"set": [change], "warm_start": False})
+
+
 @pytest.mark.parametrize("eval_conf,path,words", [
     ({"metrics": ["rouge"]}, "eval_conf.metrics[0]", "not one of the allowed values"),
     ({"metrics": []}, "eval_conf.metrics", "at least 1"),

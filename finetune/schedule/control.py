@@ -20,6 +20,7 @@ from enum import Enum
 from pathlib import Path
 from typing import Any, Protocol
 
+from finetune.config.issues import ConfigIssue
 from finetune.config.knobs import iter_knobs
 from finetune.config.loading import ConfigLoadError, SourceDoc, apply_override, parse_override, translate_legacy_keys
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS
@@ -189,7 +190,7 @@ def _check_warm_source(parent: CloneParent) -> None:
 def _check_config(doc: SourceDoc, parent_config: dict[str, Any]) -> None:
     issues = validate_document(doc)
     if issues:
-        raise RequestRejected([(issue.path, issue.message) for issue in issues])
+        raise RequestRejected([(issue.path, _with_values(issue)) for issue in issues])
     knobs = [".".join(map(str, path)) for path, _ in iter_knobs(doc.tree)]
     if knobs or "groups" in doc.tree:
         raise RequestRejected([(knobs[0] if knobs else "groups", "a clone is one run: no knobs or groups")])
@@ -198,6 +199,12 @@ def _check_config(doc: SourceDoc, parent_config: dict[str, Any]) -> None:
     if changed:
         raise RequestRejected([(f"experiment.{key}", "belongs to the whole experiment; a clone cannot change it")
                                for key in changed])
+
+
+def _with_values(issue: ConfigIssue) -> str:
+    """The issue's message with what was given and what is allowed, as `finetune validate` shows them."""
+    extra = [f"{label}: {value}" for label, value in (("given", issue.given), ("allowed", issue.allowed)) if value]
+    return issue.message + (f" ({'; '.join(extra)})" if extra else "")
 
 
 def keep_warm_start(root: Path, parent: CloneParent, relative: str) -> None:

@@ -146,20 +146,22 @@ def test_resume_maps_trials_to_runs_and_fails_a_trial_whose_run_never_joined(tmp
     search = searcher(tmp_path)
     kept, done = propose_one(search, []), propose_one(search, [])
     search.propose([])[0]  # asked, then the controller was killed before its run joined the plan
+    search.study.enqueue_trial({"training_args.learning_rate": 0.5})  # killed between enqueuing and asking
     search.on_chunk(done, CHUNKS, {"eval_loss": 0.7}, [])  # trained and durable; the controller died before `tell`
     done.status = RunStatus.COMPLETED
     again = searcher(tmp_path)
     rows = [{"run_id": done.run_id, "chunk": CHUNKS - 1, "metrics": {"eval_loss": 0.7}},
             {"run_id": kept.run_id, "chunk": 0, "metrics": {"eval_loss": 2.0}}]
     events = again.resume([kept, done], rows)
-    assert [kind for kind, _ in events] == ["optuna_trial_abandoned"]
+    assert [kind for kind, _ in events] == ["optuna_trial_abandoned"] * 2
     states = {trial.number: trial.state.name for trial in again.study.trials}
-    assert states == {0: "RUNNING", 1: "COMPLETE", 2: "FAIL"}
+    assert states == {0: "RUNNING", 1: "COMPLETE", 2: "FAIL", 3: "FAIL"}
     assert again.study.trials[0].intermediate_values == {1: 2.0}
     assert again.study.trials[1].value == 0.7
     # Two runs of the study so far: the next proposals are trial 3 on, and nothing is asked twice.
     proposals = again.propose([done])
-    assert [proposal.planned.trial for proposal in proposals] == [3]
+    assert [proposal.planned.trial for proposal in proposals] == [4]
+    assert proposals[0].planned.knobs["training_args.learning_rate"] != 0.5, "not the values enqueued before the kill"
 
 
 def test_a_duplicate_proposal_is_rejected_and_its_trial_failed(tmp_path) -> None:

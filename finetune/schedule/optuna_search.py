@@ -141,7 +141,9 @@ class OptunaSearch:
         mine = [run for run in runs if run.planned.group == self.group]
         self.trial_of = {run.run_id: run.planned.trial for run in mine if run.planned.trial is not None}
         events = []
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)):
+        for _ in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
+            self.study.ask()  # enqueued, never asked (killed in between): taken now, failed below; never a later run's
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
             if trial.number not in self.trial_of.values():
                 self.study.tell(trial.number, state=TrialState.FAIL, skip_if_finished=True)
                 events.append(("optuna_trial_abandoned", {"trial": trial.number, "reason": "its run never joined the plan"}))

@@ -41,6 +41,12 @@ def a_bool(prompts, completions, references):
     return True
 
 
+def a_numpy_bool(prompts, completions, references):
+    import numpy
+
+    return numpy.bool_(True)
+
+
 def exits(prompts, completions, references):
     import sys
 

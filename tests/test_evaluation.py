@@ -82,6 +82,7 @@ def test_a_custom_metric_is_loaded_from_its_module_path_and_scores_the_sample() 
     ("not_a_number", "returned str, not a number"),
     ("nothing", "returned NoneType, not a number"),
     ("a_bool", "returned bool, not a number"),
+    ("a_numpy_bool", "returned bool, not a number"),
     ("not_finite", "returned nan, not a finite number"),
     ("infinite", "returned inf, not a finite number"),
     ("exits", "SystemExit: 3"),

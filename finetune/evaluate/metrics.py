@@ -131,7 +131,8 @@ def call_custom(metric: CustomFunction, prompts: list[Messages], completions: li
 
 def custom_value(name: str, value: Any) -> float:
     """A custom metric's result as a float; anything but a finite number is an error naming the metric."""
-    if isinstance(value, bool) or not (isinstance(value, (int, float)) or hasattr(value, "__float__")):
+    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") or not (
+            isinstance(value, (int, float)) or hasattr(value, "__float__")):  # numpy's bool is no bool
         raise TypeError(f"custom metric {name} returned {type(value).__name__}, not a number")
     number = float(value)
     if not math.isfinite(number):

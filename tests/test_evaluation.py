@@ -465,6 +465,30 @@ def test_run_s_preflight_reads_the_demo_model_s_context(demo_dir) -> None:
     assert "eval_conf.generation.max_new_tokens" in [path for path, _ in problems]
 
 
+@pytest.mark.slow
+def test_a_sweep_ranked_by_a_broken_custom_metric_still_trains_every_run(tmp_path, demo_dir, monkeypatch) -> None:
+    """Successive halving by a custom metric that raises and one that calls sys.exit: every run completes
+    every chunk, and the report says that the metric was never measured."""
+    import sqlite3
+    from pathlib import Path
+
+    from tests.test_training import demo_config, finetune, small
+
+    monkeypatch.setenv("PYTHONPATH", str(Path(__file__).resolve().parent.parent))  # the workers import tests.custom_metrics
+    config = demo_config(tmp_path, demo_dir, "sft-eval-metrics.yaml", "broken")
+    custom = f"eval_conf.custom=[{{name: boom, function: '{CUSTOM}:raises'}}, {{name: bye, function: '{CUSTOM}:exits'}}]"
+    result = finetune(tmp_path, "run", str(config), *small("broken", steps=2, chunks=2), "--set", "sweep.num_runs=2",
+                      "--set", "sweep.metric=boom", "--set", "eval_conf.metrics=[eval_loss]", "--set", custom,
+                      "--set", "eval_conf.generation={max_new_tokens: 2, max_samples: 2}")
+    with sqlite3.connect(tmp_path / "runs" / "broken" / "state.db") as db:
+        assert db.execute("SELECT state FROM runs").fetchall() == [("completed",)] * 2
+        assert db.execute("SELECT COUNT(*) FROM chunks").fetchone() == (4,)
+    assert "eval_conf.custom[0] (boom" in result.stderr and "eval_conf.custom[1] (bye" in result.stderr
+    from finetune.track.report import report_markdown
+
+    assert "has not been measured for any run" in report_markdown(tmp_path / "runs" / "broken")
+
+
 # ---------------------------------------------------------------- report and dashboard
 
 

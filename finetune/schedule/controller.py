@@ -281,9 +281,9 @@ class Controller:
 
     def _decide(self, record: RunRecord, message: ChunkDone) -> None:
         """The search's verdict on the run (successive halving's rungs, a study's pruner, PBT's exploit)."""
-        verdict = self.search.on_chunk(self, record, message.chunk + 1, message.metrics)
-        self._record_events([(record.run_id, kind, detail) for kind, detail in verdict.events])
-        if verdict.stop:
+        stop, events = self.search.on_chunk(self, record, message.chunk + 1, message.metrics)
+        self._record_events(events)
+        if stop:
             self._set_status(record, RunStatus.STOPPED)
             self.tracking.end(record, "KILLED")
 

@@ -42,18 +42,22 @@ sft_args: {{max_seq_length: 256}}
 """
 
 
+def plain_script(demo: Path, work: Path, steps: int, r: int, lr: float) -> list[dict[str, float]]:
+    """One config as a hand-written TRL script (`plain_trl_sft.py`): its evaluations, as it printed them."""
+    output = subprocess.run(
+        [sys.executable, str(HERE / "plain_trl_sft.py"), "--demo", str(demo), "--r", str(r), "--lr", str(lr),
+         "--steps", str(steps), "--eval-every", str(steps // CHUNKS), "--output", str(work / f"seq-{r}-{lr}")],
+        capture_output=True, text=True, check=True,
+    ).stdout
+    return [json.loads(line) for line in output.splitlines() if line.startswith('{"event": "eval"')]
+
+
 def sequential(demo: Path, work: Path, steps: int) -> dict[str, float]:
     start = time.time()
     first_evals = []
     for r in RANKS:
         for lr in RATES:
-            output = subprocess.run(
-                [sys.executable, str(HERE / "plain_trl_sft.py"), "--demo", str(demo), "--r", str(r), "--lr", str(lr),
-                 "--steps", str(steps), "--eval-every", str(steps // CHUNKS), "--output", str(work / f"seq-{r}-{lr}")],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            evals = [json.loads(line) for line in output.splitlines() if line.startswith('{"event": "eval"')]
-            first_evals.append(evals[0]["time"])
+            first_evals.append(plain_script(demo, work, steps, r, lr)[0]["time"])
     return {"first_comparison": max(first_evals) - start, "total": time.time() - start}
 
 

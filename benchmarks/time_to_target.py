@@ -29,7 +29,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from sweep_vs_sequential import CHUNKS, CONFIG, HERE, RANKS, RATES
+from sweep_vs_sequential import CHUNKS, CONFIG, RANKS, RATES, plain_script
 
 SWEEPS = {
     "sha": "sweep: {{strategy: successive_halving, num_runs: {runs}, seed: 1, min_chunks: 1, reduction_factor: 2}}\n",
@@ -50,12 +50,7 @@ def sequential(demo: Path, work: Path, steps: int, ranks: list[int], rates: list
     for r in ranks:
         for lr in rates:
             start = time.time()
-            output = subprocess.run(
-                [sys.executable, str(HERE / "plain_trl_sft.py"), "--demo", str(demo), "--r", str(r), "--lr", str(lr),
-                 "--steps", str(steps), "--eval-every", str(steps // CHUNKS), "--output", str(work / f"seq-{r}-{lr}")],
-                capture_output=True, text=True, check=True,
-            ).stdout
-            evals = [json.loads(line) for line in output.splitlines() if line.startswith('{"event": "eval"')]
+            evals = plain_script(demo, work, steps, r, lr)
             runs.append(SequentialRun(time.time() - start, [(event["time"] - start, event["eval_loss"]) for event in evals]))
     return runs
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import sqlite3
 import time
 from pathlib import Path
 
@@ -37,8 +38,11 @@ def trials(root: Path, study: str) -> list:
 def wait_for_completed_run(root: Path, process, timeout: float = 300) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
-        if (root / "state.db").is_file() and "completed" in states(root).values():
-            return
+        try:
+            if (root / "state.db").is_file() and "completed" in states(root).values():
+                return
+        except sqlite3.OperationalError:
+            pass  # the controller has created state.db but not its tables yet
         assert process.poll() is None, "the experiment ended before it could be interrupted"
         time.sleep(0.2)
     raise AssertionError("timed out waiting for a completed run")

@@ -67,10 +67,12 @@ def token_accuracy(trainer: Any) -> dict[str, float]:
 
 
 class GenerationEvaluator:
-    """A worker's generation metrics; the validation samples of each data set are read once."""
+    """A worker's generation metrics; the validation samples of each data set are read once, and the custom
+    functions of each eval_conf imported once (not at every chunk)."""
 
     def __init__(self) -> None:
         self.samples: dict[tuple[str, int], list[EvalSample]] = {}
+        self.scorers: dict[str, Any] = {}
 
     def measure(self, session: Any, config: Any, tokenizer: Any, pad_id: int, data_key: str) -> dict[str, float]:
         from finetune.evaluate.generation import generate_answers
@@ -94,5 +96,8 @@ class GenerationEvaluator:
         if answers.samples:
             prompts = [sample.prompt for sample in answers.samples]
             references = [sample.reference for sample in answers.samples]
-            values.update(Scorer.of(config.eval_conf).score(prompts, answers.completions, references))
+            scorer_key = config.eval_conf.model_dump_json()
+            if scorer_key not in self.scorers:
+                self.scorers[scorer_key] = Scorer.of(config.eval_conf)
+            values.update(self.scorers[scorer_key].score(prompts, answers.completions, references))
         return values

@@ -1,8 +1,11 @@
 """Snapshots of the argument names and types of TRL's configs and PEFT's adapter configs.
 
 Importing trl's config classes costs seconds, so validation reads these JSON
-snapshots instead. `python -m finetune.config.snapshot` regenerates them from
-the installed packages; a test fails when they drift from what is installed.
+snapshots instead. `python -m finetune.config.snapshot` (`make snapshot docs`)
+regenerates them from the installed packages. A test compares what validation
+depends on (names, kinds, choices, defaults) with the installed packages; the
+help texts only feed the generated docs, so a reworded help string upstream
+is not a failure.
 """
 
 from __future__ import annotations
@@ -115,7 +118,9 @@ def build_trl_snapshot() -> dict[str, Any]:
     methods = {}
     for method, class_name in TRL_CLASSES.items():
         methods[method] = {"class": class_name, "fields": describe_dataclass(getattr(trl, class_name))}
-    return {"trl_version": trl.__version__, "methods": methods}
+    import transformers
+
+    return {"trl_version": trl.__version__, "transformers_version": transformers.__version__, "methods": methods}
 
 
 def build_peft_snapshot() -> dict[str, Any]:
@@ -136,6 +141,50 @@ def build_peft_snapshot() -> dict[str, Any]:
         "task_types": [task.value for task in peft.TaskType],
         "adapters": adapters,
     }
+
+
+# What validation reads from a snapshot entry; "help" only becomes documentation.
+VALIDATED_PARTS = ("kinds", "choices", "default")
+REFRESH_COMMAND = "make snapshot docs"
+
+
+def _fields_by_section(snapshot: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    sections = snapshot.get("methods") or snapshot.get("adapters") or {}
+    return {name: section["fields"] for name, section in sections.items()}
+
+
+def validation_drift(committed: dict[str, Any], installed: dict[str, Any]) -> list[str]:
+    """The differences between two snapshots that change what validates, one readable line each."""
+    lines: list[str] = []
+    if committed.get("task_types", []) != installed.get("task_types", []):
+        lines.append(f"task_types: {committed.get('task_types')} -> {installed.get('task_types')}")
+    old_sections, new_sections = _fields_by_section(committed), _fields_by_section(installed)
+    for section in sorted(set(old_sections) | set(new_sections)):
+        old, new = old_sections.get(section), new_sections.get(section)
+        if old is None or new is None:
+            lines.append(f"{section}: {'added' if old is None else 'removed'}")
+            continue
+        for key in sorted(set(old) - set(new)):
+            lines.append(f"{section}.{key}: removed")
+        for key in sorted(set(new) - set(old)):
+            lines.append(f"{section}.{key}: added ({new[key].get('kinds')})")
+        for key in sorted(set(old) & set(new)):
+            for part in VALIDATED_PARTS:
+                if old[key].get(part) != new[key].get(part):
+                    lines.append(f"{section}.{key}.{part}: {old[key].get(part)!r} -> {new[key].get(part)!r}")
+    return lines
+
+
+def version_note(committed: dict[str, Any], installed: dict[str, Any]) -> str | None:
+    """One line when the installed packages are not the ones the snapshot was made from."""
+    differing = [
+        f"{key.removesuffix('_version')} {committed.get(key)} -> {installed[key]}"
+        for key in sorted(installed)
+        if key.endswith("_version") and committed.get(key) != installed[key]
+    ]
+    if not differing:
+        return None
+    return f"snapshot made from other versions ({', '.join(differing)}); refresh with `{REFRESH_COMMAND}`"
 
 
 def main() -> int:

@@ -161,7 +161,7 @@ def test_malformed_sft_line_names_file_and_line(tmp_path, name, line, words) -> 
         ("dpo", {"prompt_messages": [{"role": "user", "content": "q"}], "chosen_messages": [{"role": "assistant", "content": "a"}]}, "rejected_messages"),
         ("dpo", {"prompt_messages": [{"role": "assistant", "content": "q"}], "chosen_messages": [{"role": "assistant", "content": "a"}], "rejected_messages": [{"role": "assistant", "content": "b"}]}, "must be from the user"),
         ("grpo", {"prompt_messages": [{"role": "user", "content": "q"}], "prompt": "x"}, "reserved"),
-        ("grpo", {"question": "q"}, "missing key 'prompt_messages'"),
+        ("grpo", {"question": "q"}, "matches no GRPO data format"),
     ],
 )
 def test_malformed_preference_and_prompt_records(tmp_path, method, record, words) -> None:
@@ -313,11 +313,11 @@ def test_counting_in_blocks_counts_the_non_blank_lines(data) -> None:
 def test_auto_split_of_too_few_records_names_the_files(monkeypatch, sizes, kind, named) -> None:
     from finetune.data import pipeline
 
-    datasets = [SimpleNamespace(path=f"d{index}.jsonl", sampling_weight=1.0) for index in range(len(sizes))]
+    datasets = [SimpleNamespace(path=f"d{index}.jsonl", sampling_weight=1.0, format="auto") for index in range(len(sizes))]
     data_conf = SimpleNamespace(training_data=SimpleNamespace(type=kind, datasets=datasets, seed=1),
                                 validation_data=SimpleNamespace(type="AUTO_SPLIT", ratio=0.2, seed=1))
     records = {dataset.path: [GOOD] * size for dataset, size in zip(datasets, sizes)}
-    monkeypatch.setattr(pipeline, "read_records", lambda path, method: records[path])
+    monkeypatch.setattr(pipeline, "read_records", lambda path, method, data_format: records[path])
     with pytest.raises(DataError) as raised:
         pipeline.gather_records(data_conf, "sft", pipeline.DataStats())
     assert str(raised.value).startswith(f"{named}: AUTO_SPLIT") and "needs at least 2" in str(raised.value)

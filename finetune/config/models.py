@@ -7,6 +7,7 @@ from typing import Annotated, Any, Literal, Union
 from pydantic import Discriminator, Field, Tag, TypeAdapter, field_validator
 
 from finetune.config.evaluation import EvalConfig, method_metric_problem
+from finetune.data.formats import format_problem
 
 from finetune.config.sections import (
     BatchsizeConfig,
@@ -75,12 +76,27 @@ def _metrics_for(method: str, eval_conf: EvalConfig) -> EvalConfig:
     return eval_conf
 
 
+def _formats_for(method: str, data_conf: ChatTrainValidConfig) -> ChatTrainValidConfig:
+    """Every dataset's named `format` is one the method reads."""
+    for section in ("training_data", "validation_data"):
+        for index, dataset in enumerate(getattr(getattr(data_conf, section), "datasets", None) or []):
+            problem = format_problem(dataset.format, method)
+            if problem:
+                raise ValueError(f"data_conf.{section}.datasets[{index}].format: {problem}")
+    return data_conf
+
+
 class SFTFinetuneConfig(CommonSections):
     """Supervised fine-tuning on chat conversations (TRL SFTTrainer)."""
 
     method: Literal["sft"] = "sft"
     training_args: SFTTrainingArguments = Field(description="TRL SFTConfig arguments")
     sft_args: SFTArguments = Field(default_factory=SFTArguments, description="SFT specific arguments")
+
+    @field_validator("data_conf")
+    @classmethod
+    def _sft_formats(cls, data_conf: ChatTrainValidConfig) -> ChatTrainValidConfig:
+        return _formats_for("sft", data_conf)
 
 
 class DPOFinetuneConfig(CommonSections):
@@ -90,6 +106,11 @@ class DPOFinetuneConfig(CommonSections):
     training_args: DPOTrainingArguments = Field(description="TRL DPOConfig arguments")
     dpo_args: DPOArguments = Field(default_factory=DPOArguments, description="DPO specific arguments")
     sft_args: None = Field(default=None, description="Not used by DPO (SiloGen configs write `sft_args: null`)")
+
+    @field_validator("data_conf")
+    @classmethod
+    def _dpo_formats(cls, data_conf: ChatTrainValidConfig) -> ChatTrainValidConfig:
+        return _formats_for("dpo", data_conf)
 
     @field_validator("eval_conf")
     @classmethod
@@ -112,6 +133,11 @@ class GRPOFinetuneConfig(CommonSections):
     training_args: GRPOTrainingArguments = Field(description="TRL GRPOConfig arguments")
     grpo_args: GRPOArguments = Field(description="GRPO specific arguments")
     sft_args: None = Field(default=None, description="Not used by GRPO")
+
+    @field_validator("data_conf")
+    @classmethod
+    def _grpo_formats(cls, data_conf: ChatTrainValidConfig) -> ChatTrainValidConfig:
+        return _formats_for("grpo", data_conf)
 
     @field_validator("eval_conf")
     @classmethod

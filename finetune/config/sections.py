@@ -14,6 +14,7 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, field_validator
 from finetune.config.adapters import GenericPeftConfig
 from finetune.config.fields import CheckpointName, DataPath, FileName
 from finetune.config.snapshot_models import MAX_EPOCHS
+from finetune.data.formats import FORMAT_NAMES
 
 
 class Strict(BaseModel):
@@ -34,12 +35,20 @@ MAX_TOTAL_BATCH_SIZE = 1_000_000
 MAX_DEVICE_BATCH_SIZE = 100_000
 
 
+DataFormatName = Literal[FORMAT_NAMES]  # type: ignore[valid-type]
+
+
 class DatasetDefinition(Strict):
     """Define how to load a dataset."""
 
     path: DataPath = Field(
-        description="Local path to a JSONL file in the finetuning data format, a parquet file, "
-        "or a directory saved with `datasets.save_to_disk`"
+        description="Local path to a JSONL, JSON or parquet file, or a directory saved with `datasets.save_to_disk`"
+    )
+    format: DataFormatName = Field(
+        default="auto",
+        description="The records' shape (docs/data.md): auto detects it from the first record; sft reads messages, "
+        "sharegpt, alpaca, prompt_completion; dpo reads preference (TRL prompt/chosen/rejected), preference_messages; "
+        "grpo reads prompt_only (TRL prompt), prompt_messages",
     )
 
 

@@ -112,7 +112,8 @@ def auto_split_indices(total: int, ratio: float, seed: int) -> tuple[list[int], 
 
 
 def count_jsonl_records(path: str | Path) -> int | None:
-    """Non-blank lines of a JSONL file, or None when the size is not known without loading it.
+    """Records of a JSONL file (its non-blank lines) or of a JSON array file, or None when the size is not
+    known without loading it (parquet, a saved dataset folder).
 
     Counted in blocks (bounded memory whatever the line lengths), never from a device or FIFO, and
     cached by the file's identity, size and modification time: a plan of many runs counts a file once.
@@ -126,5 +127,12 @@ def count_jsonl_records(path: str | Path) -> int | None:
 
 @lru_cache(maxsize=256)
 def _count_records(path: str, size: int, mtime_ns: int, inode: int) -> int:
+    from finetune.data.readers import DataError, is_json_array, count_json_array
+
+    if path.endswith(".json") and is_json_array(Path(path)):
+        try:
+            return count_json_array(Path(path))
+        except DataError:
+            pass  # counted as lines; the reader reports the problem when the data is read
     with open_regular(path) as stream:
         return count_nonblank_lines(stream)

@@ -87,7 +87,7 @@ def input_pad_token_id(tokenizer: Any, data_conf: Any) -> int:
 
 
 def _read_inputs(data_input: Any, method: str) -> list[list[dict[str, Any]]]:
-    return [read_records(dataset.path, method) for dataset in data_input.datasets]
+    return [read_records(dataset.path, method, dataset.format) for dataset in data_input.datasets]
 
 
 def gather_records(data_conf: Any, method: str, stats: DataStats) -> tuple[list[dict], list[dict]]:
@@ -139,23 +139,42 @@ def _auto_split(
 # ---------------------------------------------------------------- SFT tokenisation
 
 
-def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], completions_only: bool) -> dict[str, list[int]]:
+def tokenize_conversation(tokenizer: Any, messages: list[dict[str, str]], completions_only: bool,
+                          completion_start: int | None = None) -> dict[str, list[int]]:
+    """Token ids and labels; with `completions_only` only the assistant turns carry loss, and of those, when
+    `completion_start` is given (a prompt/completion record whose prompt holds assistant turns), only the
+    turns from that message on: the prompt's assistant turns are context."""
     encoded = tokenizer.apply_chat_template(
         messages, tokenize=True, return_dict=True, return_assistant_tokens_mask=completions_only
     )
     input_ids = list(encoded["input_ids"])
     if completions_only:
         mask = list(encoded["assistant_masks"])
+        if completion_start:
+            mask = _without_first_turns(mask, sum(message["role"] == "assistant" for message in messages[:completion_start]))
         labels = [token if keep else IGNORE_INDEX for token, keep in zip(input_ids, mask)]
     else:
         labels = list(input_ids)
     return {"input_ids": input_ids, "labels": labels}
 
 
+def _without_first_turns(mask: list[int], turns: int) -> list[int]:
+    """The assistant mask with its first `turns` runs of ones cleared (each assistant message is one
+    {% generation %} block, and a role header always separates two of them)."""
+    cleared, seen, previous = list(mask), 0, 0
+    for index, keep in enumerate(mask):
+        if keep and not previous:
+            seen += 1
+        if keep and seen <= turns:
+            cleared[index] = 0
+        previous = keep
+    return cleared
+
+
 def tokenize_sft(records: list[dict], tokenizer: Any, max_length: int, completions_only: bool, stats: DataStats) -> list[dict]:
     examples = []
     for record in records:
-        example = tokenize_conversation(tokenizer, record["messages"], completions_only)
+        example = tokenize_conversation(tokenizer, record["messages"], completions_only, record.get("completion_start"))
         if len(example["input_ids"]) > max_length:
             stats.filtered_too_long += 1
             continue

@@ -104,10 +104,13 @@ def dashboard(
     port: Annotated[int, typer.Option(help="Port; 0 picks a free one")] = 8765,
 ) -> None:
     """Serve a live web page of the experiment: runs, curves, decisions, and stop/resume/retry/delete/clone."""
-    from finetune.dashboard.server import serve
+    from finetune.dashboard.server import CannotServe, serve
 
     root = experiment_or_exit(experiment)
-    serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True))
+    try:
+        serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True))
+    except CannotServe as problem:
+        exit_with(str(problem), EXIT_UNUSABLE)
 
 
 def export(

@@ -19,6 +19,7 @@ import pytest
 
 from finetune.schedule.store import StateStore
 from tests.test_dashboard import experiment, requests_in, set_state
+from tests.test_dashboard_runs import TRACEBACK, rich_experiment, run_ids
 from tests.test_training import _wait_for_chunks, demo_config, finetune, small, start_experiment, states
 
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -121,6 +122,106 @@ def test_a_failed_run_offers_retry_and_the_page_says_who_applies_it(tmp_path, br
         wait_until(lambda: "refused" in status_text(browser))
         assert f"run {stopped} is completed; resume acts on a stopped run" in status_text(browser)
         assert [kind for _, kind, _, _ in requests_in(root)] == ["retry"]
+    finally:
+        server.terminate()
+
+
+def api_runs(driver) -> list[dict]:
+    return driver.execute_async_script(
+        "const done = arguments[0]; fetch('/api/runs').then((r) => r.json()).then((body) => done(body.runs));")
+
+
+def layout(driver) -> dict:
+    """Where the table and the charts lie, in pixels of the window."""
+    return driver.execute_script("""
+        const wrap = document.querySelector('.table-wrap'), page = document.documentElement.clientWidth;
+        const right = (nodes) => Math.max(...[...nodes].map((n) => n.getBoundingClientRect().right));
+        return {table: wrap.scrollWidth, wrap: wrap.clientWidth, page: page,
+                actions: right(document.querySelectorAll('#runs td.actions button')),
+                charts: right(document.querySelectorAll('.chart')),
+                chart_widths: [...document.querySelectorAll('.chart svg')].map((svg) => svg.getBoundingClientRect().width),
+                ticks: [...document.querySelectorAll('.chart')].map((chart) => {
+                    const svg = chart.querySelector('svg').getBoundingClientRect();
+                    const ys = [...chart.querySelectorAll('.y-tick')], xs = [...chart.querySelectorAll('.x-tick')];
+                    return {metric: chart.dataset.metric, y: ys.length, x: xs.length,
+                            left: Math.min(...ys.map((t) => t.getBoundingClientRect().left - svg.left))};
+                })};""")
+
+
+def test_at_1400_px_the_table_fits_and_the_charts_draw_every_run_in_its_colour(tmp_path, browser) -> None:
+    root = rich_experiment(tmp_path)  # six runs, five generation metric columns
+    once = run_ids(root)[1]  # evaluated once, then stopped at rung 1
+    server, url = dashboard(root, tmp_path)
+    try:
+        browser.get(url)
+        wait_until(lambda: len(rows(browser)) == 6 and browser.find_elements("css selector", ".chart[data-metric=rouge_l]"))
+        seen = layout(browser)
+        assert seen["table"] <= seen["wrap"] and seen["actions"] <= seen["page"], seen  # no scrolling to reach the buttons
+        assert len(seen["chart_widths"]) >= 4 and min(seen["chart_widths"]) >= 560 and seen["charts"] <= seen["page"]
+        for chart in seen["ticks"]:  # labels inside the chart (not `).2009`), and more than the two ends
+            steps = 2 if chart["metric"] in ("loss", "reward") else 3  # logged at steps 1 and 2 only
+            assert chart["left"] >= 0 and chart["y"] >= 3 and chart["x"] >= steps, chart
+        assert len(browser.find_elements("css selector", f".chart[data-metric=eval_loss] circle.point[data-run='{once}']")) == 1
+        for run in api_runs(browser):
+            marks = browser.find_elements("css selector", f".chart[data-metric=eval_loss] svg [data-run='{run['run_id']}']")
+            assert marks and {mark.get_attribute("stroke") or mark.get_attribute("fill") for mark in marks} == {run["color"]}
+        events = browser.find_element("id", "events").text
+        assert "rung=1, metric=\"eval_loss\", value=0.2009, cutoff=0.25, seen=1" in events and "1.000" not in events
+    finally:
+        server.terminate()
+
+
+def test_at_a_narrow_width_the_actions_and_charts_stay_in_the_window(tmp_path, browser) -> None:
+    root = rich_experiment(tmp_path)
+    server, url = dashboard(root, tmp_path)
+    try:
+        browser.set_window_size(700, 900)
+        browser.get(url)
+        wait_until(lambda: len(rows(browser)) == 6 and browser.find_elements("css selector", ".chart[data-metric=rouge_l]"))
+        seen = layout(browser)
+        assert seen["actions"] <= seen["page"] and seen["charts"] <= seen["page"], seen  # the table scrolls under a fixed actions column
+        assert browser.execute_script("return document.documentElement.scrollWidth") <= seen["page"]
+    finally:
+        server.terminate()
+
+
+def test_hovering_a_chart_shows_each_runs_value_at_that_step(tmp_path, browser) -> None:
+    from selenium.webdriver.common.action_chains import ActionChains
+
+    root = rich_experiment(tmp_path)
+    first, once = run_ids(root)[:2]
+    server, url = dashboard(root, tmp_path)
+    try:
+        browser.get(url)
+        area = wait_until(lambda: browser.find_elements("css selector", ".chart[data-metric=eval_loss] .hover-area"))[0]
+        browser.execute_script("for (let id = 0; id < 10000; id++) clearInterval(id);")  # no redraw under the pointer
+        ActionChains(browser).move_to_element_with_offset(area, area.size["width"] // 2 - 2, 0).perform()  # the last step
+        tooltip = wait_until(lambda: [t for t in browser.find_elements("css selector", ".chart[data-metric=eval_loss] .tooltip") if t.is_displayed()])[0]
+        lines = tooltip.text.splitlines()
+        assert lines[0] == "step 6" and len(lines) == 7, lines
+        entry = {row.get_attribute("data-run"): row.text for row in tooltip.find_elements("css selector", "[data-run]")}
+        assert entry[first].endswith(": 0.1809") and entry[once].endswith(": 0.214 (step 2)"), entry
+    finally:
+        server.terminate()
+
+
+def test_each_run_has_a_page_with_its_knobs_curves_failure_and_config(tmp_path, browser) -> None:
+    root = rich_experiment(tmp_path)
+    failed = run_ids(root)[2]
+    server, url = dashboard(root, tmp_path)
+    try:
+        browser.get(url)
+        wait_until(lambda: browser.find_elements("css selector", f"tr[data-run='{failed}'] a.run-link"))[0].click()
+        traceback = wait_until(lambda: browser.find_elements("css selector", "#events pre.traceback"))[0]
+        assert traceback.text == TRACEBACK and 'run_failed error="RuntimeError: CUDA out of memory"' in browser.find_element("id", "events").text
+        assert browser.find_element("css selector", "[data-fact=state]").text == "failed: boom"  # the run's error
+        knobs = browser.find_element("id", "knobs").text
+        assert "training_args.learning_rate" in knobs and "peft_conf.peft_kwargs.r" in knobs
+        assert {c.get_attribute("data-metric") for c in browser.find_elements("css selector", ".chart")} >= {"loss", "eval_loss", "rouge_l"}
+        assert "stores no generation samples" in browser.find_element("id", "samples").text
+        assert '"learning_rate"' in browser.find_element("id", "config").text
+        browser.find_element("id", "back").click()  # back to the experiment, the token kept
+        wait_until(lambda: len(rows(browser)) == 6)
     finally:
         server.terminate()
 

@@ -161,6 +161,13 @@ def create_app(root: Path, token: str, host: str) -> Starlette:
     async def events(request: Request) -> Response:
         return await _answer(lambda: views.events_view(root))
 
+    async def run_page(request: Request) -> Response:
+        return FileResponse(STATIC / "run.html")
+
+    async def run_detail(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        return await _answer(lambda: views.run_view(root, run_id), run_id)
+
     async def run_config(request: Request) -> Response:
         run_id = request.path_params["run_id"]
         return await _answer(lambda: views.run_config_view(root, run_id), run_id)
@@ -176,6 +183,8 @@ def create_app(root: Path, token: str, host: str) -> Starlette:
 
     routes = [
         Route("/", guarded(page)),
+        Route("/run/{run_id}", guarded(run_page)),
+        Route("/api/runs/{run_id}", guarded(run_detail)),
         Route("/api/runs", guarded(runs)),
         Route("/api/curves", guarded(curves)),
         Route("/api/events", guarded(events)),
@@ -230,18 +239,37 @@ async def _json_object(request: Request) -> dict[str, Any]:
     return body
 
 
-def serve(root: Path, host: str, port: int, announce: Callable[[str], None]) -> None:
-    """Serve until interrupted; `announce` gets the URL (with its token) once the port is known."""
+class CannotServe(OSError):
+    """The address cannot be served (the port is taken, the host is unknown); the message says what to do."""
+
+
+def listening_socket(host: str, port: int) -> Any:
+    """A socket bound to (host, port) and listening; a port in use or an unknown host is `CannotServe`."""
+    import errno
     import socket
 
+    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(2048)  # connections wait in the backlog from now on, not refused while uvicorn starts
+    except OSError as problem:
+        sock.close()
+        if problem.errno == errno.EADDRINUSE:
+            raise CannotServe(f"port {port} on {host} is in use (another dashboard?): pass --port with another "
+                              "number, or --port 0 for a free one") from None
+        reason = problem.strerror or str(problem)
+        raise CannotServe(f"cannot listen on {host}:{port}: {reason}") from None
+    return sock
+
+
+def serve(root: Path, host: str, port: int, announce: Callable[[str], None]) -> None:
+    """Serve until interrupted; `announce` gets the URL (with its token) once the port is known."""
     import uvicorn
 
     token = secrets.token_urlsafe(24)
     app = create_app(root, token, host)
-    sock = socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.bind((host, port))
-    sock.listen(2048)  # connections wait in the backlog from now on, not refused while uvicorn starts
+    sock = listening_socket(host, port)
     shown_host = f"[{host}]" if ":" in host else host
     announce(f"http://{shown_host}:{sock.getsockname()[1]}/?token={token}")
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning"))

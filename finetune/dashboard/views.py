@@ -7,7 +7,8 @@ store), the same that `finetune ctl` writes, applied by the controller at the ne
 from __future__ import annotations
 
 import json
-from contextlib import contextmanager
+import sqlite3
+from contextlib import closing, contextmanager
 from pathlib import Path
 from typing import Any, Iterator
 
@@ -17,11 +18,14 @@ from finetune.schedule.folder import open_store, read_plan
 from finetune.schedule.records import RunStatus
 from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
+from finetune.track.colors import run_colors
 from finetune.track.lineage import lineages
 from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
 from finetune.track.report import DECISION_KINDS
 
 CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
+RUN_CURVES = (*CURVES, "learning_rate", "grad_norm")  # a run's page shows its optimizer too
+MAX_SAMPLES = 200  # generation samples shown on a run's page, latest first
 CONTROLS = ("stop", "resume", "retry", "delete")
 CLONE_FIELDS = ("set", "warm_start")
 
@@ -60,7 +64,9 @@ def runs_view(root: Path) -> dict[str, Any]:
         evaluated = [name for name in evaluation_metrics(plan) if name not in CURVES]
         latest_logged = {name: store.latest_metric(name) for name in (*CURVES, *evaluated)}
         runs = []
-        chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
+        rows = store.runs()
+        chains = lineages({row.run_id: row.parent_run_id for row in rows})
+        colors = run_colors(row.run_id for row in rows)
         for entry in ranked_runs(store, plan):
             row = entry.row
             planned = _planned(plan, row.run_id)
@@ -70,7 +76,7 @@ def runs_view(root: Path) -> dict[str, Any]:
                 "chunks_done": row.chunks_done, "total_chunks": row.total_chunks, "error": row.error,
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
                 "parent_run_id": row.parent_run_id, "lineage": chains.get(row.run_id, []), "mlflow_run_id": row.mlflow_run_id,
-                "actions": actions(row.state),
+                "actions": actions(row.state), "color": colors[row.run_id],
             })
     return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root),
             "eval_metrics": evaluated}
@@ -105,6 +111,62 @@ def run_config_view(root: Path, run_id: str) -> dict[str, Any]:
     if planned is None:
         raise KeyError(run_id)
     return {"run_id": run_id, "knobs": planned.knobs, "config": planned.config}
+
+
+def run_view(root: Path, run_id: str) -> dict[str, Any]:
+    """Everything about one run for its page: state, knobs, config, chunks, curves, events (failures with
+    their tracebacks) and generation samples where the experiment stores them."""
+    with opened(root) as (store, plan):
+        rows = store.runs()
+        row = next((row for row in rows if row.run_id == run_id), None)
+        if row is None:
+            raise KeyError(run_id)
+        planned = _planned(plan, run_id)
+        names = dict.fromkeys([*RUN_CURVES, *evaluation_metrics(plan)])
+        curves = {name: [[step, value] for step, value in series[run_id]]
+                  for name in names if run_id in (series := store.metric_series(name))}
+        chunks = [{key: chunk[key] for key in ("chunk", "global_step", "seconds", "step_seconds", "eval_seconds", "metrics")}
+                  for chunk in store.chunk_rows(run_id)]
+        events = [event for event in store.events() if event.get("run_id") == run_id]
+        metric, direction = ranking_metric(plan)
+    return {
+        "experiment": plan.experiment, "run_id": run_id, "label": row.label, "state": row.state, "error": row.error,
+        "color": run_colors(r.run_id for r in rows)[run_id], "chunks_done": row.chunks_done, "total_chunks": row.total_chunks,
+        "parent_run_id": row.parent_run_id, "lineage": lineages({r.run_id: r.parent_run_id for r in rows}).get(run_id, []),
+        "knobs": planned.knobs if planned else {}, "config": planned.config if planned else None,
+        "latest": row.latest_metrics, "metric": metric, "direction": direction, "curves": curves, "chunks": chunks,
+        "events": events, "samples": run_samples(root / "state.db", run_id), "mlflow": mlflow_info(root),
+        "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state),
+    }
+
+
+def run_samples(db_path: Path, run_id: str) -> list[dict[str, Any]] | None:
+    """The generation samples of a run (prompt, completion, reference...), latest first, from a `samples`
+    table of state.db with a `run_id` column; None when the experiment keeps no samples (the page says so).
+
+    The hook for stored generation samples: any columns are shown, so the table's exact shape is free."""
+    try:
+        with closing(sqlite3.connect(f"file:{db_path}?mode=ro", uri=True)) as db:
+            columns = [row[1] for row in db.execute("PRAGMA table_info(samples)")]
+            if "run_id" not in columns:
+                return None
+            order = "rowid DESC"
+            rows = db.execute(f"SELECT * FROM samples WHERE run_id = ? ORDER BY {order} LIMIT ?", (run_id, MAX_SAMPLES)).fetchall()
+    except sqlite3.Error:
+        return None
+    return [{key: _sample_value(value) for key, value in zip(columns, row) if key != "run_id"} for row in rows]
+
+
+def _sample_value(value: Any) -> Any:
+    """Cells as they are, JSON text decoded (a list of messages, a dict of scores)."""
+    if isinstance(value, bytes):
+        return value.decode("utf-8", "replace")
+    if isinstance(value, str) and value[:1] in "[{":
+        try:
+            return json.loads(value)
+        except ValueError:
+            return value
+    return value
 
 
 def request_control(root: Path, kind: str, run_id: str) -> dict[str, Any]:

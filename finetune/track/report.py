@@ -7,6 +7,7 @@ from pathlib import Path
 
 from finetune.io import write_text_atomic
 from finetune.schedule.folder import open_store, read_plan
+from finetune.track.colors import run_colors
 from finetune.track.lineage import lineage_text, lineages
 from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
 
@@ -70,6 +71,7 @@ def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
 
     store = open_store(root)
     labels = {row.run_id: row.label for row in store.runs()}
+    colors = run_colors(labels)  # the dashboard's colours
     written = []
     for name in names:
         series = store.metric_series(name)
@@ -78,7 +80,8 @@ def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
         figure, axes = plt.subplots(figsize=(8, 5))
         for run_id, points in series.items():
             steps, values = zip(*points)
-            axes.plot(steps, values, marker=None if name in ("loss", "reward") else "o", label=f"{run_id} {labels.get(run_id, '')}")
+            axes.plot(steps, values, marker=None if name in ("loss", "reward") and len(steps) > 1 else "o",
+                      color=colors.get(run_id), label=f"{run_id} {labels.get(run_id, '')}")
         axes.set_xlabel("optimizer step")
         axes.set_ylabel(name)
         axes.set_title(f"{root.name}: {name}")

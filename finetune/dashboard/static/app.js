@@ -1,12 +1,13 @@
-// The finetune dashboard: polls the JSON API, draws the runs table and SVG learning curves,
+// The finetune dashboard: polls the JSON API, draws the runs table and the learning curves (charts.js),
 // and sends the same control requests as `finetune ctl` (with the token from the page's URL).
 "use strict";
 
 const TOKEN = new URLSearchParams(location.search).get("token") || "";
-const COLORS = ["#e63946", "#457b9d", "#2a9d8f", "#f4a261", "#9b5de5", "#1d3557", "#e9c46a", "#06d6a0", "#ef476f", "#118ab2"];
 const POLL_MS = 2000;
 const hidden = new Set();  // runs left out of the charts
 let unreadable = false;  // the status line shows why the experiment cannot be read
+let drawnCharts = "";  // what the charts show now: they are redrawn only when it changes (a hover survives a poll)
+let latest = null;  // the last answers, to redraw the charts at a new window width
 
 async function api(path, options = {}) {
   const headers = { Authorization: `Bearer ${TOKEN}`, ...(options.body ? { "Content-Type": "application/json" } : {}) };
@@ -53,7 +54,13 @@ function lineageNote(run) {
 }
 
 function number(value) {
-  return value === undefined || value === null ? "" : Number(value).toPrecision(4);
+  return formatValue(value);
+}
+
+// The run's own page (config, events with tracebacks, curves, samples), keeping the token.
+function runPageLink(run) {
+  return element("a", { href: `/run/${encodeURIComponent(run.run_id)}${location.search}`, class: "run-link", title: "the run's page" },
+    element("code", {}, run.run_id));
 }
 
 function renderHeader(data) {
@@ -84,12 +91,17 @@ function controls(run) {
     element("button", { "data-action": "clone", "data-run": run.run_id, onclick: () => openClone(run) }, "clone")];
 }
 
+// A metric's name that may wrap after its underscores (token_accuracy), so that many columns fit.
+function breakable(name) {
+  return name.split("_").flatMap((part, index, parts) => (index < parts.length - 1 ? [`${part}_`, document.createElement("wbr")] : [part]));
+}
+
 // A column for each eval_conf metric beyond eval_loss (exact_match, rouge_l, a custom one...), before the actions.
 function renderMetricColumns(names) {
   const header = document.querySelector("#runs thead tr");
   header.querySelectorAll("th.eval-metric").forEach((cell) => cell.remove());
   const actions = header.lastElementChild;
-  for (const name of names) header.insertBefore(element("th", { class: "eval-metric" }, name), actions);
+  for (const name of names) header.insertBefore(element("th", { class: "eval-metric", title: name }, ...breakable(name)), actions);
 }
 
 function renderRuns(data) {
@@ -100,57 +112,38 @@ function renderRuns(data) {
       onchange: (event) => { event.target.checked ? hidden.delete(run.run_id) : hidden.add(run.run_id); refresh(); } });
     const progress = element("span", { class: "bar" }, element("span", { style: `width:${100 * run.chunks_done / Math.max(1, run.total_chunks)}%` }));
     const mlflowLink = data.mlflow.web && run.mlflow_run_id
-      ? element("a", { href: `${data.mlflow.web}/#/experiments/0/runs/${run.mlflow_run_id}`, target: "_blank" }, run.run_id)
-      : element("code", { title: run.mlflow_run_id ? `MLflow run ${run.mlflow_run_id}` : "" }, run.run_id);
+      ? [" ", element("a", { href: `${data.mlflow.web}/#/experiments/0/runs/${run.mlflow_run_id}`, target: "_blank", class: "mlflow-link" }, "MLflow")]
+      : [];
+    const swatch = element("span", { class: "swatch", style: `background:${run.color}` });
     return element("tr", { "data-run": run.run_id, class: run.rank === 1 && run.value !== null ? "best" : "" },
-      element("td", {}, show), element("td", { class: "number" }, String(run.rank)), element("td", {}, mlflowLink),
-      element("td", { title: run.label }, knobText(run), ...lineageNote(run)),
+      element("td", {}, show), element("td", { class: "number" }, String(run.rank)),
+      element("td", { class: "run-cell" }, swatch, runPageLink(run), ...mlflowLink),
+      element("td", { title: run.label, class: "knobs" }, knobText(run), ...lineageNote(run)),
       element("td", { class: `state-${run.state}`, title: run.error || "" }, run.state),
       element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
       element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),
       element("td", { class: "number" }, number(run.latest.reward)),
       ...(data.eval_metrics || []).map((name) => element("td", { class: "number", "data-metric": name }, number(run.latest[name]))),
-      element("td", {}, ...controls(run)));
+      element("td", { class: "actions" }, ...controls(run)));
   }));
 }
 
-function renderChart(name, series, runs) {
-  const width = 440, height = 240, pad = 40;
-  const shown = runs.filter((run) => series[run.run_id] && !hidden.has(run.run_id));
-  const points = shown.flatMap((run) => series[run.run_id]);
-  const svgNS = "http://www.w3.org/2000/svg";
-  const svg = document.createElementNS(svgNS, "svg");
-  svg.setAttribute("width", width); svg.setAttribute("height", height);
-  const box = element("div", { class: "chart", "data-metric": name }, element("h3", {}, name));
-  if (!points.length) { box.append(element("p", { class: "muted" }, "no values yet")); return box; }
-  const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const [x0, x1, y0, y1] = [Math.min(...xs), Math.max(...xs), Math.min(...ys), Math.max(...ys)];
-  const sx = (x) => pad + (width - 2 * pad) * (x1 === x0 ? 0.5 : (x - x0) / (x1 - x0));
-  const sy = (y) => height - pad + (2 * pad - height) * (y1 === y0 ? 0.5 : (y - y0) / (y1 - y0));
-  const line = (attrs) => { const node = document.createElementNS(svgNS, attrs.tag); for (const [k, v] of Object.entries(attrs)) if (k !== "tag") node.setAttribute(k, v); return node; };
-  svg.append(line({ tag: "line", x1: pad, y1: height - pad, x2: width - pad, y2: height - pad, stroke: "#999" }));
-  svg.append(line({ tag: "line", x1: pad, y1: pad, x2: pad, y2: height - pad, stroke: "#999" }));
-  const labels = [[number(y1), pad - 4, pad + 4, "end"], [number(y0), pad - 4, height - pad, "end"],
-    [`step ${x0}`, pad, height - pad + 16, "start"], [`step ${x1}`, width - pad, height - pad + 16, "end"]];
-  for (const [value, x, y, anchor] of labels) {
-    const text = line({ tag: "text", x, y, "font-size": 11, "text-anchor": anchor, fill: "#555" }); text.textContent = value; svg.append(text);
-  }
-  const legend = element("div", { class: "legend" });
-  runs.forEach((run, index) => {
-    if (!shown.includes(run)) return;
-    const color = COLORS[index % COLORS.length];
-    const path = series[run.run_id].map((p, i) => `${i ? "L" : "M"}${sx(p[0]).toFixed(1)},${sy(p[1]).toFixed(1)}`).join(" ");
-    svg.append(line({ tag: "path", d: path, fill: "none", stroke: color, "stroke-width": 1.6, "data-run": run.run_id }));
-    legend.append(element("span", { style: `color:${color}` }, `■ ${knobText(run)}`));
-  });
-  box.append(svg, legend);
-  return box;
+function renderCharts(curves, runs) {
+  const container = document.getElementById("charts");
+  const shown = runs.filter((run) => !hidden.has(run.run_id));
+  const key = JSON.stringify([curves, shown.map((run) => [run.run_id, run.color, knobText(run)]), container.clientWidth]);
+  if (key === drawnCharts) return;
+  drawnCharts = key;
+  const width = chartWidth(container);
+  container.replaceChildren(...Object.entries(curves).map(([name, series]) => lineChart(name,
+    shown.filter((run) => series[run.run_id]).map((run) => ({ id: run.run_id, label: knobText(run), color: run.color, points: series[run.run_id] })),
+    width)));
 }
 
 function renderEvents(events) {
   document.getElementById("events").replaceChildren(...events.slice(-30).map((event) => {
     const detail = Object.entries(event).filter(([key]) => !["at", "run_id", "kind", "traceback"].includes(key))
-      .map(([key, value]) => `${key}=${typeof value === "number" ? number(value) : JSON.stringify(value)}`).join(", ");
+      .map(([key, value]) => `${key}=${typeof value === "number" ? formatValue(value) : JSON.stringify(value)}`).join(", ");
     return element("li", {}, `${new Date(event.at * 1000).toLocaleTimeString()} ${event.run_id || ""} ${event.kind} ${detail}`);
   }));
 }
@@ -165,7 +158,8 @@ async function refresh() {
   if (unreadable) { unreadable = false; status(""); }
   renderHeader(runs.body);
   renderRuns(runs.body);
-  document.getElementById("charts").replaceChildren(...Object.entries(curves.ok ? curves.body : {}).map(([name, series]) => renderChart(name, series, runs.body.runs)));
+  latest = { curves: curves.ok ? curves.body : {}, runs: runs.body.runs };
+  renderCharts(latest.curves, latest.runs);
   renderEvents(events.ok ? events.body : []);
 }
 
@@ -216,5 +210,6 @@ async function submitClone(event) {
 document.getElementById("clone-form").addEventListener("submit", submitClone);
 document.getElementById("clone-add").addEventListener("click", () => document.getElementById("clone-fields").append(fieldRow("", "")));
 document.getElementById("clone-cancel").addEventListener("click", () => document.getElementById("clone-dialog").close());
+window.addEventListener("resize", () => { if (latest) renderCharts(latest.curves, latest.runs); });
 refresh();
 setInterval(refresh, POLL_MS);

@@ -3,13 +3,17 @@ others, and the decisions (successive halving, pruning, PBT, control requests)."
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Any
 
 from finetune.io import write_text_atomic
+from finetune.plan.model import RunPlan
 from finetune.schedule.folder import open_store, read_plan
+from finetune.schedule.store import StateStore
 from finetune.track.colors import run_colors
 from finetune.track.lineage import lineage_text, lineages
-from finetune.track.ranking import evaluation_metrics, ranked_runs, ranking_metric
+from finetune.track.ranking import Ranked, evaluation_metrics, ranked_runs, ranking_metric
 
 CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
 # Events that are decisions: successive halving's, control requests, a study's pruning, PBT's exploits, runs a search added.
@@ -37,6 +41,7 @@ def report_markdown(root: Path) -> str:
         shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
                                                                        for name in others)])
         lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
+    lines += cost_and_knobs(store, plan, ranked)
     chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
     if chains:
         lines += ["", "## Lineage", "", "Runs made from other runs (clones, population-based training), first ancestor first.",
@@ -46,10 +51,69 @@ def report_markdown(root: Path) -> str:
     if decisions:
         lines += ["", "## Decisions", "", "| run | decision | detail |", "|---|---|---|"]
         for event in decisions:
-            detail = ", ".join(f"{k}={v}" for k, v in event.items() if k not in ("at", "run_id", "kind"))
+            detail = ", ".join(f"{k}={_detail(v)}" for k, v in event.items() if k not in ("at", "run_id", "kind"))
             lines.append(f"| `{event['run_id']}` | {event['kind']} | {detail} |")
     store.close()
     return "\n".join(lines) + "\n"
+
+
+def cost_and_knobs(store: StateStore, plan: RunPlan, ranked: list[Ranked]) -> list[str]:
+    """A section: each run (in rank order) with its time on the workers, its training speed in tokens a
+    second, and the value of every knob of the experiment."""
+    knobs = {run.run_id: run.knobs for run in plan.runs}
+    names = list(dict.fromkeys(name for run_knobs in knobs.values() for name in run_knobs))
+    seconds: dict[str, float] = {}
+    for chunk in store.chunk_rows():
+        seconds[chunk["run_id"]] = seconds.get(chunk["run_id"], 0.0) + chunk["seconds"]
+    speed = tokens_per_second(store.events())
+    rates = ["tokens/s"] if speed else []
+    lines = ["", "## Runs: time, speed and knobs", "",
+             "Time: the seconds the run's chunks took on their workers (training, evaluation and switching). "
+             + ("Tokens/s: the tokens trained (attended positions) per second of training steps." if speed
+                else "Tokens/s is not shown: the workers of this experiment did not count tokens."), "",
+             "| " + " | ".join(["run", "time", *rates, *(f"`{name}`" for name in names)]) + " |",
+             "|---|---|" + "---|" * (len(rates) + len(names))]
+    for entry in ranked:
+        run_id = entry.row.run_id
+        time = _duration(seconds[run_id]) if run_id in seconds else ""
+        rate = [f"{speed[run_id]:,.0f}" if run_id in speed else ""] if speed else []
+        values = [_knob_text(knobs.get(run_id, {}).get(name, "")) for name in names]
+        lines.append("| " + " | ".join([f"`{run_id}`", time, *rate, *values]) + " |")
+    return lines
+
+
+def tokens_per_second(events: list[dict[str, Any]]) -> dict[str, float]:
+    """run id -> tokens per second of training, from the `chunk_done` events that count tokens (the last
+    of each chunk: a chunk trained again after a crash counts once)."""
+    last: dict[tuple[str, int], dict[str, Any]] = {}
+    for event in events:
+        if event["kind"] == "chunk_done" and event.get("tokens"):
+            last[(event["run_id"], event.get("chunk", -1))] = event
+    tokens: dict[str, float] = {}
+    seconds: dict[str, float] = {}
+    for (run_id, _), event in last.items():
+        tokens[run_id] = tokens.get(run_id, 0.0) + float(event["tokens"])
+        seconds[run_id] = seconds.get(run_id, 0.0) + float(event.get("step_seconds") or 0.0)
+    return {run_id: tokens[run_id] / seconds[run_id] for run_id in tokens if seconds[run_id] > 0}
+
+
+def _detail(value: Any) -> Any:
+    """A decision's value as people read it: 0.1064, not 0.10638758708611648; integers stay integers."""
+    return f"{value:.4g}" if isinstance(value, float) else value
+
+
+def _duration(seconds: float) -> str:
+    if seconds < 60:
+        return f"{seconds:.1f} s"
+    minutes, rest = divmod(round(seconds), 60)
+    return f"{minutes} min {rest:02d} s" if minutes < 60 else f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def _knob_text(value: Any) -> str:
+    if value == "":
+        return ""
+    text = value if isinstance(value, str) else json.dumps(value)
+    return text.replace("|", "\\|")
 
 
 def _never_measured(metric: str) -> str:

@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from finetune.data.formats import FORMATS, example_records
 from finetune.data.pipeline import IGNORE_INDEX, tokenize_conversation
@@ -189,3 +191,14 @@ def test_the_pipeline_reads_each_dataset_in_its_named_format(tmp_path) -> None:
                                 validation_data=SimpleNamespace(type="NONE"))
     train, _ = gather_records(data_conf, "sft", DataStats())
     assert [record["messages"][0]["content"] for record in train] == ["Say hi", "Hi"]
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.text(alphabet='[]{},:" \nab1', max_size=80))
+def test_any_json_array_text_is_records_or_a_data_error_with_a_line(tmp_path_factory, text) -> None:
+    path = tmp_path_factory.mktemp("fuzz") / "data.json"
+    path.write_text("[" + text)
+    try:
+        read_records(path, "sft")
+    except DataError as error:
+        assert error.line is None or 1 <= error.line <= text.count("\n") + 1

@@ -296,3 +296,21 @@ def test_the_stop_button_stops_a_run_of_a_live_experiment(tmp_path, demo_dir, br
     finally:
         os.killpg(process.pid, signal.SIGKILL)
         process.wait()
+
+
+def test_a_run_page_shows_the_answers_its_evaluations_kept(tmp_path, browser) -> None:
+    root = rich_experiment(tmp_path)
+    first = run_ids(root)[0]
+    with sqlite3.connect(root / "state.db") as db:
+        db.execute("CREATE TABLE samples (run_id TEXT, step INTEGER, position INTEGER, prompt TEXT, completion TEXT, reference TEXT)")
+        db.execute("INSERT INTO samples VALUES (?, 4, 0, ?, '5', '4')", (first, '[{"role": "user", "content": "2 plus 2?"}]'))
+    server, url = dashboard(root, tmp_path)
+    try:
+        base, query = url.split("/?")
+        browser.get(f"{base}/run/{first}?{query}")
+        sample = wait_until(lambda: browser.find_elements("css selector", "#samples .sample"))[0]
+        fields = {field.get_attribute("data-field"): field.text for field in sample.find_elements("css selector", "[data-field]")}
+        assert fields == {"step": "step 4", "position": "position 0", "prompt": "prompt user: 2 plus 2?", "completion": "completion 5",
+                          "reference": "reference 4"}
+    finally:
+        server.terminate()

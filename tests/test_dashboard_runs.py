@@ -95,13 +95,14 @@ def test_a_run_page_shows_the_generation_samples_state_db_keeps(tmp_path) -> Non
     root = rich_experiment(tmp_path)
     first, second = run_ids(root)[:2]
     with sqlite3.connect(root / "state.db") as db:
-        db.execute("CREATE TABLE samples (run_id TEXT, step INTEGER, prompt TEXT, completion TEXT, reference TEXT)")
-        db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?)", [
-            (first, 2, '[{"role": "user", "content": "1 plus 2?"}]', "3", "3"), (first, 4, '[{"role": "user", "content": "2 plus 2?"}]', "5", "4"),
-            (second, 2, "x", "y", "z")])
+        db.execute("CREATE TABLE samples (run_id TEXT, step INTEGER, position INTEGER, prompt TEXT, completion TEXT, reference TEXT)")
+        db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", [
+            (first, 4, 1, '[{"role": "user", "content": "3 plus 2?"}]', "5", "5"),
+            (first, 2, 0, '[{"role": "user", "content": "1 plus 2?"}]', "3", "3"), (first, 4, 0, '[{"role": "user", "content": "2 plus 2?"}]', "5", "4"),
+            (second, 2, 0, "x", "y", "z")])
     samples = client(root).get(f"/api/runs/{first}").json()["samples"]
-    assert [sample["step"] for sample in samples] == [4, 2]  # latest first
-    assert samples[0] == {"step": 4, "prompt": [{"role": "user", "content": "2 plus 2?"}], "completion": "5", "reference": "4"}
+    assert [(sample["step"], sample["position"]) for sample in samples] == [(4, 0), (4, 1), (2, 0)]  # latest step first
+    assert samples[0] == {"step": 4, "position": 0, "prompt": [{"role": "user", "content": "2 plus 2?"}], "completion": "5", "reference": "4"}
 
 
 def test_a_busy_port_is_one_line_saying_what_to_do(tmp_path) -> None:

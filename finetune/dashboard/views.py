@@ -141,7 +141,7 @@ def run_view(root: Path, run_id: str) -> dict[str, Any]:
 
 
 def run_samples(db_path: Path, run_id: str) -> list[dict[str, Any]] | None:
-    """The generation samples of a run (prompt, completion, reference...), latest first, from a `samples`
+    """The generation samples of a run (prompt, completion, reference...), latest step first, from a `samples`
     table of state.db with a `run_id` column; None when the experiment keeps no samples (the page says so).
 
     The hook for stored generation samples: any columns are shown, so the table's exact shape is free."""
@@ -150,7 +150,7 @@ def run_samples(db_path: Path, run_id: str) -> list[dict[str, Any]] | None:
             columns = [row[1] for row in db.execute("PRAGMA table_info(samples)")]
             if "run_id" not in columns:
                 return None
-            order = "rowid DESC"
+            order = ", ".join([*(["step DESC"] if "step" in columns else []), *(["position"] if "position" in columns else []), "rowid DESC"])
             rows = db.execute(f"SELECT * FROM samples WHERE run_id = ? ORDER BY {order} LIMIT ?", (run_id, MAX_SAMPLES)).fetchall()
     except sqlite3.Error:
         return None

@@ -144,7 +144,8 @@ function renderEvents(events) {
   document.getElementById("events").replaceChildren(...events.slice(-30).map((event) => {
     const detail = Object.entries(event).filter(([key]) => !["at", "run_id", "kind", "traceback"].includes(key))
       .map(([key, value]) => `${key}=${typeof value === "number" ? formatValue(value) : JSON.stringify(value)}`).join(", ");
-    return element("li", {}, `${new Date(event.at * 1000).toLocaleTimeString()} ${event.run_id || ""} ${event.kind} ${detail}`);
+    const run = event.run_id ? [runPageLink({ run_id: event.run_id }), " "] : [];  // a failure's traceback is on the run's page
+    return element("li", {}, `${new Date(event.at * 1000).toLocaleTimeString()} `, ...run, `${event.kind} ${detail}`);
   }));
 }
 

@@ -42,6 +42,11 @@ function svgNode(tag, attributes = {}, text = null) {
   return node;
 }
 
+// [min, max] without spreading the values into a call (a long run logs more points than a call takes).
+function extent(values) {
+  return values.reduce(([low, high], value) => [Math.min(low, value), Math.max(high, value)], [Infinity, -Infinity]);
+}
+
 function padded(low, high) {
   if (low === high) { const room = Math.abs(low) * 0.05 || 1; return [low - room, high + room]; }
   const room = (high - low) * 0.05;
@@ -69,8 +74,9 @@ function lineChart(name, lines, width, options = {}) {
     return box;
   }
   const xs = points.map((p) => p[0]), ys = points.map((p) => p[1]);
-  const [x0, x1] = Math.min(...xs) === Math.max(...xs) ? [Math.min(...xs) - 1, Math.max(...xs) + 1] : [Math.min(...xs), Math.max(...xs)];
-  const [y0, y1] = padded(Math.min(...ys), Math.max(...ys));
+  const [xLow, xHigh] = extent(xs), [yLow, yHigh] = extent(ys);
+  const [x0, x1] = xLow === xHigh ? [xLow - 1, xHigh + 1] : [xLow, xHigh];
+  const [y0, y1] = padded(yLow, yHigh);
   const yTicks = niceTicks(y0, y1, Math.max(3, Math.round(height / 60)));
   const xTicks = niceTicks(x0, x1, Math.max(3, Math.round(width / 110)));
   const xLabels = xTicks.ticks.filter((t) => Number.isInteger(t));

@@ -37,13 +37,16 @@ CASES = [
      {"prompt_messages": HI, "chosen_messages": HELLO, "rejected_messages": [{"role": "assistant", "content": "Go away."}]}),
     ("dpo", "preference", {"prompt": HI, "chosen": HELLO, "rejected": [{"role": "assistant", "content": "No."}]},
      {"prompt_messages": HI, "chosen_messages": HELLO, "rejected_messages": [{"role": "assistant", "content": "No."}]}),
+    ("dpo", "preference", {"chosen": HI + HELLO + HI + HELLO, "rejected": HI + HELLO + HI + [{"role": "assistant", "content": "No."}]},
+     {"prompt_messages": HI + HELLO + HI, "chosen_messages": HELLO, "rejected_messages": [{"role": "assistant", "content": "No."}]}),
     ("dpo", "preference_messages", {"prompt_messages": HI, "chosen_messages": HELLO, "rejected_messages": HELLO},
      {"prompt_messages": HI, "chosen_messages": HELLO, "rejected_messages": HELLO}),
     ("grpo", "prompt_only", {"prompt": "2+2=", "answer": "4"}, {"prompt_messages": [{"role": "user", "content": "2+2="}], "answer": "4"}),
     ("grpo", "prompt_only", {"prompt": HI, "answer": "Hello"}, {"prompt_messages": HI, "answer": "Hello"}),
     ("grpo", "prompt_messages", {"prompt_messages": HI, "answer": "Hello"}, {"prompt_messages": HI, "answer": "Hello"}),
 ]
-IDS = [f"{case[1]}-{'chat' if isinstance(next(iter(case[2].values())), list) else 'plain'}" for case in CASES]
+IDS = [f"{case[1]}-{'implicit' if 'prompt' not in case[2] and case[1] == 'preference' else 'chat' if isinstance(next(iter(case[2].values())), list) else 'plain'}"
+       for case in CASES]
 
 
 @pytest.mark.parametrize("method,name,record,expected", CASES, ids=IDS)
@@ -53,7 +56,7 @@ def test_each_format_is_detected_and_converted(tmp_path, method, name, record, e
     assert read_records(path, method, name) == [expected, expected]
 
 
-@pytest.mark.parametrize("method,name,record,expected", [CASES[2], CASES[5], CASES[8]], ids=["sft", "dpo", "grpo"])
+@pytest.mark.parametrize("method,name,record,expected", [CASES[2], CASES[5], CASES[9]], ids=["sft", "dpo", "grpo"])
 @pytest.mark.parametrize("container", ["json", "parquet", "saved"])
 def test_json_arrays_parquet_and_saved_datasets_read_the_same(tmp_path, method, name, record, expected, container) -> None:
     import datasets
@@ -135,6 +138,8 @@ def test_the_examples_of_the_docs_are_read(tmp_path) -> None:
     ("sft", "alpaca", {"instruction": "q", "input": 5, "output": "a"}, "'input' must be a string"),
     ("dpo", "preference", {"prompt": "q", "chosen": "a", "rejected": ""}, "'rejected' is empty"),
     ("dpo", "preference", {"prompt": HELLO, "chosen": "a", "rejected": "b"}, "must be from the user"),
+    ("dpo", "preference", {"chosen": HI + HELLO, "rejected": [{"role": "user", "content": "Yo"}] + HELLO}, "TRL's implicit prompt"),
+    ("dpo", "preference", {"chosen": "a", "rejected": "b"}, "'chosen' must be a non-empty list of messages"),
     ("grpo", "prompt_only", {"prompt": "q", "completion": "a"}, "'completion': reserved for the trainer"),
     ("grpo", "prompt_only", {"prompt": "q", "prompt_messages": HI}, "'prompt_messages': reserved"),
     ("dpo", "alpaca", {"instruction": "q", "output": "a"}, "format alpaca is SFT data; method dpo reads"),

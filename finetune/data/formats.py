@@ -155,10 +155,31 @@ def _from_prompt_completion(record: dict[str, Any]) -> dict[str, Any]:
 
 
 def _from_preference(record: dict[str, Any]) -> dict[str, Any]:
+    if "prompt" not in record:
+        return _implicit_prompt(record)
     prompt = _turns(record, "prompt", "user", need_assistant=False, last_role="user")
     chosen = _turns(record, "chosen", "assistant", need_assistant=True)
     rejected = _turns(record, "rejected", "assistant", need_assistant=True)
     return {"prompt_messages": prompt, "chosen_messages": chosen, "rejected_messages": rejected}
+
+
+def _implicit_prompt(record: dict[str, Any]) -> dict[str, Any]:
+    """TRL's preference data without `prompt`: two conversations that share their first messages (up to
+    the last user message they share), which are the prompt."""
+    chosen, rejected = (_messages(record, key, need_assistant=True) for key in ("chosen", "rejected"))
+    shared = 0
+    while shared < min(len(chosen), len(rejected)) - 1 and chosen[shared] == rejected[shared]:
+        shared += 1
+    while shared and chosen[shared - 1]["role"] != "user":
+        shared -= 1
+    if not shared:
+        raise FormatProblem("without 'prompt', 'chosen' and 'rejected' must be conversations that start with the same "
+                            "messages, up to a user message (TRL's implicit prompt); or give 'prompt'")
+    for key, messages in (("chosen", chosen), ("rejected", rejected)):
+        problem = check_messages(messages[shared:], f"{key} after the shared prompt", need_assistant=True)
+        if problem:
+            raise FormatProblem(problem)
+    return {"prompt_messages": chosen[:shared], "chosen_messages": chosen[shared:], "rejected_messages": rejected[shared:]}
 
 
 def _from_preference_messages(record: dict[str, Any]) -> dict[str, Any]:
@@ -215,7 +236,7 @@ FORMATS: tuple[DataFormat, ...] = (
     DataFormat("preference_messages", "dpo", ("prompt_messages", "chosen_messages", "rejected_messages"),
                f'{{"prompt_messages": {_HI}, "chosen_messages": [{{"role": "assistant", "content": "Hello!"}}], '
                '"rejected_messages": [{"role": "assistant", "content": "Go away."}]}', _from_preference_messages),
-    DataFormat("preference", "dpo", ("prompt", "chosen", "rejected"),
+    DataFormat("preference", "dpo", ("chosen", "rejected"),  # `prompt` too, unless implicit
                '{"prompt": "Hi", "chosen": "Hello!", "rejected": "Go away."}', _from_preference),
     DataFormat("prompt_messages", "grpo", ("prompt_messages",),
                f'{{"prompt_messages": {_HI}, "answer": "Hello"}}', _from_prompt_messages),

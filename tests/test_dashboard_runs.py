@@ -117,3 +117,12 @@ def test_a_busy_port_is_one_line_saying_what_to_do(tmp_path) -> None:
     assert result.exit_code == 2
     lines = result.output.strip().splitlines()
     assert len(lines) == 1 and f"port {port} on 127.0.0.1 is in use" in lines[0] and "--port 0" in lines[0], result.output
+
+
+def test_the_run_page_and_the_chart_script_load_nothing_from_elsewhere(tmp_path) -> None:
+    root = experiment(tmp_path)
+    texts = [client(root).get(path).text for path in ("/run/x", "/static/run.js", "/static/charts.js")]
+    assert "/static/charts.js" in texts[0] and "/static/run.js" in texts[0]
+    for text in texts:
+        assert "https://" not in text and "cdn" not in text.lower()
+        assert "http://" not in text.replace('"http://www.w3.org/2000/svg"', "")  # the SVG namespace is a name, not a load

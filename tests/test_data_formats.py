@@ -97,12 +97,31 @@ def test_a_json_array_error_names_the_line_of_the_record(tmp_path) -> None:
         read_records(path, "sft")
 
 
-def test_a_json_array_is_counted_as_records_for_the_plan(tmp_path) -> None:
+@pytest.mark.parametrize("container", ["json", "parquet", "saved", "saved-dict"])
+def test_the_plan_counts_the_records_the_reader_reads(tmp_path, container) -> None:
+    import datasets
+
     from finetune.data.mixing import count_jsonl_records
 
-    path = tmp_path / "data.json"
-    path.write_text(json.dumps([CASES[2][2]] * 3, indent=2))
+    records = [CASES[2][2]] * 3
+    path = tmp_path / {"json": "data.json", "parquet": "data.parquet"}.get(container, "saved")
+    if container == "json":
+        path.write_text(json.dumps(records, indent=2))
+    elif container == "parquet":
+        datasets.Dataset.from_list(records).to_parquet(str(path))
+    elif container == "saved":
+        datasets.Dataset.from_list(records).save_to_disk(str(path))
+    else:
+        datasets.DatasetDict({"test": datasets.Dataset.from_list(records[:1]), "train": datasets.Dataset.from_list(records)}).save_to_disk(str(path))
     assert count_jsonl_records(path) == 3 == len(read_records(path, "sft"))
+
+
+def test_a_file_the_plan_cannot_count_is_unknown_not_an_error(tmp_path) -> None:
+    from finetune.data.mixing import count_jsonl_records
+
+    (tmp_path / "bad.parquet").write_text("not parquet")
+    (tmp_path / "folder").mkdir()
+    assert count_jsonl_records(tmp_path / "bad.parquet") is None and count_jsonl_records(tmp_path / "folder") is None
 
 
 @pytest.mark.parametrize("method", ["sft", "dpo", "grpo"])

@@ -6,6 +6,7 @@ functions give exactly the numbers the pipeline will produce from the same input
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from functools import lru_cache
@@ -112,23 +113,62 @@ def auto_split_indices(total: int, ratio: float, seed: int) -> tuple[list[int], 
 
 
 def count_jsonl_records(path: str | Path) -> int | None:
-    """Records of a JSONL file (its non-blank lines) or of a JSON array file, or None when the size is not
-    known without loading it (parquet, a saved dataset folder).
+    """Records of a data path without reading them all: the non-blank lines of a JSONL file, the records of a
+    JSON array file, the rows of a parquet file (from its footer) or of a folder saved with
+    `datasets.save_to_disk` (its Arrow files, memory-mapped); None when unknown (another kind of file, or
+    one that cannot be read: the reader says why when the data is read).
 
-    Counted in blocks (bounded memory whatever the line lengths), never from a device or FIFO, and
-    cached by the file's identity, size and modification time: a plan of many runs counts a file once.
+    Counted in bounded memory, never from a device or FIFO, and cached by the file's identity, size and
+    modification time: a plan of many runs counts a file once.
     """
     file_path = Path(path)
-    if not file_path.is_file() or file_path.suffix not in (".jsonl", ".json"):
+    try:
+        if file_path.is_dir():
+            state = _saved_split(file_path) / "state.json"
+            return _count_saved(str(state.resolve()), state.stat().st_mtime_ns)
+        if not file_path.is_file() or file_path.suffix not in (".jsonl", ".json", ".parquet"):
+            return None
+        status = file_path.stat()
+    except OSError:
         return None
-    status = file_path.stat()
     return _count_records(str(file_path.resolve()), status.st_size, status.st_mtime_ns, status.st_ino)
 
 
-@lru_cache(maxsize=256)
-def _count_records(path: str, size: int, mtime_ns: int, inode: int) -> int:
-    from finetune.data.readers import DataError, is_json_array, count_json_array
+def _saved_split(folder: Path) -> Path:
+    """The folder of the split the reader takes from a saved dataset: a DatasetDict's `train`, else its first."""
+    listing = folder / "dataset_dict.json"
+    if not listing.is_file():
+        return folder
+    splits = json.loads(listing.read_text()).get("splits") or []
+    return folder / ("train" if "train" in splits else splits[0]) if splits else folder
 
+
+@lru_cache(maxsize=256)
+def _count_saved(state: str, mtime_ns: int) -> int | None:
+    try:
+        import pyarrow as pa
+
+        folder = Path(state).parent
+        total = 0
+        for entry in json.loads(Path(state).read_text())["_data_files"]:
+            with pa.memory_map(str(folder / entry["filename"])) as source:
+                total += pa.ipc.open_stream(source).read_all().num_rows
+        return total
+    except Exception:  # noqa: BLE001 - not a dataset this can count: the reader says what is wrong
+        return None
+
+
+@lru_cache(maxsize=256)
+def _count_records(path: str, size: int, mtime_ns: int, inode: int) -> int | None:
+    from finetune.data.readers import DataError, count_json_array, is_json_array
+
+    if path.endswith(".parquet"):
+        try:
+            import pyarrow.parquet
+
+            return pyarrow.parquet.ParquetFile(path).metadata.num_rows
+        except Exception:  # noqa: BLE001 - not a parquet file this can count: the reader says what is wrong
+            return None
     if path.endswith(".json") and is_json_array(Path(path)):
         try:
             return count_json_array(Path(path))

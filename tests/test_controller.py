@@ -234,7 +234,7 @@ def test_a_failed_run_is_retried_from_its_last_durable_chunk_and_resume_says_to_
     controller, pool, _ = make_controller(tmp_path, [planned("a")])
     worker = pool.workers[0].worker_id
     controller.step()
-    send(controller, pool, RunFailed(worker, "a", "RuntimeError: boom"))
+    send(controller, pool, RunFailed(worker, "a", "RuntimeError: boom", "", ticket(controller, "a", 0)))
     assert status(controller, "a") == "failed"
     resume = controller.store.request("resume", "a")
     controller.step()

@@ -8,8 +8,8 @@ from types import SimpleNamespace
 import pytest
 
 from finetune.config.validation import CONFIG_ADAPTER
-from finetune.evaluate.chunk import due, sha_rungs
-from finetune.schedule.policy import SuccessiveHalving
+from finetune.evaluate.chunk import due
+from finetune.search.halving import halving_of
 from tests.helpers import doc_of
 from tests.test_evaluation import CUSTOM, config_with, halving
 
@@ -21,10 +21,9 @@ def concrete(**sections):
     return CONFIG_ADAPTER.validate_python(config_with(**sections))
 
 
-@pytest.mark.parametrize("min_chunks,factor,rate,max_chunks", [(1, 2, 0, 8), (2, 3, 0, 20), (1, 2, 1, 16), (3, 2, 0, 3)])
-def test_rungs_are_the_policy_s(min_chunks, factor, rate, max_chunks) -> None:
-    policy = SuccessiveHalving("eval_loss", "minimize", min_chunks, max_chunks, factor, rate)
-    assert sha_rungs(min_chunks, factor, rate, max_chunks) == policy.rungs()
+def judged(sweep: dict, chunk: int, total: int = 8) -> bool:
+    """Whether successive halving compares runs after `chunk` (0-based): what the controller puts in the task."""
+    return chunk + 1 in halving_of(sweep).rungs(total)
 
 
 def test_generation_every_n_chunks_the_last_and_at_rungs() -> None:
@@ -34,12 +33,13 @@ def test_generation_every_n_chunks_the_last_and_at_rungs() -> None:
     assert not any(due(config, chunk, 8, asked=True).teacher_forced for chunk in range(8))  # no eval_loss asked for
     ranked = concrete(eval_conf=every_third, sweep=halving(metric="rouge_l"), experiment={"name": "t", "num_chunks": 8})
     # rungs at 1, 2 and 4 chunks done
-    assert [chunk + 1 for chunk in range(8) if due(ranked, chunk, 8, asked=False).generation] == [1, 2, 3, 4, 6, 8]
+    rungs = halving(metric="rouge_l")
+    assert [chunk + 1 for chunk in range(8) if due(ranked, chunk, 8, False, judged(rungs, chunk)).generation] == [1, 2, 3, 4, 6, 8]
 
 
 def test_the_teacher_forced_pass_follows_the_controller_and_the_rungs() -> None:
     config = concrete(sweep=halving(), experiment={"name": "t", "num_chunks": 8})
-    assert [chunk + 1 for chunk in range(8) if due(config, chunk, 8, asked=False).teacher_forced] == [1, 2, 4]
+    assert [chunk + 1 for chunk in range(8) if due(config, chunk, 8, False, judged(halving(), chunk)).teacher_forced] == [1, 2, 4]
     assert all(due(config, chunk, 8, asked=True).teacher_forced for chunk in range(8))
     assert not any(due(config, chunk, 8, asked=True).generation for chunk in range(8))
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import math
 from typing import Any
 
 import pytest
@@ -13,9 +14,9 @@ from finetune.config.scheduling import PopulationBasedSweep
 from finetune.plan.derive import derive
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import PlannedRun
-from finetune.schedule.pbt import PopulationBasedTraining
 from finetune.schedule.records import RunRecord, RunStatus
-from finetune.schedule.search import CloneOf
+from finetune.search.contract import ChunkResult, CloneOf
+from finetune.search.pbt import PopulationBasedTraining
 from finetune.track.lineage import lineage_text, lineages
 
 CHUNKS = 4
@@ -31,27 +32,29 @@ def tree() -> dict[str, Any]:
 
 
 def pbt(**sweep: Any) -> PopulationBasedTraining:
-    return PopulationBasedTraining(0, PopulationBasedSweep.model_validate({"strategy": "pbt", "num_runs": 4, **sweep}), tree(), CHUNKS)
+    return PopulationBasedTraining(0, PopulationBasedSweep.model_validate({"strategy": "pbt", "num_runs": 4, **sweep}), tree())
 
 
-def run(name: str, lr: float, durable: int = 1, chunks: int = CHUNKS, scheduler: str = "cosine") -> RunRecord:
+def run(name: str, lr: float, durable: int = 1, chunks: int = CHUNKS, scheduler: str = "cosine", lineage_start: int = 0) -> RunRecord:
     config = copy.deepcopy(BASE_SFT)
     config["training_args"].update(learning_rate=lr, lr_scheduler_type=scheduler, max_steps=2 * chunks)
     config["experiment"]["num_chunks"] = chunks
     derived = derive(CONFIG_ADAPTER.validate_python(config), 100)
-    planned = PlannedRun(run_id=name, label=name, knobs={}, config=config, derived=derived)
+    planned = PlannedRun(run_id=name, label=name, knobs={}, config=config, derived=derived, lineage_start=lineage_start)
     return RunRecord(planned, None, "", "", RunStatus.PENDING, 0, durable, f"/ckpt/{name}" if durable else None, None, durable)
 
 
 def report(search: PopulationBasedTraining, runs: list[RunRecord], values: dict[str, float], chunks_done: int = 1):
     verdicts = {}
     for record in runs:
-        verdicts[record.run_id] = search.on_chunk(record, chunks_done, {"eval_loss": values[record.run_id]}, runs)
+        lineage = record.planned.lineage_start + chunks_done
+        result = ChunkResult(record.run_id, chunks_done, lineage, chunks_done, {"eval_loss": values[record.run_id]})
+        verdicts[record.run_id] = search.on_chunk(record, result, runs)
     return verdicts
 
 
 def changes_of(clone: CloneOf) -> dict[str, Any]:
-    return dict(((".".join(map(str, parse_override(change)[0]))), parse_override(change)[1]) for change in clone.request.changes)
+    return dict(((".".join(map(str, parse_override(change)[0]))), parse_override(change)[1]) for change in clone.changes)
 
 
 def test_runs_are_judged_only_once_the_whole_population_has_a_value() -> None:
@@ -66,8 +69,8 @@ def test_the_worst_run_stops_and_a_warm_clone_of_the_best_replaces_it() -> None:
     verdicts = report(search, runs, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
     assert [name for name, verdict in verdicts.items() if verdict.stop] == ["d"]
     (clone,) = verdicts["d"].add
-    assert clone.parent_run_id == "a" and clone.request.warm_start and clone.reason == {"replaces": "d"}
-    kind, detail = verdicts["d"].events[0]
+    assert clone.parent_run_id == "a" and clone.warm_start and clone.reason == {"replaces": "d"}
+    kind, detail = verdicts["d"].pending[0]  # logged once the clone is added
     assert kind == "pbt_exploit" and detail["parent"] == "a" and detail["value"] == 4.0 and detail["parent_value"] == 1.0
     changes = changes_of(clone)
     assert changes["training_args.learning_rate"] in (pytest.approx(5e-4), pytest.approx(2e-3))
@@ -98,8 +101,8 @@ def test_nothing_happens_between_perturbation_points_at_the_last_chunk_or_withou
 
 def test_a_clone_counts_its_chunks_from_where_its_parent_was() -> None:
     search = pbt(perturbation_interval=2)
-    clone = run("clone", 1e-3, chunks=3)  # its parent had trained 1 of the lineage's 4 chunks
-    assert search.lineage_progress(clone, 1) == 2
+    clone = run("clone", 1e-3, chunks=3, lineage_start=1)  # its parent had trained 1 of the lineage's 4 chunks
+    assert [n for n in range(1, 4) if search.measures(clone, n)] == [1, 3], "measured where it is judged"
     runs = [run("a", 1e-3, durable=2), run("b", 2e-3, durable=2), run("c", 3e-3, durable=2), clone]
     verdicts = report(search, runs, {"a": 1.0, "b": 2.0, "c": 3.0, "clone": 4.0}, chunks_done=1)
     assert not verdicts["a"].stop and verdicts["clone"].stop  # lineage chunk 2 for the clone only
@@ -135,7 +138,7 @@ class OneVerdict:
     def __init__(self, verdict) -> None:
         self.verdict, self.rejections = verdict, []
 
-    def on_chunk(self, record, chunks_done, metrics, runs):
+    def on_chunk(self, record, result, runs):
         return self.verdict
 
     def rejected(self, proposal, reason) -> None:
@@ -153,13 +156,30 @@ class NoRuns:
 
 
 def test_a_run_whose_replacement_is_rejected_goes_on() -> None:
-    from finetune.schedule.control import CloneRequest
-    from finetune.schedule.search import SearchDriver, Verdict
+    from finetune.schedule.search import SearchDriver
+    from finetune.search.contract import Verdict
 
     record = run("d", 4e-3)
-    searcher = OneVerdict(Verdict(stop=True, events=[("pbt_exploit", {})], add=[CloneOf("gone", CloneRequest((), True))]))
-    stop, events = SearchDriver({0: searcher}).on_chunk(NoRuns(), record, 1, {"eval_loss": 1.0})
-    assert not stop and [kind for _, kind, _ in events] == ["pbt_exploit", "search_rejected"]
+    result = ChunkResult("d", 1, 1, 1, {"eval_loss": 1.0})
+    searcher = OneVerdict(Verdict(stop=True, add=[CloneOf("gone", (), True)], pending=[("pbt_exploit", {})]))
+    stop, events = SearchDriver({0: searcher}).on_chunk(NoRuns(), record, result)
+    assert not stop and [kind for _, kind, _ in events] == ["search_rejected"], "no exploit logged: it did not happen"
     assert searcher.rejections == ["no run gone"]
     searcher.verdict = Verdict(stop=True)
-    assert SearchDriver({0: searcher}).on_chunk(NoRuns(), record, 1, {"eval_loss": 1.0}) == (True, [])
+    assert SearchDriver({0: searcher}).on_chunk(NoRuns(), record, result) == (True, [])
+
+
+@pytest.mark.parametrize("bad", [math.nan, math.inf])
+def test_a_diverged_run_is_replaced_and_never_a_donor(bad) -> None:
+    """On main: a NaN was skipped (the older score kept) and, while any run was NaN, nobody was exploited."""
+    search = pbt(resample_probability=0.0)
+    runs = [run("a", 1e-3), run("b", 2e-3), run("c", 3e-3), run("nan", 1e30)]
+    verdicts = report(search, runs, {"a": 1.0, "b": 2.0, "c": 3.0, "nan": 0.5})  # first it looked best
+    assert not verdicts["nan"].stop
+    verdicts = report(search, [runs[3], *runs[:3]], {"a": 1.0, "b": 2.0, "c": 3.0, "nan": bad}, chunks_done=2)
+    assert [name for name, verdict in verdicts.items() if verdict.stop] == ["nan"]
+    assert verdicts["nan"].add[0].parent_run_id == "a"
+    assert "diverged" in verdicts["nan"].pending[0][1]["reason"]
+    donors = {verdict.add[0].parent_run_id for verdict in report(search, runs[::-1], {"a": 5.0, "b": 6.0, "c": 7.0, "nan": bad},
+                                                                chunks_done=3).values() if verdict.add}
+    assert "nan" not in donors

@@ -5,7 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
-from finetune.schedule.policy import RunView, SuccessiveHalving, Task, WorkerView, assign, slot_unit, slots_for
+from finetune.schedule.policy import RunView, Task, WorkerView, assign, slot_unit, slots_for
 
 
 def next_task(runs: list[RunView], busy: set[str], worker: str, resident_keys: set[str]) -> Task | None:
@@ -45,28 +45,6 @@ def test_stopped_busy_and_finished_runs_are_skipped() -> None:
     runs = [RunView("a", 0, 0, 2, runnable=False), RunView("b", 1, 2, 2), RunView("c", 2, 1, 2)]
     assert next_task(runs, {"c"}, "w0", set()) is None
     assert next_task(runs, set(), "w0", set()).chunk == 1
-
-
-def test_rungs_by_hand() -> None:
-    assert SuccessiveHalving("m", "minimize", min_chunks=1, max_chunks=8).rungs() == [1, 2, 4]
-    assert SuccessiveHalving("m", "minimize", min_chunks=1, max_chunks=9, reduction_factor=3).rungs() == [1, 3]
-    assert SuccessiveHalving("m", "minimize", 1, 8, min_early_stopping_rate=1).rungs() == [2, 4]
-
-
-def test_asha_keeps_the_top_fraction_at_each_rung() -> None:
-    sha = SuccessiveHalving("eval_loss", "minimize", min_chunks=1, max_chunks=4)
-    decisions = [sha.on_result(run, 1, {"eval_loss": loss})[0] for run, loss in [("a", 3.0), ("b", 2.0), ("c", 4.0), ("d", 1.0)]]
-    # a: alone -> continue; b: best of 2 -> continue; c: 3 seen, keep 1 -> stop; d: best of 4 -> continue
-    assert decisions == ["continue", "continue", "stop", "continue"]
-    assert sha.on_result("a", 2, {"eval_loss": 1.5}) == ("continue", {"rung": 2, "metric": "eval_loss", "value": 1.5, "cutoff": 1.5, "seen": 1})
-    assert sha.on_result("b", 2, {"eval_loss": 1.7})[0] == "stop"
-    assert sha.on_result("b", 3, {"eval_loss": 9.0})[0] == "continue"  # not a rung
-
-
-def test_asha_maximize() -> None:
-    sha = SuccessiveHalving("reward", "maximize", min_chunks=1, max_chunks=2)
-    assert sha.on_result("a", 1, {"reward": 0.1})[0] == "continue"
-    assert sha.on_result("b", 1, {"reward": 0.0})[0] == "stop"
 
 
 def test_a_run_stays_with_the_worker_that_holds_it_until_its_chunks_are_durable() -> None:

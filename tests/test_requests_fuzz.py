@@ -87,7 +87,7 @@ def test_no_request_stops_the_controller_and_each_ends_applied_or_rejected(reque
 def send_failure(controller, pool) -> None:
     controller.step()
     busy = next(worker for worker in pool.workers if worker.busy_with)
-    pool.results.put(RunFailed(busy.worker_id, busy.busy_with, "RuntimeError: boom"))
+    pool.results.put(RunFailed(busy.worker_id, busy.busy_with, "RuntimeError: boom", "", busy.ticket))
     controller.step()
 
 

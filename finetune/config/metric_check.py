@@ -3,13 +3,15 @@ need validation examples.
 
 Checked on a whole (group's) tree once its fields are valid: the representative config and every
 candidate of each knob under `eval_conf` (a metric one candidate does not produce is an error).
-GRPO runs are ranked by the rewards they log while training, whose names are not known here.
+Training metrics a method logs (GRPO's rewards, DPO's reward accuracy and margins) are rankable too: the
+one table of `config.directions` says which, and which way each is better.
 """
 
 from __future__ import annotations
 
 from typing import Any
 
+from finetune.config.directions import direction_of, rankable
 from finetune.config.issues import ConfigIssue, Locator
 from finetune.config.knobs import Path, dotted, first_candidates, iter_knobs, parse_knob, set_at
 from finetune.config.models import CONFIG_ADAPTER, AnyFinetuneConfig
@@ -19,8 +21,8 @@ DIRECTION_PATH: Path = ("sweep", "direction")
 
 
 def metric_direction(config: AnyFinetuneConfig, metric: str) -> str | None:
-    """Whether `metric` is better lower or higher in runs of `config`; None when it is not one of eval_conf's."""
-    return config.eval_conf.directions().get(metric)
+    """Whether `metric` is better lower or higher in runs of `config`; None when the runs do not produce it."""
+    return direction_of(config.method, config.eval_conf.directions(), metric)
 
 
 def sweep_metric_issues(tree: dict[str, Any], locate: Locator) -> list[ConfigIssue]:
@@ -55,16 +57,18 @@ def _problem(config: AnyFinetuneConfig, where: str, locate: Locator) -> ConfigIs
             "eval_loss / token_accuracy in eval_conf.metrics and no custom metric",
         )
     metric = getattr(config.sweep, "metric", None)
-    if metric is None or config.method == "grpo":
+    if metric is None:
         return None
-    produced = config.eval_conf.directions()
-    if metric not in produced:
+    produced = rankable(config.method, config.eval_conf.directions())
+    own = direction_of(config.method, config.eval_conf.directions(), metric)
+    if own is None:
+        what = ("a reward GRPO logs while training: " if config.method == "grpo" else
+                "a metric of eval_conf.metrics, the name of an eval_conf.custom metric, or one the runs log while training: ")
         return ConfigIssue(
             dotted(METRIC_PATH), str(locate(METRIC_PATH)), f"the runs do not produce {metric}{in_runs}", metric,
-            "a metric of eval_conf.metrics or the name of an eval_conf.custom metric: " + ", ".join(produced),
+            what + ", ".join(produced) + (", rewards/<function>/mean" if config.method == "grpo" else ""),
         )
     given = getattr(config.sweep, "direction", None)
-    own = produced[metric]
     if given is not None and given != own:
         return ConfigIssue(
             dotted(DIRECTION_PATH), str(locate(DIRECTION_PATH)),

@@ -20,7 +20,7 @@ MAX_RUNS_CEILING = 100_000
 MAX_CHUNKS = 10_000
 # The keys that belong to the whole experiment: one value for all its runs, so neither a knob nor a group sets them.
 EXPERIMENT_WIDE_KEYS = ("name", "output_dir", "backend", "ray_address", "devices", "runs_per_device", "threads_per_worker",
-                        "gpu_state_budget_gb", "cpu_state_budget_gb")
+                        "gpu_state_budget_gb", "cpu_state_budget_gb", "keep")
 
 
 class ExperimentConfig(Strict):
@@ -83,6 +83,11 @@ class ExperimentConfig(Strict):
         description="With backend ray: unset starts a local Ray runtime; auto, or an address such as "
         "ray://head:10001 or head:6379, joins that cluster",
     )
+    keep: Literal["last", "best"] = Field(
+        default="last",
+        description="Which chunk checkpoints of each run stay on disk: last (only the latest durable chunk), or best "
+        "(also the chunk with the best value of the sweep's metric, so at most two per run); report shows its path",
+    )
     save_merged_model: bool = Field(
         default=False,
         description="Also write each adapter run's adapter merged into its base model (checkpoint-merged); "
@@ -115,8 +120,17 @@ def num_runs_field(least: int) -> Any:
     return Field(ge=least, le=MAX_RUNS_CEILING, description="How many distinct runs to sample (at most sweep.max_runs)")
 
 
+DIRECTION_DOC = ("Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna. Default: the "
+                 "metric's own direction (loss-like minimize; accuracy-, score- and reward-like maximize; a custom metric "
+                 "its eval_conf direction)")
+RANK_BY_DOC = ("How report, the dashboard and `finetune export EXP best` rank runs that trained all their chunks: by "
+               "their final value of the metric, or their best value at any evaluated chunk (with experiment.keep: "
+               "best its checkpoint is kept). Runs stopped early always rank below runs that got further")
+
+
 class BoundedSweep(Strict):
     max_runs: int = max_runs_field()
+    rank_by: Literal["final", "best"] = Field(default="final", description=RANK_BY_DOC)
 
     @field_validator("num_runs", check_fields=False)
     @classmethod
@@ -128,13 +142,30 @@ class BoundedSweep(Strict):
         return num_runs
 
 
-class GridSweep(BoundedSweep):
+class RankedSweep(BoundedSweep):
+    """A sweep that does not decide by a metric as it goes, but whose runs are ranked by one at the end."""
+
+    metric: str | None = Field(
+        default=None,
+        description="The metric report, the dashboard and `export EXP best` rank runs by (eval_loss, a metric of "
+        "eval_conf, a custom metric, GRPO's reward, DPO's rewards/accuracies or rewards/margins); default: eval_loss, "
+        "else eval_conf's first metric, GRPO's reward",
+    )
+    direction: Literal["minimize", "maximize", "min", "max"] | None = Field(default=None, description=DIRECTION_DOC)
+
+    @field_validator("direction")
+    @classmethod
+    def _long_direction(cls, value: str | None) -> str | None:
+        return DIRECTIONS.get(value, value) if value is not None else None
+
+
+class GridSweep(RankedSweep):
     """Every combination of the `$list` knobs."""
 
     strategy: Literal["grid"] = "grid"
 
 
-class RandomSweep(BoundedSweep):
+class RandomSweep(RankedSweep):
     """`num_runs` distinct i.i.d. samples of every `$list` and `$range` knob."""
 
     strategy: Literal["random"]
@@ -191,9 +222,7 @@ class OptunaSweep(BoundedSweep):
     num_runs: int = Field(ge=1, le=MAX_RUNS_CEILING, description="How many runs the study proposes in all (at most sweep.max_runs)")
     seed: int = 42
     metric: str = Field(default="eval_loss", description="The evaluation metric the study optimizes")
-    direction: Literal["minimize", "maximize", "min", "max"] = Field(
-        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
-    )
+    direction: Literal["minimize", "maximize", "min", "max"] | None = Field(default=None, description=DIRECTION_DOC)
     sampler: Literal[SAMPLERS] = Field(  # type: ignore[valid-type]
         default="tpe", description="How new runs are proposed: tpe (Optuna's TPESampler), random, cmaes (CMA-ES) or gp "
         "(Gaussian process; imports torch)",
@@ -219,8 +248,8 @@ class OptunaSweep(BoundedSweep):
 
     @field_validator("direction")
     @classmethod
-    def _long_direction(cls, value: str) -> str:
-        return DIRECTIONS.get(value, value)
+    def _long_direction(cls, value: str | None) -> str | None:
+        return DIRECTIONS.get(value, value) if value is not None else None
 
     def startup(self) -> int:
         return self.startup_runs if self.startup_runs is not None else max(2, self.num_runs // 4)
@@ -234,9 +263,7 @@ class PopulationBasedSweep(BoundedSweep):
     num_runs: int = Field(ge=2, le=MAX_RUNS_CEILING, description="The population: runs sampled at random to start")
     seed: int = 42
     metric: str = Field(default="eval_loss", description="The evaluation metric that ranks runs")
-    direction: Literal["minimize", "maximize", "min", "max"] = Field(
-        default="minimize", description="Whether a lower or a higher metric is better; min and max as in Ray Tune and Optuna"
-    )
+    direction: Literal["minimize", "maximize", "min", "max"] | None = Field(default=None, description=DIRECTION_DOC)
     perturbation_interval: int = Field(default=1, ge=1, le=MAX_CHUNKS, description="Chunks between two exploit steps of a run")
     quantile_fraction: float = Field(
         default=0.25, gt=0, le=0.5,
@@ -253,8 +280,8 @@ class PopulationBasedSweep(BoundedSweep):
 
     @field_validator("direction")
     @classmethod
-    def _long_direction(cls, value: str) -> str:
-        return DIRECTIONS.get(value, value)
+    def _long_direction(cls, value: str | None) -> str | None:
+        return DIRECTIONS.get(value, value) if value is not None else None
 
     @field_validator("perturbation_factors")
     @classmethod

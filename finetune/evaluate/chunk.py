@@ -2,9 +2,9 @@
 
 The teacher-forced pass (the trainer's evaluation: eval_loss, token_accuracy) runs on the chunks
 the controller asks for (`experiment.eval_every_chunks`). Generation metrics run every
-`eval_conf.generation.every_chunks` chunks and after the last. Both also run wherever the sweep
-compares runs by its metric (successive halving's rungs, a population's exploit steps, a study's
-pruning), so that a run is never judged without it.
+`eval_conf.generation.every_chunks` chunks and after the last. Both also run wherever the search
+compares runs by its metric (`judged`: the search says where, `search.contract.Searcher.measures`, and
+the task carries it), so that a run is never judged without it.
 """
 
 from __future__ import annotations
@@ -25,35 +25,14 @@ class EvalDue:
     generation: bool
 
 
-def sha_rungs(min_chunks: int, reduction_factor: int, min_early_stopping_rate: int, max_chunks: int) -> list[int]:
-    """Chunks done at successive halving's rungs (as `schedule.policy.SuccessiveHalving.rungs`)."""
-    rungs, k = [], min_early_stopping_rate
-    while (milestone := min_chunks * reduction_factor**k) < max_chunks:
-        rungs.append(milestone)
-        k += 1
-    return rungs
-
-
-def compared_after(config: Any, chunks_done: int) -> bool:
-    """Whether the sweep compares runs by its metric once a run has `chunks_done` chunks."""
-    sweep = config.sweep
-    if sweep.strategy == "successive_halving":
-        max_chunks = sweep.max_chunks or config.experiment.num_chunks
-        return chunks_done in sha_rungs(sweep.min_chunks, sweep.reduction_factor, sweep.min_early_stopping_rate, max_chunks)
-    if sweep.strategy == "pbt":
-        return chunks_done % sweep.perturbation_interval == 0
-    if sweep.strategy == "optuna":
-        return chunks_done >= sweep.min_chunks
-    return False
-
-
-def due(config: Any, chunk: int, total_chunks: int, asked: bool) -> EvalDue:
+def due(config: Any, chunk: int, total_chunks: int, asked: bool, judged: bool = False) -> EvalDue:
     """What to measure after `chunk` (0-based) of a run of `total_chunks`; `asked`: the controller's
-    evaluation cadence. GRPO is ranked by the rewards it logs while training: nothing."""
+    evaluation cadence; `judged`: the search compares runs here. GRPO is ranked by the rewards it logs
+    while training (merged into the chunk's record by the controller): nothing."""
     if config.method == "grpo":
         return EvalDue(False, False)
     eval_conf, done = config.eval_conf, chunk + 1
-    compared = compared_after(config, done)
+    compared = judged
     every = eval_conf.generation.every_chunks
     generation = eval_conf.needs_generation and (done % every == 0 or done == total_chunks or compared)
     return EvalDue(bool(eval_conf.teacher_forced) and (asked or compared), generation)

@@ -94,6 +94,7 @@ def _train_part(size: int, ratio: float | None, name: str) -> int:
 SEARCHING_STRATEGIES = ("optuna", "pbt")
 # Strategies that plan no run ahead: each run is proposed by the study as slots free up.
 PROPOSING_STRATEGIES = ("optuna",)
+DECIDING_STRATEGIES = ("successive_halving", "optuna", "pbt")  # they compare runs by sweep.metric as they go
 
 
 def strategy_of(tree: dict[str, Any]) -> str:
@@ -160,10 +161,12 @@ def build_plan(
                 )
             )
         sweep = dict(tree.get("sweep") or {"strategy": "grid"})
+        if sweep.get("strategy") in DECIDING_STRATEGIES:
+            sweep.setdefault("metric", "eval_loss")
         if "direction" in sweep:
             sweep["direction"] = DIRECTIONS.get(sweep["direction"], sweep["direction"])
         elif "metric" in sweep and config is not None and (own := metric_direction(config, sweep["metric"])):
-            sweep["direction"] = own  # the metric's own: eval_conf knows which way each of its metrics is better
+            sweep["direction"] = own  # normalised once, here: the metric's own (`config.directions`' table)
         sweeps.append(sweep)
         if strategy_of(tree) in SEARCHING_STRATEGIES:
             search_spaces[group_index] = tree

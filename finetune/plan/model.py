@@ -49,6 +49,10 @@ class PlannedRun(BaseModel):
         description="a warm-start clone's adapter, relative to the experiment folder (its config names the same path)",
     )
     trial: int | None = Field(default=None, description="the Optuna trial that proposed it (sweep.strategy optuna)")
+    lineage_start: int = Field(
+        default=0, ge=0,
+        description="chunks its lineage had trained before it: a warm-start clone continues its parent's count",
+    )
 
     def located(self, root: Path) -> PlannedRun:
         """This run with its warm-start adapter where the experiment folder `root` holds it now (a

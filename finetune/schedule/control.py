@@ -166,6 +166,7 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
         derived=derived,
         parent_run_id=parent.run_id,
         warm_start=_warm_start_of(doc.tree, parent, request),
+        lineage_start=parent.planned.lineage_start + parent.durable_chunks if request.warm_start else 0,
     )
 
 

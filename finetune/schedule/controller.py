@@ -6,11 +6,14 @@ then does the state store record it. Kill the controller at any moment: `finetun
 continues every run from its last durable chunk.
 
 The controller's state is its `RunRecord`s and `ChunkRecord`s (`schedule.records`); every run state
-change goes through `_set_status`, every worker message through the one `match` of `_handle`.
+change goes through `_set_status`, every worker message through the one `match` of `_handle`. A message
+of a worker incarnation that is gone, or of a task the worker no longer trains, is logged and dropped; a
+state change the table forbids fails that run (with the reason), never the experiment.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import queue
 import shutil
 from dataclasses import dataclass, field
@@ -36,8 +39,9 @@ from finetune.schedule.messages import (
 from finetune.schedule.policy import RunView, WorkerView, assign, slots_for
 from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
-from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
-from finetune.schedule.search import SearchDriver
+from finetune.schedule.records import ChunkRecord, ChunkStatus, IllegalTransition, RunRecord, RunStatus, check_transition
+from finetune.schedule.search import SearchDriver, chunk_result
+from finetune.search.contract import ChunkResult
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import ExperimentTracking, Tracker
 
@@ -60,6 +64,7 @@ class Controller:
     chunks: dict[tuple[str, int], ChunkRecord] = field(default_factory=dict)  # dispatched, not yet in the store
     poll_seconds: float = POLL_SECONDS
     tickets: int = 0  # dispatches so far
+    logged: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # ticket -> training logs of its chunk
     tracking: ExperimentTracking = field(init=False)
 
     def __post_init__(self) -> None:
@@ -77,6 +82,9 @@ class Controller:
         for record in self.runs.values():
             if record.status is RunStatus.RUNNING:  # the controller stopped while it trained
                 self._set_status(record, RunStatus.PENDING)
+            if record.status is RunStatus.STOPPED and record.durable_chunks >= record.total_chunks:
+                self._set_status(record, RunStatus.COMPLETED)  # stopped during its last chunk, which is durable
+                self.store.event("run_completed", record.run_id, reason="every chunk was durable when it was stopped")
         for run_id, error in self.plan.failed.items():
             if self.runs[run_id].status is not RunStatus.FAILED:
                 self._set_status(self.runs[run_id], RunStatus.FAILED, error)
@@ -195,7 +203,10 @@ class Controller:
                 self.tickets, record.planned.located(self.root), task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
                 record.config.experiment.max_eval_samples,
                 evaluate=(task.chunk + 1) % every == 0 or task.chunk == record.total_chunks - 1,
+                judged=self.search.measures(record, task.chunk + 1),
             ))
+            worker.ticket = self.tickets
+            self.logged[self.tickets] = []
             earlier = self.chunks.get((task.run_id, task.chunk))
             attempts = earlier.attempts + 1 if earlier is not None and earlier.status is ChunkStatus.LOST else 1
             self.chunks[(task.run_id, task.chunk)] = ChunkRecord(task.run_id, task.chunk, worker_id, self.tickets, attempts=attempts)
@@ -220,6 +231,32 @@ class Controller:
                 return
 
     def _handle(self, message: WorkerMessage) -> None:
+        try:
+            self._dispatch_message(message)
+        except IllegalTransition as illegal:  # a bug's consequence stays with its run
+            run_id = getattr(message, "run_id", None)
+            self.store.event("illegal_transition", run_id, error=str(illegal), message=type(message).__name__)
+            if run_id in self.runs:
+                self._force_fail(self.runs[run_id], f"internal error: {illegal}")
+        self.on_change()
+
+    def _stale(self, message: WorkerMessage) -> bool:
+        """A report of a worker incarnation that is gone, or (ChunkDone, RunFailed) of a task its worker is not
+        training now: logged and dropped."""
+        worker = next((worker for worker in self.workers if worker.worker_id == message.worker), None)
+        stale = worker is None or message.incarnation != worker.incarnation
+        if not stale and isinstance(message, (ChunkDone, RunFailed)):
+            stale = worker is None or worker.ticket != message.ticket or worker.busy_with != message.run_id
+        if stale:
+            self.store.event("stale_message", getattr(message, "run_id", None), message=type(message).__name__,
+                             worker=message.worker, incarnation=message.incarnation, ticket=getattr(message, "ticket", None))
+        return stale
+
+    def _dispatch_message(self, message: WorkerMessage) -> None:
+        if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit)):
+            raise TypeError(f"unknown worker message: {message!r}")
+        if not isinstance(message, (ChunkDurable, WriteFailed)) and self._stale(message):
+            return  # a durable chunk stays valid whoever wrote it: its ticket decides (`_chunk_durable`)
         match message:
             case MetricsLogged():
                 self._metrics(message)
@@ -238,11 +275,22 @@ class Controller:
                                  error=message.error, traceback=message.traceback)
             case WorkerExit():
                 self.store.event("worker_exit", None, worker=message.worker, resident_runs=list(message.resident_runs))
-            case _:
-                raise TypeError(f"unknown worker message: {message!r}")
-        self.on_change()
+
+    def _force_fail(self, record: RunRecord, error: str) -> None:
+        """Fail a run after an illegal transition: recorded with the reason, its chunks in flight forgotten."""
+        self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] != record.run_id}
+        for worker in self.workers:
+            if worker.busy_with == record.run_id:
+                worker.busy_with = None
+        if record.status in (RunStatus.FAILED, RunStatus.DELETED, RunStatus.COMPLETED):
+            return
+        self._set_status(record, RunStatus.FAILED, error)  # allowed from every state not handled above
+        self.store.event("run_failed", record.run_id, error=error)
+        self.tracking.end(record, "FAILED")
 
     def _metrics(self, message: MetricsLogged) -> None:
+        if message.ticket in self.logged:
+            self.logged[message.ticket].append(message.metrics)
         self.store.log_metrics(message.run_id, message.step, message.metrics)
         self.tracking.log_metrics(self.runs.get(message.run_id), message.step, message.metrics)
 
@@ -264,8 +312,11 @@ class Controller:
             if other.home == worker.worker_id and other.run_id not in message.resident_runs:
                 other.home = None
         record, chunk = self.runs[message.run_id], self.chunks.get((message.run_id, message.chunk))
+        logged = self.logged.pop(message.ticket, [])
         if chunk is None or chunk.ticket != message.ticket:  # the run failed meanwhile (an earlier chunk's write)
             return
+        result = chunk_result(record, message.chunk + 1, message.global_step, message.metrics, logged)
+        message = dataclasses.replace(message, metrics=result.metrics)  # the chunk's one record, as the store keeps it
         record.trained_chunks = max(record.trained_chunks, message.chunk + 1)
         self.store.event("chunk_done", message.run_id, chunk=message.chunk, step=message.global_step, metrics=message.metrics,
                          seconds=message.seconds, step_seconds=message.step_seconds, eval_seconds=message.eval_seconds)
@@ -274,14 +325,14 @@ class Controller:
             self._set_status(record, RunStatus.PENDING)
         written, chunk.done = chunk.status is ChunkStatus.WRITTEN, message
         chunk.status = ChunkStatus.TRAINED
-        self._decide(record, message)
+        self._decide(record, result)
         if written:
             assert chunk.durable is not None
             self._record_durable(record, chunk, chunk.durable)
 
-    def _decide(self, record: RunRecord, message: ChunkDone) -> None:
+    def _decide(self, record: RunRecord, result: ChunkResult) -> None:
         """The search's verdict on the run (successive halving's rungs, a study's pruner, PBT's exploit)."""
-        stop, events = self.search.on_chunk(self, record, message.chunk + 1, message.metrics)
+        stop, events = self.search.on_chunk(self, record, result)
         self._record_events(events)
         if stop:
             self._set_status(record, RunStatus.STOPPED)
@@ -309,7 +360,8 @@ class Controller:
         if previous and previous != durable.checkpoint and Path(previous).resolve().is_relative_to(self.store.root):
             shutil.rmtree(previous, ignore_errors=True)  # never outside this folder (a copy's is the original's)
         self.store.event("chunk_durable", record.run_id, chunk=chunk.chunk, bytes=_directory_bytes(Path(durable.checkpoint)))
-        if record.durable_chunks >= record.total_chunks and record.status is RunStatus.PENDING:
+        if record.durable_chunks >= record.total_chunks and record.status in (RunStatus.PENDING, RunStatus.STOPPED):
+            # every chunk is durable: completed, whatever a late stop said
             self._set_status(record, RunStatus.COMPLETED)
             final = durable.final_checkpoint and self.store.stored_path(durable.final_checkpoint)
             self.store.event("run_completed", record.run_id, final_checkpoint=final)
@@ -326,7 +378,7 @@ class Controller:
 
     def _release(self, worker_id: str) -> WorkerHandle:
         worker = self.pool.worker(worker_id)
-        worker.busy_with = None
+        worker.busy_with, worker.ticket = None, -1
         return worker
 
     def _check_workers(self) -> None:

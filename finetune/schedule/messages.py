@@ -4,6 +4,11 @@ Tasks go to a worker's task queue (`ChunkTask`, or None to stop); everything a w
 to the pool's one result queue as a `WorkerMessage`. The same values travel through multiprocessing
 queues and Ray queues (both pickle them); the controller handles them in one `match` that refuses
 any other kind. Nothing here imports torch.
+
+Every report carries the worker's incarnation (a respawned worker keeps its name and gets a new
+incarnation) and, where it concerns a task, the task's dispatch ticket: the controller drops (and logs)
+a report whose incarnation or ticket is not the worker's current one, so a late message of a dead
+worker can never free or fail what its replacement is doing.
 """
 
 from __future__ import annotations
@@ -39,7 +44,8 @@ class ChunkTask:
     chunk: int
     resume_from: str | None
     max_eval_samples: int | None
-    evaluate: bool
+    evaluate: bool  # the controller's evaluation cadence (experiment.eval_every_chunks, the last chunk)
+    judged: bool = False  # the search compares runs after this chunk: measure its metric here
 
 
 @dataclass(frozen=True)
@@ -50,6 +56,8 @@ class MetricsLogged:
     run_id: str
     step: int
     metrics: dict[str, float]
+    ticket: int = -1  # of the task it was logged in
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -72,6 +80,7 @@ class ChunkDone:
     total_memory: int = 0
     resident_runs: tuple[str, ...] = ()
     loaded_bases: tuple[str, ...] = ()
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -84,6 +93,7 @@ class ChunkDurable:
     chunk: int
     checkpoint: str
     final_checkpoint: str | None = None
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -94,6 +104,8 @@ class RunFailed:
     run_id: str
     error: str
     traceback: str = ""
+    ticket: int = -1
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -104,6 +116,8 @@ class WriteFailed:
     run_id: str
     chunk: int
     error: str
+    ticket: int = -1
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -115,6 +129,7 @@ class RankError:
     run_id: str
     error: str
     traceback: str = ""
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -123,6 +138,7 @@ class WorkerExit:
 
     worker: str
     resident_runs: tuple[str, ...] = ()
+    incarnation: int = 0
 
 
 WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit]

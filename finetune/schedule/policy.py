@@ -1,16 +1,13 @@
 """The scheduling policy: plain Python, no torch, testable alone.
 
-Like a Ray Tune scheduler it sees results and answers: which (run, chunk) a free worker
-takes next, and after each chunk's evaluation whether a run continues or stops
-(asynchronous successive halving, with rungs counted in chunks).
+Which (run, chunk) a free worker takes next, and how many runs a GPU trains at once. Whether a run
+continues after a chunk is the search's answer (`finetune.search`).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Literal
+from dataclasses import dataclass
 
-Decision = Literal["continue", "stop"]
 MAX_AUTO_SLOTS = 8  # `runs_per_device: auto` never starts more workers on one GPU
 
 
@@ -97,67 +94,3 @@ def slots_for(total_bytes: int, footprint_bytes: int, runnable: int, headroom: f
     if total_bytes <= 0 or footprint_bytes <= 0:
         return 1
     return max(1, min(most, runnable, int(total_bytes * headroom // footprint_bytes)))
-
-
-@dataclass
-class SuccessiveHalving:
-    """Asynchronous successive halving over chunks (ASHA, Li et al. 2018).
-
-    Rung k is reached after min_chunks * reduction_factor ** (k + min_early_stopping_rate) chunks.
-    A run that reaches a rung continues only if its metric is in the top 1/reduction_factor of the
-    runs that have reached that rung so far; at least one run always continues.
-    """
-
-    metric: str
-    direction: Literal["minimize", "maximize"]
-    min_chunks: int
-    max_chunks: int
-    reduction_factor: int = 2
-    min_early_stopping_rate: int = 0
-    rung_results: dict[int, dict[str, float]] = field(default_factory=dict)
-
-    def rungs(self) -> list[int]:
-        rungs = []
-        k = self.min_early_stopping_rate
-        while (milestone := self.min_chunks * self.reduction_factor**k) < self.max_chunks:
-            rungs.append(milestone)
-            k += 1
-        return rungs
-
-    def on_result(self, run_id: str, chunks_done: int, metrics: dict[str, float]) -> tuple[Decision, dict]:
-        if chunks_done not in self.rungs() or self.metric not in metrics:
-            return "continue", {}
-        value = metrics[self.metric]
-        rung = self.rung_results.setdefault(chunks_done, {})
-        rung[run_id] = value
-        ordered = sorted(rung.values(), reverse=self.direction == "maximize")
-        keep = max(1, len(ordered) // self.reduction_factor)
-        cutoff = ordered[keep - 1]
-        good = value <= cutoff if self.direction == "minimize" else value >= cutoff
-        detail = {"rung": chunks_done, "metric": self.metric, "value": value, "cutoff": cutoff, "seen": len(ordered)}
-        return ("continue" if good else "stop"), detail
-
-
-def successive_halving_policies(sweeps: list[dict[str, Any]], num_chunks: int) -> dict[int, SuccessiveHalving]:
-    """One successive-halving policy per group whose sweep asks for it, by group index."""
-    return {
-        group: SuccessiveHalving(
-            metric=sweep.get("metric", "eval_loss"),
-            direction=sweep.get("direction", "minimize"),
-            min_chunks=sweep.get("min_chunks", 1),
-            max_chunks=sweep.get("max_chunks") or num_chunks,
-            reduction_factor=sweep.get("reduction_factor", 2),
-            min_early_stopping_rate=sweep.get("min_early_stopping_rate", 0),
-        )
-        for group, sweep in enumerate(sweeps)
-        if sweep.get("strategy") == "successive_halving"
-    }
-
-
-def replay_rungs(policies: dict[int, SuccessiveHalving], groups: dict[str, int], chunks: list[dict[str, Any]]) -> None:
-    """Feed the rung results of durable chunks (rows of the state store) back after a restart."""
-    for chunk in chunks:
-        policy = policies.get(groups[chunk["run_id"]]) if chunk["run_id"] in groups else None
-        done = chunk["chunk"] + 1
-        if policy is not None and done in policy.rungs() and policy.metric in chunk["metrics"]:
-            policy.rung_results.setdefault(done, {})[chunk["run_id"]] = chunk["metrics"][policy.metric]

@@ -53,6 +53,8 @@ class WorkerHandle:
     gang: str = ""  # the kind of gang ("ddp:2"), "" for a one-device worker
     layout: tuple[str, ...] = ()  # a gang's device per rank
     rank_error: str | None = None  # why a rank of the gang stopped, as it reported
+    incarnation: int = 0  # which process of this name: a respawned worker gets a new one
+    ticket: int = -1  # the dispatch ticket of the task it trains (busy_with)
 
 
 @dataclass
@@ -156,13 +158,21 @@ class WorkerPool(SlotPool):
         worker_id = replacing or f"{device}/{slot}"
         memory = self.memory.for_worker(max(1, self.slots_on(device) + (0 if replacing else 1)))
         tasks = self.context.Queue()
-        return WorkerHandle(worker_id, device, self._start(worker_id, device, memory, tasks), tasks, slot=slot)
+        incarnation = self._next_incarnation()
+        return WorkerHandle(worker_id, device, self._start(worker_id, device, memory, tasks, incarnation=incarnation), tasks,
+                            slot=slot, incarnation=incarnation)
 
-    def _start(self, worker_id: str, device: str, memory: WorkerResources, tasks: Any, gang: dict[str, Any] | None = None) -> Any:
+    def _next_incarnation(self) -> int:
+        self.incarnations = getattr(self, "incarnations", 0) + 1
+        return self.incarnations
+
+    def _start(self, worker_id: str, device: str, memory: WorkerResources, tasks: Any, gang: dict[str, Any] | None = None,
+               incarnation: int = 0) -> Any:
         from finetune.schedule.worker import worker_main
 
         process = self.context.Process(
-            target=worker_main, args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True, os.getpid()),
+            target=worker_main,
+            args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True, os.getpid(), incarnation),
             daemon=True,
         )
         process.start()
@@ -190,11 +200,13 @@ class WorkerPool(SlotPool):
         worker_id = replacing or f"{kind}@{'+'.join(units_of(layout))}/{sum(w.gang == kind for w in self.workers)}"
         address = f"tcp://127.0.0.1:{free_port()}"
         queues, processes = [], []
+        incarnation = self._next_incarnation()
         for rank in range(width):
             rank_info = {"rank": rank, "world": width, "address": address, "devices": list(layout)}
             queues.append(self.context.Queue())
-            processes.append(self._start(worker_id, layout[rank], self.memory.for_worker(1), queues[-1], rank_info))
-        return WorkerHandle(worker_id, "+".join(units_of(layout)), GangProcess(processes), GangQueue(queues), gang=kind, layout=layout)
+            processes.append(self._start(worker_id, layout[rank], self.memory.for_worker(1), queues[-1], rank_info, incarnation))
+        return WorkerHandle(worker_id, "+".join(units_of(layout)), GangProcess(processes), GangQueue(queues), gang=kind, layout=layout,
+                            incarnation=incarnation)
 
     def respawn(self, worker: WorkerHandle) -> WorkerHandle:
         if worker.gang:

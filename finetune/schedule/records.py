@@ -28,8 +28,8 @@ ALLOWED_TRANSITIONS: dict[RunStatus, frozenset[RunStatus]] = {
     RunStatus.PENDING: frozenset({RunStatus.RUNNING, RunStatus.STOPPED, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED}),
     # A running run is stopped or deleted only at its chunk boundary, after it is pending again.
     RunStatus.RUNNING: frozenset({RunStatus.PENDING, RunStatus.FAILED}),
-    # A stopped run's last chunk may still fail to be written.
-    RunStatus.STOPPED: frozenset({RunStatus.PENDING, RunStatus.FAILED, RunStatus.DELETED}),
+    # A stopped run's last chunk may still fail to be written, or become durable (then the run is complete).
+    RunStatus.STOPPED: frozenset({RunStatus.PENDING, RunStatus.COMPLETED, RunStatus.FAILED, RunStatus.DELETED}),
     RunStatus.COMPLETED: frozenset({RunStatus.DELETED}),
     RunStatus.FAILED: frozenset({RunStatus.PENDING, RunStatus.DELETED}),
     RunStatus.DELETED: frozenset(),

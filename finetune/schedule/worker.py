@@ -29,7 +29,8 @@ from finetune.schedule.messages import (
 
 
 def worker_main(worker_id: str, device: str, experiment_dir: str, resources: WorkerResources, tasks: Any, results: Any,
-                gang: dict[str, Any] | None = None, isolate: bool = False, parent_pid: int | None = None) -> None:
+                gang: dict[str, Any] | None = None, isolate: bool = False, parent_pid: int | None = None,
+                incarnation: int = 0) -> None:
     """Serve `ChunkTask`s until a None arrives.
 
     `resources`: state budgets, how many workers share the device and the machine, torch threads.
@@ -63,17 +64,19 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
 
     freeze_long_lived_objects()
 
+    current = {"ticket": -1}  # the task being trained
+
     def sink(run_id: str, step: int, metrics: dict[str, float]) -> None:
-        results.put(MetricsLogged(worker_id, run_id, step, metrics))
+        results.put(MetricsLogged(worker_id, run_id, step, metrics, current["ticket"], incarnation))
 
     tickets: dict[tuple[str, int], int] = {}  # the ticket of each chunk whose checkpoint is being written
 
     def on_durable(run_id: str, chunk: int, checkpoint: str, final_checkpoint: str | None) -> None:
-        results.put(ChunkDurable(worker_id, tickets.pop((run_id, chunk), -1), run_id, chunk, checkpoint, final_checkpoint))
+        results.put(ChunkDurable(worker_id, tickets.pop((run_id, chunk), -1), run_id, chunk, checkpoint, final_checkpoint,
+                                 incarnation))
 
     def on_write_failed(run_id: str, chunk: int, error: str) -> None:
-        tickets.pop((run_id, chunk), None)
-        results.put(WriteFailed(worker_id, run_id, chunk, error))
+        results.put(WriteFailed(worker_id, run_id, chunk, error, tickets.pop((run_id, chunk), -1), incarnation))
 
     speaks = rank is None or rank.rank == 0
     budgets = default_budgets(device, resources.gpu_share, resources.host_share, resources.gpu_gb, resources.cpu_gb)
@@ -83,26 +86,29 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
     task: ChunkTask | None
     while (task := tasks.get()) is not None:
         run = task.run
+        current["ticket"] = task.ticket
         if speaks:  # only the speaking rank writes checkpoints
             tickets[(run.run_id, task.chunk)] = task.ticket
         try:
             if run.run_id not in configs:
                 configs[run.run_id] = CONFIG_ADAPTER.validate_python(run.config)
-            outcome = bench.train_chunk(run, configs[run.run_id], task.chunk, task.resume_from, task.max_eval_samples, task.evaluate)
+            outcome = bench.train_chunk(run, configs[run.run_id], task.chunk, task.resume_from, task.max_eval_samples, task.evaluate,
+                                       task.judged)
             if speaks:
                 results.put(ChunkDone(
                     worker_id, task.ticket, run.run_id, outcome.chunk, outcome.global_step, outcome.metrics, outcome.seconds,
                     outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
-                    outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(),
+                    outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
                 ))
         except Exception as error:
             if rank is not None:
-                _leave_gang(worker_id, rank.rank, run.run_id, error, results)
+                _leave_gang(worker_id, rank.rank, run.run_id, error, results, incarnation)
             tickets.pop((run.run_id, task.chunk), None)
             bench.close(run.run_id)  # a bad run fails alone; the worker goes on
-            results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc()))
+            results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc(), task.ticket,
+                                  incarnation))
     bench.writer.close()
-    results.put(WorkerExit(worker_id, bench.resident_runs()))
+    results.put(WorkerExit(worker_id, bench.resident_runs(), incarnation))
 
 
 def _exit_with(parent_pid: int, every_seconds: float = 1.0) -> None:
@@ -119,11 +125,11 @@ def _exit_with(parent_pid: int, every_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-controller", daemon=True).start()
 
 
-def _leave_gang(worker_id: str, rank: int, run_id: str, error: Exception, results: Any) -> None:
+def _leave_gang(worker_id: str, rank: int, run_id: str, error: Exception, results: Any, incarnation: int = 0) -> None:
     """Report why this rank stops, then exit: the gang's other ranks may be waiting for it."""
     import os
 
-    results.put(RankError(worker_id, rank, run_id, f"{type(error).__name__}: {error}", traceback.format_exc()))
+    results.put(RankError(worker_id, rank, run_id, f"{type(error).__name__}: {error}", traceback.format_exc(), incarnation))
     if hasattr(results, "close"):
         results.close()
         results.join_thread()  # the message is sent before the process ends

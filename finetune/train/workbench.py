@@ -85,13 +85,13 @@ class Workbench:
     # ------------------------------------------------------------ the chunk step
 
     def train_chunk(self, run: PlannedRun, config: Any, chunk: int, resume_from: str | None,
-                    max_eval_samples: int | None, evaluate: bool = True) -> ChunkOutcome:
+                    max_eval_samples: int | None, evaluate: bool = True, judged: bool = False) -> ChunkOutcome:
         started, started_at = time.perf_counter(), time.time()
         session = self._session(run, config, chunk_boundary(run, chunk - 1), resume_from, max_eval_samples)
         self._place(run.run_id)
         step_seconds = session.train_until(chunk_boundary(run, chunk))
         eval_started = time.perf_counter()
-        metrics = self._measure(run, config, session, chunk, evaluate)
+        metrics = self._measure(run, config, session, chunk, evaluate, judged)
         eval_seconds = time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
@@ -106,11 +106,13 @@ class Workbench:
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
                             time.perf_counter() - started, started_at, time.time(), peak, total)
 
-    def _measure(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, asked: bool) -> dict[str, float]:
-        """The chunk's metrics (`evaluate.chunk.due` says which; `asked`: the controller's evaluation cadence).
+    def _measure(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, asked: bool,
+                 judged: bool = False) -> dict[str, float]:
+        """The chunk's metrics (`evaluate.chunk.due` says which; `asked`: the controller's evaluation cadence;
+        `judged`: the search compares runs here).
         What the trainer's own evaluation does not log (token_accuracy under its eval_conf name, the
         generation metrics) goes to the sink here, for the curves and MLflow."""
-        what = due(config, chunk, len(run.derived.chunk_steps or []), asked)
+        what = due(config, chunk, len(run.derived.chunk_steps or []), asked, judged)
         metrics = session.evaluate() if what.teacher_forced and session.trainer.eval_dataset is not None else {}
         extra = token_accuracy(session.trainer) if metrics and "token_accuracy" in config.eval_conf.metrics else {}
         if what.generation:

@@ -1,8 +1,9 @@
 """`sweep.strategy: pbt`: population-based training (Jaderberg et al. 2017) in chunks.
 
 The population is the group's planned runs (a random sample). When a run reaches a perturbation point
-(every `perturbation_interval` chunks of its lineage), every run of the population has a value, and its
-metric is in the bottom `quantile_fraction` of the population's latest values, it stops, and a clone of one of the top runs
+(every `perturbation_interval` chunks of its lineage: a clone counts its parent's chunks, and is measured
+exactly there), every run of the population has a value, and its metric is in the bottom
+`quantile_fraction` of the population's latest values, it stops, and a clone of one of the top runs
 replaces it (exploit): warm-started from that run's latest durable chunk (the `ctl clone --warm-start`
 machinery), its knobs perturbed (explore): a `$range` knob multiplied by one of `perturbation_factors`
 and kept in its range, a `$list` knob moved to a neighbouring value, either drawn afresh with
@@ -13,22 +14,23 @@ in its remaining chunks (`experiment.num_chunks`), so every lineage trains the p
 `parent_run_id` is the lineage, shown by `report` and the dashboard. The clone is added before the
 worse run stops, so a controller killed between the two leaves one run too many, never one too few; a clone
 that is rejected (an identical run exists, a full-model run has no adapter to warm-start) leaves the worse
-run training.
+run training, and then no exploit is logged.
+
+A NaN or infinite value (the run diverged) ranks below every finite one: such a run is replaced at its next
+perturbation point and is never a donor.
 """
 
 from __future__ import annotations
 
 import json
-import math
 import random
 from typing import Any
 
+from finetune.config.directions import diverged, sort_key
 from finetune.config.knobs import ListKnob, Path, iter_knobs, parse_knob
 from finetune.config.scheduling import PopulationBasedSweep
 from finetune.plan.model import RunPlan
-from finetune.schedule.control import CloneRequest
-from finetune.schedule.records import RunRecord
-from finetune.schedule.search import CloneOf, Proposal, Verdict, latest_metrics
+from finetune.search.contract import ChunkResult, CloneOf, Decision, Proposal, RunInfo, Verdict, latest_metrics
 
 KEPT_SECTIONS = ("peft_conf",)  # a warm start keeps the parent's adapter as it is
 MAX_DRAWS = 20  # perturbations tried for a clone unlike the ones already made
@@ -43,8 +45,9 @@ def value_at(tree: Any, path: Path) -> Any:
 class PopulationBasedTraining:
     """The searcher of one pbt group (see the module's docstring)."""
 
-    def __init__(self, group: int, sweep: PopulationBasedSweep, tree: dict[str, Any], lineage_chunks: int) -> None:
-        self.group, self.sweep, self.tree, self.lineage_chunks = group, sweep, tree, lineage_chunks
+    def __init__(self, group: int, sweep: PopulationBasedSweep, tree: dict[str, Any]) -> None:
+        self.group, self.sweep, self.tree = group, sweep, tree
+        self.direction = sweep.direction or "minimize"
         self.latest: dict[str, float] = {}  # run_id -> its latest metric value
         self.rng = random.Random(sweep.seed)
         self.made: set[tuple[str, tuple[str, ...]]] = set()  # (parent, changes) of the clones proposed so far
@@ -52,11 +55,12 @@ class PopulationBasedTraining:
 
     @classmethod
     def of(cls, plan: RunPlan, group: int) -> PopulationBasedTraining:
-        tree = plan.search_spaces[group]
-        chunks = int((tree.get("experiment") or {}).get("num_chunks", plan.num_chunks))
-        return cls(group, PopulationBasedSweep.model_validate(plan.sweeps[group]), tree, chunks)
+        return cls(group, PopulationBasedSweep.model_validate(plan.sweeps[group]), plan.search_spaces[group])
 
-    def resume(self, runs: list[RunRecord], chunk_rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    def measures(self, run: RunInfo, chunks_done: int) -> bool:
+        return (run.planned.lineage_start + chunks_done) % self.sweep.perturbation_interval == 0
+
+    def resume(self, runs: list[RunInfo], chunk_rows: list[dict[str, Any]]) -> list[Decision]:
         mine = {run.run_id for run in runs if run.planned.group == self.group}
         for run_id, by_chunk in latest_metrics(chunk_rows).items():
             values = [metrics[self.sweep.metric] for _, metrics in sorted(by_chunk.items()) if self.sweep.metric in metrics]
@@ -65,47 +69,46 @@ class PopulationBasedTraining:
         self.rng = random.Random(self.sweep.seed + len(chunk_rows))  # not the draws made before the restart
         return []
 
-    def lineage_progress(self, record: RunRecord, chunks_done: int) -> int:
-        """Chunks its lineage has trained: a clone starts where its parent's durable chunks ended."""
-        return self.lineage_chunks - record.total_chunks + chunks_done
-
-    def on_chunk(self, record: RunRecord, chunks_done: int, metrics: dict[str, float], runs: list[RunRecord]) -> Verdict:
-        value = metrics.get(self.sweep.metric)
-        if value is None or not math.isfinite(value):
+    def on_chunk(self, record: RunInfo, result: ChunkResult, runs: list[RunInfo]) -> Verdict:
+        value = result.value(self.sweep.metric)
+        if value is None:
             return Verdict()
         self.latest[record.run_id] = value
-        progress = self.lineage_progress(record, chunks_done)
-        if chunks_done >= record.total_chunks or progress % self.sweep.perturbation_interval:
+        progress = result.lineage_chunks
+        if result.chunks_done >= record.total_chunks or progress % self.sweep.perturbation_interval:
             return Verdict()
         population = [run for run in runs if run.planned.group == self.group and run.active]
         ranked = self._ranked(population)
         count = max(1, int(len(ranked) * self.sweep.quantile_fraction))
         if len(ranked) < max(2, len(population)) or record.run_id not in {run.run_id for run in ranked[-count:]}:
             return Verdict()
-        donors = [run for run in ranked[:count] if run.run_id != record.run_id and self._chunks_left(run) > 0]
+        donors = [run for run in ranked[:count] if run.run_id != record.run_id and self._chunks_left(run) > 0
+                  and not diverged(self.latest[run.run_id])]  # a diverged run is never a donor
         if not donors:
             return Verdict()
         parent = self.rng.choice(donors)
         detail = {"parent": parent.run_id, "value": value, "parent_value": self.latest[parent.run_id], "progress": progress,
                   "metric": self.sweep.metric}
+        if diverged(value):
+            detail["reason"] = f"{self.sweep.metric} is {value}: the run diverged"
         changes = self.explore(parent)
         for _ in range(MAX_DRAWS):  # another clone of the same chunk of the same parent would be the same run
             if (parent.run_id, tuple(changes)) not in self.made:
                 break
             changes = self.explore(parent)
         self.made.add((parent.run_id, tuple(changes)))
-        clone = CloneOf(parent.run_id, CloneRequest(tuple(changes), warm_start=True), {"replaces": record.run_id})
-        return Verdict(stop=True, events=[("pbt_exploit", detail)], add=[clone])
+        clone = CloneOf(parent.run_id, tuple(changes), warm_start=True, reason={"replaces": record.run_id})
+        return Verdict(stop=True, add=[clone], pending=[("pbt_exploit", detail)])
 
-    def _ranked(self, runs: list[RunRecord]) -> list[RunRecord]:
-        """Best first, of the runs with a value."""
+    def _ranked(self, runs: list[RunInfo]) -> list[RunInfo]:
+        """Best first, of the runs with a value (diverged ones last)."""
         scored = [run for run in runs if run.run_id in self.latest]
-        return sorted(scored, key=lambda run: self.latest[run.run_id], reverse=self.sweep.direction == "maximize")
+        return sorted(scored, key=lambda run: sort_key(self.latest[run.run_id], self.direction))
 
-    def _chunks_left(self, run: RunRecord) -> int:
+    def _chunks_left(self, run: RunInfo) -> int:
         return run.total_chunks - run.durable_chunks if run.last_checkpoint else 0
 
-    def explore(self, parent: RunRecord) -> list[str]:
+    def explore(self, parent: RunInfo) -> list[str]:
         """The clone's `--set` changes: its knobs perturbed, and the parent's remaining budget."""
         changes = []
         for path, knob in self.knobs:
@@ -129,10 +132,10 @@ class PopulationBasedTraining:
         moved = current * self.rng.choice(self.sweep.perturbation_factors)
         return knob.cast(min(max(moved, knob.start), knob.end))
 
-    def on_status(self, record: RunRecord) -> None:
+    def on_status(self, record: RunInfo) -> None:
         return None
 
-    def propose(self, runs: list[RunRecord]) -> list[Proposal]:
+    def propose(self, runs: list[RunInfo]) -> list[Proposal]:
         return []  # clones come with the verdict that stops the run they replace
 
     def accepted(self, proposal: Proposal, run_id: str) -> None:

@@ -13,6 +13,10 @@ for each proposal, in which a running trial with intermediate values appears fin
 pruned trial at its latest step for TPE (which ranks pruned trials by how far they got, then by their
 value there), as a completed trial of its latest value for the other samplers. Running trials without a
 value yet are shown to TPE as running (its constant liar keeps proposals apart).
+
+A NaN or infinite value (the run diverged) prunes the run once it may be pruned (`min_chunks`), whatever
+the pruner, and the decision says so; such a run's trial fails. Every call below `Study`'s own methods
+goes through `search.optuna_storage`.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ import math
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable
 
+from finetune.config.directions import diverged
 from finetune.config.knobs import Knob, ListKnob
 from finetune.config.scheduling import OptunaSweep
 from finetune.config.validation import validate_concrete
@@ -28,9 +33,9 @@ from finetune.plan.build import label_of, run_id_of
 from finetune.plan.derive import DeriveError, derive
 from finetune.plan.expand import Expansion, sample_with
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.policy import SuccessiveHalving, replay_rungs
-from finetune.schedule.records import RunRecord, RunStatus
-from finetune.schedule.search import NewRun, Proposal, Verdict, latest_metrics
+from finetune.search.contract import ChunkResult, Decision, NewRun, Proposal, RunInfo, Verdict, latest_metrics
+from finetune.search.halving import SuccessiveHalving, replay_rungs
+from finetune.search.optuna_storage import StudyFile
 
 if TYPE_CHECKING:
     import optuna
@@ -42,14 +47,13 @@ MAX_DRAWS = 50  # draws for a run unlike the existing ones before the space coun
 PRIMITIVES = (type(None), bool, int, float, str)
 
 
-def open_study(path: Path, name: str, sweep: OptunaSweep, num_chunks: int) -> optuna.Study:
-    """The group's study in the SQLite file `path`, created on first use and loaded on resume."""
+def open_study(file: StudyFile, name: str, sweep: OptunaSweep, num_chunks: int) -> optuna.Study:
+    """The group's study in `file`, created on first use and loaded on resume."""
     import optuna
 
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
-    storage = optuna.storages.RDBStorage(f"sqlite:///{path}", engine_kwargs={"connect_args": {"timeout": 30}})
-    return optuna.create_study(storage=storage, study_name=name, direction=sweep.direction, load_if_exists=True,
-                               sampler=optuna.samplers.RandomSampler(sweep.seed), pruner=make_pruner(sweep, num_chunks))
+    return optuna.create_study(storage=file.storage, study_name=name, direction=sweep.direction or "minimize",
+                               load_if_exists=True, sampler=optuna.samplers.RandomSampler(sweep.seed),
+                               pruner=make_pruner(sweep, num_chunks))
 
 
 def make_pruner(sweep: OptunaSweep, num_chunks: int) -> optuna.pruners.BasePruner:
@@ -116,24 +120,31 @@ def as_evidence(trial: optuna.trial.FrozenTrial, running_as_pruned: bool) -> opt
 class OptunaSearch:
     """The searcher of one optuna group (see the module's docstring)."""
 
-    def __init__(self, group: int, sweep: OptunaSweep, tree: dict[str, Any], study: optuna.Study, num_chunks: int) -> None:
+    def __init__(self, group: int, sweep: OptunaSweep, tree: dict[str, Any], study: optuna.Study, num_chunks: int,
+                 file: StudyFile) -> None:
         self.group, self.sweep, self.tree, self.study, self.num_chunks = group, sweep, tree, study, num_chunks
+        self.file = file
+        self.direction = sweep.direction or "minimize"
         self.trial_of: dict[str, int] = {}  # run_id -> trial number
         self.latest: dict[str, float] = {}  # run_id -> its latest metric value
         self.rejections_in_a_row = 0
-        self.asha = SuccessiveHalving(sweep.metric, sweep.direction, sweep.min_chunks, num_chunks, sweep.reduction_factor)
+        self.asha = SuccessiveHalving(sweep.metric, self.direction, sweep.min_chunks, None, sweep.reduction_factor)
 
     @classmethod
     def open(cls, plan: RunPlan, group: int, root: Path) -> OptunaSearch:
         sweep = OptunaSweep.model_validate(plan.sweeps[group])
         tree = plan.search_spaces[group]
         num_chunks = int((tree.get("experiment") or {}).get("num_chunks", plan.num_chunks))
-        study = open_study(root / OPTUNA_FILE, f"{plan.experiment}-group{group}", sweep, num_chunks)
-        return cls(group, sweep, tree, study, num_chunks)
+        file = StudyFile(root / OPTUNA_FILE)
+        study = open_study(file, f"{plan.experiment}-group{group}", sweep, num_chunks)
+        return cls(group, sweep, tree, study, num_chunks, file)
+
+    def measures(self, run: RunInfo, chunks_done: int) -> bool:
+        return chunks_done >= self.sweep.min_chunks
 
     # ------------------------------------------------------------ resume
 
-    def resume(self, runs: list[RunRecord], chunk_rows: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    def resume(self, runs: list[RunInfo], chunk_rows: list[dict[str, Any]]) -> list[Decision]:
         """Map trials to runs from the plan, fail the trials whose run never joined it, replay the durable
         chunks' values, and finish the trials of runs that ended while no controller watched."""
         from optuna.trial import TrialState
@@ -154,40 +165,44 @@ class OptunaSearch:
                     self._report(run.run_id, chunks_done, values[self.sweep.metric])
             self.on_status(run)
         if self.sweep.pruner == "asha":
-            replay_rungs({self.group: self.asha}, {run.run_id: self.group for run in mine}, chunk_rows)
+            replay_rungs(self.asha, mine, chunk_rows)
         return events
 
     # ------------------------------------------------------------ results
 
-    def on_chunk(self, record: RunRecord, chunks_done: int, metrics: dict[str, float], runs: list[RunRecord]) -> Verdict:
-        value = metrics.get(self.sweep.metric)
+    def on_chunk(self, record: RunInfo, result: ChunkResult, runs: list[RunInfo]) -> Verdict:
+        value = result.value(self.sweep.metric)
+        chunks_done = result.chunks_done
         if value is None or record.run_id not in self.trial_of:
             return Verdict()
         self._report(record.run_id, chunks_done, value)
-        if chunks_done >= record.total_chunks or not self._prune(record.run_id, chunks_done, metrics):
+        if chunks_done >= record.total_chunks:
+            return Verdict()
+        detail: dict[str, Any] = {"trial": self.trial_of[record.run_id], "pruner": self.sweep.pruner, "chunks": chunks_done,
+                                  "metric": self.sweep.metric, "value": value}
+        if diverged(value) and chunks_done >= self.sweep.min_chunks:
+            detail["reason"] = f"{self.sweep.metric} is {value}: the run diverged"
+        elif not self._prune(record, chunks_done, result.metrics):
             return Verdict()
         from optuna.trial import TrialState
 
         self.study.tell(self.trial_of[record.run_id], state=TrialState.PRUNED, skip_if_finished=True)
-        detail = {"trial": self.trial_of[record.run_id], "pruner": self.sweep.pruner, "chunks": chunks_done,
-                  "metric": self.sweep.metric, "value": value}
         return Verdict(True, [("optuna_pruned", detail)])
 
     def _report(self, run_id: str, chunks_done: int, value: float) -> None:
         self.latest[run_id] = value
-        if self._state(run_id) == "RUNNING":  # a value after a resume replaces the one of the same step
-            self.study._storage.set_trial_intermediate_value(self._trial_id(run_id), chunks_done, value)
+        number = self.trial_of[run_id]
+        if self.file.state(self.study, number) == "RUNNING":  # a value after a resume replaces the one of the same step
+            self.file.replace_value(self.study, number, chunks_done, value)
 
-    def _prune(self, run_id: str, chunks_done: int, metrics: dict[str, float]) -> bool:
+    def _prune(self, record: RunInfo, chunks_done: int, metrics: dict[str, float]) -> bool:
         if self.sweep.pruner == "none" or chunks_done < self.sweep.min_chunks:
             return False
         if self.sweep.pruner == "asha":
-            return self.asha.on_result(run_id, chunks_done, metrics)[0] == "stop"
-        import optuna
+            return self.asha.on_result(record.run_id, chunks_done, record.total_chunks, metrics)[0] == "stop"
+        return self.study.pruner.prune(self.study, self.file.frozen(self.study, self.trial_of[record.run_id]))
 
-        return optuna.trial.Trial(self.study, self._trial_id(run_id)).should_prune()
-
-    def on_status(self, record: RunRecord) -> None:
+    def on_status(self, record: RunInfo) -> None:
         """A completed run completes its trial with its last value; a deleted one fails it. A run stopped by
         the user or failed keeps its trial running: `ctl resume` or `retry` may still finish it."""
         from optuna.trial import TrialState
@@ -195,16 +210,16 @@ class OptunaSearch:
         number = self.trial_of.get(record.run_id)
         if number is None:
             return
-        if record.status is RunStatus.COMPLETED:
+        if record.status == "completed":
             value = self.latest.get(record.run_id)
             finite = value is not None and math.isfinite(value)
             self.study.tell(number, value if finite else None, state=None if finite else TrialState.FAIL, skip_if_finished=True)
-        elif record.status is RunStatus.DELETED:
+        elif record.status == "deleted":
             self.study.tell(number, state=TrialState.FAIL, skip_if_finished=True)
 
     # ------------------------------------------------------------ proposals
 
-    def propose(self, runs: list[RunRecord]) -> list[Proposal]:
+    def propose(self, runs: list[RunInfo]) -> list[Proposal]:
         """As many new runs as the study has free slots, up to num_runs in all."""
         if self.rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
             return []
@@ -234,9 +249,7 @@ class OptunaSearch:
             return None
         self.study.enqueue_trial(chosen.params)
         trial = self.study.ask()
-        for key, value in chosen.system_attrs.items():  # CMA-ES keeps its state in them
-            if key != "fixed_params":
-                self.study._storage.set_trial_system_attr(trial._trial_id, key, value)
+        self.file.copy_system_attrs(self.study, trial.number, chosen.system_attrs)  # CMA-ES keeps its state in them
         expansion = sample_with(self.tree, suggest_on(trial))
         planned, problem = self._planned(expansion, trial.number)
         if planned is None:
@@ -254,7 +267,7 @@ class OptunaSearch:
         trials = self.study.get_trials(deepcopy=False)
         seed = self.sweep.seed + len(trials) + attempt
         sampler = optuna.samplers.RandomSampler(seed) if random_draw else make_sampler(self.sweep, seed)
-        view = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction=self.sweep.direction, sampler=sampler)
+        view = optuna.create_study(storage=optuna.storages.InMemoryStorage(), direction=self.direction, sampler=sampler)
         for trial in [] if random_draw else trials:
             evidence = as_evidence(trial, running_as_pruned=self.sweep.sampler == "tpe")
             if evidence is not None:
@@ -282,15 +295,6 @@ class OptunaSearch:
         from optuna.trial import TrialState
 
         assert isinstance(proposal, NewRun) and proposal.planned.trial is not None
-        trial_id = self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, proposal.planned.trial)
-        self.study._storage.set_trial_user_attr(trial_id, "rejected", reason)
+        self.file.set_user_attr(self.study, proposal.planned.trial, "rejected", reason)
         self.study.tell(proposal.planned.trial, state=TrialState.FAIL, skip_if_finished=True)
         self.rejections_in_a_row += 1
-
-    # ------------------------------------------------------------ helpers
-
-    def _trial_id(self, run_id: str) -> int:
-        return self.study._storage.get_trial_id_from_study_id_trial_number(self.study._study_id, self.trial_of[run_id])
-
-    def _state(self, run_id: str) -> str:
-        return self.study._storage.get_trial(self._trial_id(run_id)).state.name

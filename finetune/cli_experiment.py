@@ -4,11 +4,11 @@ dashboard, and exports (registered on the app by `finetune.cli`)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Annotated, Optional
+from typing import Annotated, Any, Optional
 
 import typer
 
-from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, exit_with, experiment_or_exit
+from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, errors, exit_with, experiment_or_exit
 
 ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True)
 
@@ -115,17 +115,20 @@ def dashboard(
 
 def export(
     experiment: ExperimentArg,
-    run_id: RunIdArg,
+    run_id: Annotated[str, typer.Argument(help="Run id (see `finetune status`), or `best`: the top-ranked completed run")],
     merged: Annotated[bool, typer.Option("--merged", help="Merge the adapter into its base model")] = False,
     output: Annotated[Optional[Path], typer.Option(help="Where to write; default: the run's checkpoint-merged")] = None,
 ) -> None:
-    """Write a completed run's model: the adapter merged into its base (--merged), or a copy of checkpoint-final."""
+    """Write a completed run's model: the adapter merged into its base (--merged), or a copy of checkpoint-final.
+    `best` names the top-ranked completed run (as `finetune report` ranks them)."""
     import shutil
 
     from finetune.runtime import quiet_libraries
     from finetune.schedule.folder import read_plan
 
     plan = read_plan(experiment_or_exit(experiment))
+    if run_id == "best":
+        run_id = _best_run(experiment, plan)
     try:
         name = (plan.run(run_id).config.get("run_conf") or {}).get("final_checkpoint_name", "checkpoint-final")
     except KeyError:
@@ -149,3 +152,22 @@ def export(
     else:
         target = final
     console.print(str(target), highlight=False, soft_wrap=True)
+
+
+def _best_run(experiment: Path, plan: Any) -> str:
+    """The top-ranked completed run, said on stderr with its value; exits when no run has completed."""
+    from finetune.schedule.folder import open_store
+    from finetune.track.ranking import ranked_runs, ranking_metric
+
+    store = open_store(experiment)
+    try:
+        ranked = [entry for entry in ranked_runs(store, plan) if entry.row.state == "completed"]
+    finally:
+        store.close()
+    if not ranked:
+        exit_with(f"{experiment} has no completed run to export yet", EXIT_UNUSABLE)
+    top, (metric, _) = ranked[0], ranking_metric(plan)
+    value = "not measured" if top.value is None else f"{top.value:.4g}"
+    errors.print(f"best run: {top.row.run_id} ({metric} {value}{'; ' + top.note if top.note else ''})",
+                      markup=False, emoji=False, highlight=False)
+    return top.row.run_id

@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import dataclasses
 import queue
-import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -41,6 +40,7 @@ from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
 from finetune.schedule.records import ChunkRecord, ChunkStatus, IllegalTransition, RunRecord, RunStatus, check_transition
 from finetune.schedule.search import SearchDriver, chunk_result
+from finetune.schedule.keeping import CheckpointKeeper
 from finetune.search.contract import ChunkResult
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import ExperimentTracking, Tracker
@@ -66,9 +66,11 @@ class Controller:
     tickets: int = 0  # dispatches so far
     logged: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # ticket -> training logs of its chunk
     tracking: ExperimentTracking = field(init=False)
+    keeper: CheckpointKeeper = field(init=False)
 
     def __post_init__(self) -> None:
         self.tracking = ExperimentTracking(self.tracker, self.root, self.store)
+        self.keeper = CheckpointKeeper(self.plan, self.store.root)
 
     # ------------------------------------------------------------ set-up
 
@@ -89,7 +91,9 @@ class Controller:
             if self.runs[run_id].status is not RunStatus.FAILED:
                 self._set_status(self.runs[run_id], RunStatus.FAILED, error)
                 self.store.event("run_failed", run_id, error=error, stage="preparing data")
-        self._record_events(self.search.start(self, self.store.chunk_rows()))
+        chunk_rows = self.store.chunk_rows()
+        self._record_events(self.search.start(self, chunk_rows))
+        self.keeper.resume(chunk_rows)
         self.tracking.start(list(self.runs.values()))
 
     def _register(self, run: PlannedRun) -> RunRecord:
@@ -357,8 +361,7 @@ class Controller:
                                 done.step_seconds, done.eval_seconds, done.started_at, done.finished_at)
         previous, record.last_checkpoint = record.last_checkpoint, durable.checkpoint
         record.durable_chunks += 1
-        if previous and previous != durable.checkpoint and Path(previous).resolve().is_relative_to(self.store.root):
-            shutil.rmtree(previous, ignore_errors=True)  # never outside this folder (a copy's is the original's)
+        self.keeper.durable(record.run_id, previous, durable.checkpoint, done.metrics)
         self.store.event("chunk_durable", record.run_id, chunk=chunk.chunk, bytes=_directory_bytes(Path(durable.checkpoint)))
         if record.durable_chunks >= record.total_chunks and record.status in (RunStatus.PENDING, RunStatus.STOPPED):
             # every chunk is durable: completed, whatever a late stop said

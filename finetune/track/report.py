@@ -13,7 +13,8 @@ from finetune.schedule.folder import open_store, read_plan
 from finetune.schedule.store import StateStore
 from finetune.track.colors import run_colors
 from finetune.track.lineage import lineage_text, lineages
-from finetune.track.ranking import Ranked, evaluation_metrics, ranked_runs, ranking_metric
+from finetune.search.ranking import ranking_rule
+from finetune.track.ranking import Ranked, evaluation_metrics, ranked_runs
 
 CURVES = ("loss", "eval_loss", "reward")  # and the eval_conf metrics of the runs
 # Events that are decisions: successive halving's, control requests, a study's pruning, PBT's exploits, runs a search added.
@@ -23,24 +24,30 @@ DECISION_KINDS = ("sha_", "ctl_", "optuna_", "pbt_", "search_")
 def report_markdown(root: Path) -> str:
     plan = read_plan(root)
     store = open_store(root)
-    metric, direction = ranking_metric(plan)
-    ranked = ranked_runs(store, plan)
+    rule = ranking_rule(plan)
+    metric, direction = rule.metric, rule.direction
+    ranked = ranked_runs(store, plan, rule)
     others = [name for name in evaluation_metrics(plan) if name != metric]
     logged = {name: store.latest_metric(name) for name in others}
     measured = any(entry.value is not None for entry in ranked) or not ranked
     lines = [
         f"# {plan.experiment}",
         "",
-        f"Ranked by `{metric}` ({direction}), latest value of each run." if measured else _never_measured(metric),
+        (f"Ranked by `{metric}` ({direction}), the {rule.rank_by} value of each run; completed runs first, a run "
+         "stopped early below every run that got further, a diverged one last." if measured else _never_measured(metric)),
         "",
-        f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} |",
-        "|---|---|---|---|---|---|" + "---|" * len(others),
+        f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} | note |",
+        "|---|---|---|---|---|---|" + "---|" * len(others) + "---|",
     ]
     for entry in ranked:
         row = entry.row
         shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
                                                                        for name in others)])
-        lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} |")
+        lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} | {entry.note} |")
+    if measured and ranked and ranked[0].checkpoint and Path(ranked[0].checkpoint).is_dir():
+        top = ranked[0]
+        lines += ["", f"Best run `{top.row.run_id}`: its {rule.rank_by} checkpoint (chunk {top.chunk}) is `{top.checkpoint}`; "
+                  f"`finetune export {root} best` exports it."]
     lines += cost_and_knobs(store, plan, ranked)
     chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
     if chains:

@@ -63,20 +63,21 @@ def test_runs_are_judged_only_once_the_whole_population_has_a_value() -> None:
     assert not any(verdict.stop for verdict in verdicts.values()), "d was worst of the two that had reported"
 
 
-def test_the_worst_run_stops_and_a_warm_clone_of_the_best_replaces_it() -> None:
+def test_the_worst_run_stops_and_a_clone_continuing_the_best_replaces_it() -> None:
     search = pbt(resample_probability=0.0, perturbation_factors=[0.5, 2.0])
     runs = [run("a", 1e-3), run("b", 2e-3), run("c", 3e-3), run("d", 4e-3)]
     verdicts = report(search, runs, {"a": 1.0, "b": 2.0, "c": 3.0, "d": 4.0})
     assert [name for name, verdict in verdicts.items() if verdict.stop] == ["d"]
     (clone,) = verdicts["d"].add
-    assert clone.parent_run_id == "a" and clone.warm_start and clone.reason == {"replaces": "d"}
+    assert clone.parent_run_id == "a" and clone.continues and not clone.warm_start and clone.reason == {"replaces": "d"}
     kind, detail = verdicts["d"].pending[0]  # logged once the clone is added
     assert kind == "pbt_exploit" and detail["parent"] == "a" and detail["value"] == 4.0 and detail["parent_value"] == 1.0
     changes = changes_of(clone)
     assert changes["training_args.learning_rate"] in (pytest.approx(5e-4), pytest.approx(2e-3))
     assert changes["training_args.lr_scheduler_type"] in ("linear", "constant")  # a neighbour of cosine
-    assert not any(key.startswith("peft_conf") for key in changes), "a warm start keeps the adapter's shape"
-    assert changes["training_args.max_steps"] == 6 and changes["experiment.num_chunks"] == 3  # what the parent had left
+    assert not any(key.startswith("peft_conf") for key in changes), "the clone keeps the donor's adapter shape"
+    assert set(changes) == {"training_args.learning_rate", "training_args.lr_scheduler_type"}, \
+        "only the perturbed knobs change: the schedule, the data and the budget are the donor's (on main: a new schedule)"
 
 
 def test_perturbed_values_stay_in_their_range_and_resampling_draws_afresh() -> None:
@@ -106,7 +107,6 @@ def test_a_clone_counts_its_chunks_from_where_its_parent_was() -> None:
     runs = [run("a", 1e-3, durable=2), run("b", 2e-3, durable=2), run("c", 3e-3, durable=2), clone]
     verdicts = report(search, runs, {"a": 1.0, "b": 2.0, "c": 3.0, "clone": 4.0}, chunks_done=1)
     assert not verdicts["a"].stop and verdicts["clone"].stop  # lineage chunk 2 for the clone only
-    assert changes_of(verdicts["clone"].add[0])["experiment.num_chunks"] == 2
 
 
 def test_a_higher_metric_is_better_when_maximized() -> None:

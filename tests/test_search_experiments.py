@@ -83,9 +83,10 @@ def test_an_optuna_study_with_pruning_survives_sigkill_and_resumes_the_same_stud
     assert "trial 0" in report
 
 
-def test_population_based_training_replaces_the_worst_runs_by_warm_clones_of_the_best(tmp_path, demo_dir) -> None:
+def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_the_best(tmp_path, demo_dir) -> None:
     config = demo_config(tmp_path, demo_dir, "sft-pbt.yaml", "pbt")
-    finetune(tmp_path, "run", str(config), *small("pbt", steps=8, chunks=4), "--set", "sweep.quantile_fraction=0.5")
+    finetune(tmp_path, "run", str(config), *small("pbt", steps=8, chunks=4), "--set", "sweep.quantile_fraction=0.5",
+             "--set", "training_args.lr_scheduler_type=linear")  # one schedule: a clone's rate is comparable with its donor's
     root = tmp_path / "runs" / "pbt"
     final = states(root)
     exploits = events(root, "pbt_exploit")
@@ -94,7 +95,13 @@ def test_population_based_training_replaces_the_worst_runs_by_warm_clones_of_the
     plan = {run["run_id"]: run for run in json.loads((root / "plan.json").read_text())["runs"]}
     with state_db(root) as db:
         parents = dict(db.execute("SELECT run_id, parent_run_id FROM runs").fetchall())
-    replacements = 0
+        steps: dict[str, list[int]] = {}
+        for run_id, step in db.execute("SELECT run_id, global_step FROM chunks ORDER BY run_id, chunk"):
+            steps.setdefault(run_id, []).append(step)
+        lr_rows = db.execute("SELECT run_id, step, value FROM metrics WHERE name = 'learning_rate'").fetchall()
+    lrs = [(run_id, step, "learning_rate") for run_id, step, _ in lr_rows]
+    lr_at = {(run_id, step): value for run_id, step, value in lr_rows}
+    replacements = checked = 0
     for replaced, detail, _ in exploits:
         clones = [run for run, info in added.items() if info["replaces"] == replaced]
         if not clones:  # rejected (the events say why): the run goes on
@@ -103,9 +110,24 @@ def test_population_based_training_replaces_the_worst_runs_by_warm_clones_of_the
         (clone,) = clones
         assert final[replaced] == "stopped"
         assert parents[clone] == detail["parent"] == added[clone]["parent"]
-        assert plan[clone]["warm_start"] and plan[clone]["config"]["peft_conf"]["peft_type"] == "PRETRAINED_PEFT"
+        donor = detail["parent"]
+        # The clone continues the donor: same adapter, schedule and data; its first chunks are the donor's.
+        assert plan[clone]["warm_start"] is None and plan[clone]["config"]["peft_conf"] == plan[donor]["config"]["peft_conf"]
+        assert plan[clone]["derived"]["chunk_steps"] == plan[donor]["derived"]["chunk_steps"]
+        inherited = detail["progress"]
+        assert steps[clone][:inherited] == steps[donor][:inherited]
         assert final[clone] in ("completed", "stopped")
+        if final[clone] == "completed":  # on main: a fresh schedule of the remaining steps from batch 0 (6 steps, not 8)
+            assert steps[clone][-1] == 8 and len(steps[clone]) == 4
+        first = min(step for run_id, step, name in lrs if run_id == clone and step > steps[donor][inherited - 1])
+        args = {run: plan[run]["config"]["training_args"] for run in (clone, donor)}
+        if (donor, first) in lr_at:  # the donor trained on (it is among the best)
+            # the same point of the same schedule, each at its own base rate (on main: a fresh, shorter schedule)
+            assert lr_at[(clone, first)] / args[clone]["learning_rate"] == pytest.approx(
+                lr_at[(donor, first)] / args[donor]["learning_rate"], rel=1e-4)
+            checked += 1
     assert replacements and len([run for run, parent in parents.items() if parent]) == replacements
+    assert checked, "a clone's learning rate was compared with its donor's"
     report = finetune(tmp_path, "report", str(root)).stdout
     assert "pbt_exploit" in report and "Lineage" in (root / "report.md").read_text()
     from finetune.dashboard.views import runs_view

@@ -89,6 +89,7 @@ class CloneRequest:
 
     changes: tuple[str, ...]
     warm_start: bool
+    continues: bool = False  # PBT's exploit: the clone takes over the parent's full durable state (not from `ctl`)
 
     @classmethod
     def parse(cls, payload: Any) -> CloneRequest:
@@ -166,7 +167,8 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
         derived=derived,
         parent_run_id=parent.run_id,
         warm_start=_warm_start_of(doc.tree, parent, request),
-        lineage_start=parent.planned.lineage_start + parent.durable_chunks if request.warm_start else 0,
+        lineage_start=(parent.planned.lineage_start + parent.durable_chunks if request.warm_start
+                       else parent.planned.lineage_start if request.continues else 0),
     )
 
 
@@ -235,6 +237,7 @@ class ControlTarget(Protocol):
     def set_status(self, run_id: str, status: RunStatus) -> None: ...
     def prepare(self, run: PlannedRun) -> PlannedRun: ...
     def add_run(self, run: PlannedRun) -> None: ...
+    def inherit(self, run: PlannedRun, parent: CloneParent) -> None: ...
 
 
 def apply_request(target: ControlTarget, kind: str, run_id: str, payload: Any) -> str | None:
@@ -274,6 +277,9 @@ def add_clone(target: ControlTarget, parent: CloneParent, request: CloneRequest)
     """The clone planned, prepared and added to the experiment (its warm start copied first); the
     one path of `ctl clone` and of population-based training. Raises `RequestRejected`."""
     clone = target.prepare(plan_clone(parent, request, target.run_ids()))
+    if request.continues:
+        _check_continuation(parent, clone)
+        target.inherit(clone, parent)  # its first chunks are the parent's, its state the parent's last durable one
     if clone.warm_start is not None:
         try:
             keep_warm_start(target.root, parent, clone.warm_start)
@@ -281,3 +287,12 @@ def add_clone(target: ControlTarget, parent: CloneParent, request: CloneRequest)
             raise RequestRejected([("warm_start", f"the parent's checkpoint could not be copied ({error})")]) from None
     target.add_run(clone)
     return clone
+
+
+def _check_continuation(parent: CloneParent, clone: PlannedRun) -> None:
+    """A clone that continues its parent's state trains the same schedule on the same data from there."""
+    if not parent.last_checkpoint:
+        raise RequestRejected([("", "continuing a run needs a durable chunk of it; it has none yet")])
+    if (clone.derived.chunk_steps or []) != (parent.planned.derived.chunk_steps or []):
+        raise RequestRejected([("", f"the clone's chunks ({clone.derived.chunk_steps}) are not its parent's "
+                                    f"({parent.planned.derived.chunk_steps}): it cannot continue the parent's state")])

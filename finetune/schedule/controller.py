@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import queue
+import shutil
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -22,7 +23,7 @@ from typing import Callable
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.control import RequestRejected, apply_request
+from finetune.schedule.control import CloneParent, RequestRejected, apply_request
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.messages import (
     ChunkDone,
@@ -150,6 +151,29 @@ class Controller:
         write_json_atomic(self.root / "plan.json", plan.model_dump(mode="json"))
         self.plan = plan
         self.tracking.add(self._register(run))
+
+    def inherit(self, run: PlannedRun, parent: CloneParent) -> None:
+        """A clone that continues `parent` (PBT's exploit) starts with the parent's durable chunks as its own: their
+        rows (no time spent: nothing was trained for it) and a copy of the last one's full state."""
+        assert parent.last_checkpoint is not None
+        source = Path(parent.last_checkpoint)
+        target = self.root / "runs" / run.run_id / source.name
+        if not target.is_dir():
+            tmp = target.with_name(f".{target.name}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.copytree(source, tmp)
+                tmp.rename(target)
+            except OSError as error:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise RequestRejected([("", f"the parent's checkpoint could not be copied ({error})")]) from None
+        self.store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
+        rows = sorted((row for row in self.store.chunk_rows(parent.run_id) if row["chunk"] < parent.durable_chunks),
+                      key=lambda row: row["chunk"])
+        for row in rows:
+            checkpoint = str(target) if row["chunk"] == parent.durable_chunks - 1 else row["checkpoint"]
+            self.store.record_chunk(run.run_id, row["chunk"], row["global_step"], checkpoint, row["metrics"], 0.0, 0.0, 0.0,
+                                    row["started_at"], row["trained_at"])
 
     def local_devices(self) -> list[str] | None:
         """The devices of this machine's workers; None on a Ray cluster, whose workers check their own."""

@@ -8,6 +8,7 @@ from typing import Any, Callable
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.data.files import data_paths
 from finetune.io import write_json_atomic
+from finetune.plan.compare import plan_differences
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.folder import read_plan
 
@@ -108,12 +109,16 @@ def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     saved = root / "plan.json"
     if saved.is_file():
         existing = read_plan(root)
-        original = {run.run_id for run in existing.runs if run.parent_run_id is None and run.trial is None}
-        if resume or original == {run.run_id for run in plan.runs}:
+        if resume:
+            return existing
+        differences = plan_differences(existing, plan)
+        if not differences:
             return existing
         raise ExperimentError(
-            f"{root} already holds an experiment with other runs; use --resume to continue it, "
-            "or give experiment.name another value"
+            f"{root} already holds an experiment planned from another config; the plan on disk is the plan:\n  "
+            + "\n  ".join(differences)
+            + f"\nEither give experiment.name another value (a new experiment), or continue the saved plan with "
+            f"`finetune run --resume {root}`."
         )
     if resume:
         read_plan(root)  # missing: says so, and what to do

@@ -109,4 +109,4 @@ def _add(target: SearchTarget, proposal: Proposal) -> PlannedRun:
     record = target.record(proposal.parent_run_id)
     if record is None:
         raise RequestRejected([("", f"no run {proposal.parent_run_id}")])
-    return add_clone(target, CloneParent.of(record), CloneRequest(proposal.changes, proposal.warm_start))
+    return add_clone(target, CloneParent.of(record), CloneRequest(proposal.changes, proposal.warm_start, proposal.continues))

@@ -65,11 +65,14 @@ class NewRun:
 @dataclass(frozen=True)
 class CloneOf:
     """A clone of a run of the experiment, as `finetune ctl clone` makes it: `--set` changes, and whether it
-    starts from the parent's durable state (`warm_start`)."""
+    starts from the parent's adapter (`warm_start`) or continues the parent's full durable state (`continues`:
+    adapter, optimizer moments, schedule position, data position and RNG, with only the changed knobs
+    different; PBT's exploit, as Ray Tune's)."""
 
     parent_run_id: str
     changes: tuple[str, ...]
-    warm_start: bool = True
+    warm_start: bool = False
+    continues: bool = False
     reason: dict[str, Any] = field(default_factory=dict)
 
 

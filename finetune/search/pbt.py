@@ -4,16 +4,15 @@ The population is the group's planned runs (a random sample). When a run reaches
 (every `perturbation_interval` chunks of its lineage: a clone counts its parent's chunks, and is measured
 exactly there), every run of the population has a value, and its metric is in the bottom
 `quantile_fraction` of the population's latest values, it stops, and a clone of one of the top runs
-replaces it (exploit): warm-started from that run's latest durable chunk (the `ctl clone --warm-start`
-machinery), its knobs perturbed (explore): a `$range` knob multiplied by one of `perturbation_factors`
+replaces it (exploit): it continues that run's full durable state (adapter, optimizer moments, schedule
+position, data position and RNG: its first chunks are the donor's, as Ray Tune's PBT resumes the donor's
+checkpoint), with its knobs perturbed (explore): a `$range` knob multiplied by one of `perturbation_factors`
 and kept in its range, a `$list` knob moved to a neighbouring value, either drawn afresh with
-`resample_probability`. Knobs under `peft_conf` are kept: a warm start trains the parent's adapter.
-
-A clone trains what its parent had left: the parent's remaining optimizer steps (`training_args.max_steps`)
-in its remaining chunks (`experiment.num_chunks`), so every lineage trains the population's budget. Its
-`parent_run_id` is the lineage, shown by `report` and the dashboard. The clone is added before the
+`resample_probability`. Knobs of the sections that shape the state or the schedule (`KEPT_SECTIONS`) are
+kept: the clone trains the donor's adapter on the donor's schedule and data, so a lineage warms up once and
+sees the data once per epoch. Its `parent_run_id` is the lineage, shown by `report` and the dashboard. The clone is added before the
 worse run stops, so a controller killed between the two leaves one run too many, never one too few; a clone
-that is rejected (an identical run exists, a full-model run has no adapter to warm-start) leaves the worse
+that is rejected (an identical run exists, the donor's checkpoint cannot be copied) leaves the worse
 run training, and then no exploit is logged.
 
 A NaN or infinite value (the run diverged) ranks below every finite one: such a run is replaced at its next
@@ -32,7 +31,9 @@ from finetune.config.scheduling import PopulationBasedSweep
 from finetune.plan.model import RunPlan
 from finetune.search.contract import ChunkResult, CloneOf, Decision, Proposal, RunInfo, Verdict, latest_metrics
 
-KEPT_SECTIONS = ("peft_conf",)  # a warm start keeps the parent's adapter as it is
+# Kept by an exploit: the adapter's shape, the batches, the data, the model and the chunking are the donor's.
+KEPT_SECTIONS = ("peft_conf", "batchsize_conf", "data_conf", "run_conf", "experiment", "quant_conf", "method")
+KEPT_KEYS = (("training_args", "max_steps"), ("training_args", "num_train_epochs"))
 MAX_DRAWS = 20  # perturbations tried for a clone unlike the ones already made
 
 
@@ -51,7 +52,8 @@ class PopulationBasedTraining:
         self.latest: dict[str, float] = {}  # run_id -> its latest metric value
         self.rng = random.Random(sweep.seed)
         self.made: set[tuple[str, tuple[str, ...]]] = set()  # (parent, changes) of the clones proposed so far
-        self.knobs = [(path, parse_knob(plain)) for path, plain in iter_knobs(tree) if path[0] not in KEPT_SECTIONS]
+        self.knobs = [(path, parse_knob(plain)) for path, plain in iter_knobs(tree)
+                      if path[0] not in KEPT_SECTIONS and tuple(path[:2]) not in KEPT_KEYS]
 
     @classmethod
     def of(cls, plan: RunPlan, group: int) -> PopulationBasedTraining:
@@ -97,7 +99,7 @@ class PopulationBasedTraining:
                 break
             changes = self.explore(parent)
         self.made.add((parent.run_id, tuple(changes)))
-        clone = CloneOf(parent.run_id, tuple(changes), warm_start=True, reason={"replaces": record.run_id})
+        clone = CloneOf(parent.run_id, tuple(changes), continues=True, reason={"replaces": record.run_id})
         return Verdict(stop=True, add=[clone], pending=[("pbt_exploit", detail)])
 
     def _ranked(self, runs: list[RunInfo]) -> list[RunInfo]:
@@ -109,14 +111,11 @@ class PopulationBasedTraining:
         return run.total_chunks - run.durable_chunks if run.last_checkpoint else 0
 
     def explore(self, parent: RunInfo) -> list[str]:
-        """The clone's `--set` changes: its knobs perturbed, and the parent's remaining budget."""
+        """The clone's `--set` changes: its knobs perturbed (the rest is the parent's, state included)."""
         changes = []
         for path, knob in self.knobs:
             current = value_at(parent.planned.config, path)
             changes.append(f"{'.'.join(map(str, path))}={json.dumps(self._perturb(knob, current))}")  # --set's path form
-        steps = parent.planned.derived.chunk_steps or []
-        changes.append(f"training_args.max_steps={sum(steps[parent.durable_chunks:])}")
-        changes.append(f"experiment.num_chunks={self._chunks_left(parent)}")
         return changes
 
     def _perturb(self, knob: Any, current: Any) -> Any:

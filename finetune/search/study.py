@@ -21,12 +21,12 @@ goes through `search.optuna_storage`.
 
 from __future__ import annotations
 
+import logging
 import math
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable
+from typing import TYPE_CHECKING, Any
 
 from finetune.config.directions import diverged
-from finetune.config.knobs import Knob, ListKnob
 from finetune.config.scheduling import OptunaSweep
 from finetune.config.validation import validate_concrete
 from finetune.plan.build import label_of, run_id_of
@@ -36,15 +36,17 @@ from finetune.plan.model import PlannedRun, RunPlan
 from finetune.search.contract import ChunkResult, Decision, NewRun, Proposal, RunInfo, Verdict, latest_metrics
 from finetune.search.halving import SuccessiveHalving, replay_rungs
 from finetune.search.optuna_storage import StudyFile
+from finetune.search.study_heal import mismatch, rebuild, set_aside
+from finetune.search.study_space import suggest_on
 
 if TYPE_CHECKING:
     import optuna
 
+logger = logging.getLogger(__name__)
 OPTUNA_FILE = "optuna.db"
 RUN_ATTR = "run_id"
 MAX_REJECTIONS_IN_A_ROW = 20  # proposals refused one after another (bad configs): the study stops proposing
 MAX_DRAWS = 50  # draws for a run unlike the existing ones before the space counts as exhausted
-PRIMITIVES = (type(None), bool, int, float, str)
 
 
 def open_study(file: StudyFile, name: str, sweep: OptunaSweep, num_chunks: int) -> optuna.Study:
@@ -81,23 +83,6 @@ def make_sampler(sweep: OptunaSweep, seed: int) -> optuna.samplers.BaseSampler:
     return optuna.samplers.RandomSampler(seed=seed)
 
 
-def suggest_on(trial: optuna.Trial) -> Callable[[str, Knob], Any]:
-    """The chooser of `plan.expand.sample_with` that asks `trial`: a `$list` is categorical (over its values,
-    or over their indices when they are sub-configs), a `$range` an int or float, log-scaled or not."""
-
-    def choose(name: str, knob: Knob) -> Any:
-        if isinstance(knob, ListKnob):
-            if all(isinstance(value, PRIMITIVES) for value in knob.values):
-                picked = trial.suggest_categorical(name, knob.values)
-                return next(index for index, value in enumerate(knob.values) if type(value) is type(picked) and value == picked)
-            return trial.suggest_categorical(name, list(range(len(knob.values))))
-        if knob.is_int:
-            return trial.suggest_int(name, int(knob.cast(knob.start)), int(knob.cast(knob.end)), log=knob.log)
-        return trial.suggest_float(name, float(knob.start), float(knob.end), log=knob.log)
-
-    return choose
-
-
 def as_evidence(trial: optuna.trial.FrozenTrial, running_as_pruned: bool) -> optuna.trial.FrozenTrial | None:
     """How a trial of the study is shown to the sampler: finished ones as they are, a running one with
     intermediate values as finished so far (pruned at its latest step, or completed with its latest value)."""
@@ -129,15 +114,27 @@ class OptunaSearch:
         self.latest: dict[str, float] = {}  # run_id -> its latest metric value
         self.rejections_in_a_row = 0
         self.asha = SuccessiveHalving(sweep.metric, self.direction, sweep.min_chunks, None, sweep.reduction_factor)
+        self.damaged: str | None = None  # why optuna.db could not be read when it was opened
 
     @classmethod
     def open(cls, plan: RunPlan, group: int, root: Path) -> OptunaSearch:
         sweep = OptunaSweep.model_validate(plan.sweeps[group])
         tree = plan.search_spaces[group]
         num_chunks = int((tree.get("experiment") or {}).get("num_chunks", plan.num_chunks))
-        file = StudyFile(root / OPTUNA_FILE)
-        study = open_study(file, f"{plan.experiment}-group{group}", sweep, num_chunks)
-        return cls(group, sweep, tree, study, num_chunks, file)
+        name, path = f"{plan.experiment}-group{group}", root / OPTUNA_FILE
+        damaged = None
+        try:
+            file = StudyFile(path)
+            study = open_study(file, name, sweep, num_chunks)
+            study.get_trials(deepcopy=False)
+        except Exception as error:  # noqa: BLE001 - any damage to the cache: rebuilt from state.db on resume
+            moved = set_aside(path)
+            damaged = f"{OPTUNA_FILE} could not be read ({type(error).__name__}); set aside as {moved.name if moved else '-'}"
+            file = StudyFile(path)
+            study = open_study(file, name, sweep, num_chunks)
+        search = cls(group, sweep, tree, study, num_chunks, file)
+        search.damaged = damaged
+        return search
 
     def measures(self, run: RunInfo, chunks_done: int) -> bool:
         return chunks_done >= self.sweep.min_chunks
@@ -151,7 +148,7 @@ class OptunaSearch:
 
         mine = [run for run in runs if run.planned.group == self.group]
         self.trial_of = {run.run_id: run.planned.trial for run in mine if run.planned.trial is not None}
-        events = []
+        events = self._heal(mine, chunk_rows)
         for _ in self.study.get_trials(deepcopy=False, states=(TrialState.WAITING,)):
             self.study.ask()  # enqueued, never asked (killed in between): taken now, failed below; never a later run's
         for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
@@ -167,6 +164,21 @@ class OptunaSearch:
         if self.sweep.pruner == "asha":
             replay_rungs(self.asha, mine, chunk_rows)
         return events
+
+    def _heal(self, mine: list[RunInfo], chunk_rows: list[dict[str, Any]]) -> list[Decision]:
+        """Rebuild the study from state.db when it is damaged, missing or not the plan's (a one-line notice)."""
+        import optuna
+
+        problem = self.damaged or mismatch(self.study, mine)
+        if problem is None:
+            return []
+        if self.study.get_trials(deepcopy=False):  # a study that is not the plan's: dropped, then rebuilt
+            optuna.delete_study(study_name=self.study.study_name, storage=self.file.storage)
+            self.study = open_study(self.file, self.study.study_name, self.sweep, self.num_chunks)
+        count = rebuild(self.study, self.tree, self.sweep.metric, mine, chunk_rows)
+        notice = f"rebuilt the Optuna study of group {self.group} from state.db ({count} trials): {problem}"
+        logger.warning(notice)
+        return [("optuna_rebuilt", {"group": self.group, "trials": count, "reason": problem})]
 
     # ------------------------------------------------------------ results
 
@@ -220,10 +232,11 @@ class OptunaSearch:
     # ------------------------------------------------------------ proposals
 
     def propose(self, runs: list[RunInfo]) -> list[Proposal]:
-        """As many new runs as the study has free slots, up to num_runs in all."""
+        """As many new runs as the study has free slots, up to num_runs in all. Only the study's own runs count:
+        a run cloned by hand (`ctl clone`) from one of them is not a trial and takes neither a slot nor a run."""
         if self.rejections_in_a_row >= MAX_REJECTIONS_IN_A_ROW:
             return []
-        mine = [run for run in runs if run.planned.group == self.group]
+        mine = [run for run in runs if run.planned.group == self.group and run.planned.trial is not None]
         room = min(self.sweep.max_concurrent_runs - sum(run.unfinished for run in mine), self.sweep.num_runs - len(mine))
         proposals: list[Proposal] = []
         existing = {run.run_id for run in runs}
@@ -250,7 +263,7 @@ class OptunaSearch:
         self.study.enqueue_trial(chosen.params)
         trial = self.study.ask()
         self.file.copy_system_attrs(self.study, trial.number, chosen.system_attrs)  # CMA-ES keeps its state in them
-        expansion = sample_with(self.tree, suggest_on(trial))
+        expansion = sample_with(self.tree, suggest_on(trial, self.tree))
         planned, problem = self._planned(expansion, trial.number)
         if planned is None:
             trial.set_user_attr("rejected", problem)
@@ -272,7 +285,7 @@ class OptunaSearch:
             evidence = as_evidence(trial, running_as_pruned=self.sweep.sampler == "tpe")
             if evidence is not None:
                 view.add_trial(evidence)
-        expansion = sample_with(self.tree, suggest_on(view.ask()))
+        expansion = sample_with(self.tree, suggest_on(view.ask(), self.tree))
         return view.get_trials(deepcopy=False)[-1], expansion
 
     def _planned(self, expansion: Expansion, number: int) -> tuple[PlannedRun | None, str]:

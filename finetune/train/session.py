@@ -14,6 +14,7 @@ scheduler steps and logging, without the per-`train()` set-up.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import random
 import time
 from dataclasses import dataclass, field
@@ -221,16 +222,22 @@ class RunSession:
                 "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
 
     def restore(self, state: RunState) -> None:
-        """Continue from a durable checkpoint (after a crash, or on another worker)."""
+        """Continue from a durable checkpoint (after a crash, on another worker, or a PBT exploit's donor's).
+        The optimizer's moments and the schedule's position come from the checkpoint; its hyperparameters
+        (learning rate, weight decay, betas...) stay this run's own: identical for the run's own checkpoint, the
+        perturbed ones for a clone that continues its donor (as Ray Tune's PBT does)."""
         if self.adapter_name is None:
             self.model.load_state_dict(state.trainable)
         else:
             from peft import set_peft_model_state_dict
 
             set_peft_model_state_dict(self.model, state.trainable, adapter_name=self.adapter_name)
-        self.trainer.optimizer.load_state_dict(state.optimizer)
+        configured = [{key: value for key, value in group.items() if key != "params"}
+                      for group in self.trainer.optimizer.param_groups]
+        optimizer, scheduler = with_own_hyperparameters(state.optimizer, state.scheduler, configured)
+        self.trainer.optimizer.load_state_dict(optimizer)
         self.rng = self._own_rng(state.rng)
-        self.continue_at(state)
+        self.continue_at(dataclasses.replace(state, scheduler=scheduler))
 
     def continue_at(self, state: RunState) -> None:
         """The schedule, data position, step and counters of a checkpoint."""
@@ -309,3 +316,35 @@ def _logging_steps(args: Any, total_steps: int) -> int:
 
     steps = args.logging_steps
     return int(math.ceil(total_steps * steps)) if 0 < steps < 1 else int(steps)
+
+
+def with_own_hyperparameters(optimizer: dict[str, Any], scheduler: dict[str, Any],
+                             configured: list[dict[str, Any]]) -> tuple[dict[str, Any], dict[str, Any]]:
+    """A restored optimizer and schedule state with this run's configured hyperparameters in place of the ones
+    saved: the moments and the schedule's position are kept, the learning rate is scaled by the ratio of the
+    configured base rate to the saved one (the states are returned unchanged when they already agree, as for
+    a run's own checkpoint)."""
+    groups = optimizer.get("param_groups", [])
+    base_lrs = list(scheduler.get("base_lrs") or [group.get("initial_lr", group.get("lr")) for group in groups])
+    if len(groups) != len(configured) or len(base_lrs) != len(groups):
+        return optimizer, scheduler
+    new_groups, changed = [], False
+    for index, (group, own) in enumerate(zip(groups, configured)):
+        group = dict(group)
+        own_base, saved_base = own.get("initial_lr", own.get("lr")), base_lrs[index]
+        if own_base is not None and saved_base and own_base != saved_base:
+            group["lr"] = group["lr"] * own_base / saved_base
+            group["initial_lr"] = base_lrs[index] = own_base
+            changed = True
+        for key, value in own.items():
+            if key not in ("lr", "initial_lr") and key in group and group[key] != value:
+                group[key], changed = value, True
+        new_groups.append(group)
+    if not changed:
+        return optimizer, scheduler
+    new_scheduler = dict(scheduler)
+    if "base_lrs" in scheduler:
+        new_scheduler["base_lrs"] = base_lrs
+    if "_last_lr" in scheduler:  # the rate of the step about to run, as `get_last_lr` reports it
+        new_scheduler["_last_lr"] = [group["lr"] for group in new_groups]
+    return {**optimizer, "param_groups": new_groups}, new_scheduler

@@ -183,3 +183,17 @@ def test_a_diverged_run_is_replaced_and_never_a_donor(bad) -> None:
     donors = {verdict.add[0].parent_run_id for verdict in report(search, runs[::-1], {"a": 5.0, "b": 6.0, "c": 7.0, "nan": bad},
                                                                 chunks_done=3).values() if verdict.add}
     assert "nan" not in donors
+
+
+def test_explore_over_nested_knobs_gives_a_concrete_clone() -> None:
+    """On main a clone of a `$list` of sub-configs with knobs was always rejected ("a clone is one run: no knobs")
+    while a pbt_exploit decision was logged anyway."""
+    from finetune.config.knobs import iter_knobs
+
+    space = tree()
+    space["training_args"]["optim_args"] = {"$list": [{"beta": {"$list": [0.1, 0.2]}}, {"beta": {"$list": [0.3, 0.4]}}]}
+    search = PopulationBasedTraining(0, PopulationBasedSweep.model_validate({"strategy": "pbt", "num_runs": 4}), space)
+    knob = next(knob for path, knob in search.knobs if path == ("training_args", "optim_args"))
+    for _ in range(10):
+        value = search._perturb(knob, {"beta": 0.1})
+        assert not list(iter_knobs(value)) and value["beta"] in (0.1, 0.2, 0.3, 0.4)

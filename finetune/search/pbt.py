@@ -28,6 +28,7 @@ from typing import Any
 from finetune.config.directions import diverged, sort_key
 from finetune.config.knobs import ListKnob, Path, iter_knobs, parse_knob
 from finetune.config.scheduling import PopulationBasedSweep
+from finetune.plan.expand import sample_with
 from finetune.plan.model import RunPlan
 from finetune.search.contract import ChunkResult, CloneOf, Decision, Proposal, RunInfo, Verdict, latest_metrics
 
@@ -122,14 +123,24 @@ class PopulationBasedTraining:
         resample = self.rng.random() < self.sweep.resample_probability
         if isinstance(knob, ListKnob):
             index = next((i for i, value in enumerate(knob.values) if value == current), None)
-            if resample or index is None:
-                return knob.values[self.rng.randrange(len(knob.values))]
+            if resample or index is None:  # a sub-config with knobs of its own never equals the parent's concrete one
+                return self._concrete(knob.values[self.rng.randrange(len(knob.values))])
             step = self.rng.choice((-1, 1)) if 0 < index < len(knob.values) - 1 else (1 if index == 0 else -1)
-            return knob.values[max(0, min(len(knob.values) - 1, index + step))]
+            return self._concrete(knob.values[max(0, min(len(knob.values) - 1, index + step))])
         if resample:
             return knob.sample(self.rng.random())
         moved = current * self.rng.choice(self.sweep.perturbation_factors)
         return knob.cast(min(max(moved, knob.start), knob.end))
+
+    def _concrete(self, value: Any) -> Any:
+        """A candidate sub-config with knobs of its own, with those drawn (a clone is one run: no knobs)."""
+        if not any(True for _ in iter_knobs(value)):
+            return value
+
+        def draw(_: str, knob: Any) -> Any:
+            return self.rng.randrange(len(knob.values)) if isinstance(knob, ListKnob) else knob.sample(self.rng.random())
+
+        return sample_with({"value": value}, draw).config["value"]
 
     def on_status(self, record: RunInfo) -> None:
         return None

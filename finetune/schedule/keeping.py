@@ -1,5 +1,6 @@
 """Which chunk checkpoints of a run stay on disk (`experiment.keep`): the last durable one, and with `best`
-also the chunk with the best value of the ranking's metric (`search.ranking`), so at most two per run."""
+also the chunk with the best value of the ranking's metric (`search.ranking`), so at most two per run. And
+the checkpoints a run starts with: a PBT clone's, inherited from its donor (`inherit_chunks`)."""
 
 from __future__ import annotations
 
@@ -9,7 +10,9 @@ from pathlib import Path
 from typing import Any
 
 from finetune.config.directions import diverged
-from finetune.plan.model import RunPlan
+from finetune.plan.model import PlannedRun, RunPlan
+from finetune.schedule.control import CloneParent, RequestRejected
+from finetune.schedule.store import StateStore
 from finetune.search.ranking import better, ranking_rule
 
 
@@ -57,3 +60,27 @@ class CheckpointKeeper:
     def _remove(self, path: str) -> None:
         if Path(path).resolve().is_relative_to(self.root.resolve()):  # never outside this folder (a copy's is the original's)
             shutil.rmtree(path, ignore_errors=True)
+
+
+def inherit_chunks(store: StateStore, root: Path, run: PlannedRun, parent: CloneParent) -> None:
+    """A clone that continues `parent` (PBT's exploit) starts with the parent's durable chunks as its own: their
+    rows (no time spent: nothing was trained for it) and a copy of the last one's full state."""
+    assert parent.last_checkpoint is not None
+    source = Path(parent.last_checkpoint)
+    target = root / "runs" / run.run_id / source.name
+    if not target.is_dir():
+        tmp = target.with_name(f".{target.name}.tmp")
+        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            shutil.copytree(source, tmp)
+            tmp.rename(target)
+        except OSError as error:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise RequestRejected([("", f"the parent's checkpoint could not be copied ({error})")]) from None
+    store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
+    rows = sorted((row for row in store.chunk_rows(parent.run_id) if row["chunk"] < parent.durable_chunks),
+                  key=lambda row: row["chunk"])
+    for row in rows:
+        checkpoint = str(target) if row["chunk"] == parent.durable_chunks - 1 else row["checkpoint"]
+        store.record_chunk(run.run_id, row["chunk"], row["global_step"], checkpoint, row["metrics"], 0.0, 0.0, 0.0,
+                           row["started_at"], row["trained_at"])

@@ -142,3 +142,14 @@ class WorkerExit:
 
 
 WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit]
+
+
+def is_stale(message: WorkerMessage, worker: tuple[int, int, str | None] | None) -> bool:
+    """Whether `message` is of a worker incarnation that is gone, or (ChunkDone, RunFailed) of a task its worker
+    is not training now. `worker`: its current (incarnation, ticket, run it trains), None if it is unknown."""
+    if worker is None:
+        return True
+    incarnation, ticket, busy_with = worker
+    if message.incarnation != incarnation:
+        return True
+    return isinstance(message, (ChunkDone, RunFailed)) and (ticket != message.ticket or busy_with != message.run_id)

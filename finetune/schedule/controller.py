@@ -253,6 +253,7 @@ class Controller(WorkerReports):
                 error += f": {worker.rank_error}" if worker.rank_error else ""
             else:
                 error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
+            self.logged.pop(worker.ticket, None)  # the training logs of a chunk that is lost with its worker
             if worker.busy_with:
                 self._chunk_lost(self.runs[worker.busy_with], error)
             for record in self.runs.values():

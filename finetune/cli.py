@@ -8,8 +8,9 @@ second: heavy modules are imported inside the commands that train.
 from __future__ import annotations
 
 import json
+from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -35,7 +36,16 @@ from finetune.config import ConfigLoadError, SourceDoc, load_document, validate_
 if TYPE_CHECKING:
     from finetune.plan.model import RunPlan
 
-app = typer.Typer(
+class _App(typer.Typer):
+    """The installed `finetune` script calls the app itself (`finetune.cli:app`), not `main`: an experiment's
+    damaged or unusable files are one line there too, whichever entry point runs."""
+
+    def __call__(self, *args: object, **kwargs: object) -> object:
+        with unusable_files_said():
+            return super().__call__(*args, **kwargs)
+
+
+app = _App(
     help="Declarative fine-tuning sweeps (SFT, DPO, GRPO) trained concurrently with a chunk scheduler.",
     no_args_is_help=True,
     pretty_exceptions_enable=False,
@@ -66,7 +76,7 @@ def validate(
     issues = validate_document(doc)
     report_issues(config, issues, as_json, doc.notices)
     if not issues and not as_json:
-        console.print(f"[green]✓[/] {config} is valid", highlight=False)
+        console.print(f"[green]✓[/] {escape(str(config))} is valid", highlight=False)
     if issues:
         raise typer.Exit(EXIT_INVALID)
 
@@ -110,7 +120,7 @@ def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None
         console.print(plan_table(run_plan))
     for line in search_space_lines(run_plan):
         console.print(line, highlight=False, markup=False)
-    console.print(plan_summary(run_plan), highlight=False)
+    console.print(plan_summary(run_plan), highlight=False, markup=False)
 
 
 @app.command()
@@ -147,9 +157,11 @@ def run(
     from rich.markdown import Markdown
 
     console.print(Markdown(report_markdown(root)))
-    console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False, soft_wrap=True)
-    console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False, soft_wrap=True)
-    console.print(f"dashboard: finetune dashboard {root}", highlight=False, soft_wrap=True)
+    console.print(f"experiment: {root}\ncheckpoints: {root / 'runs'}/<run>/checkpoint-final", highlight=False, soft_wrap=True,
+                  markup=False)
+    console.print(f"MLflow: mlflow ui --backend-store-uri sqlite:///{(root / 'mlflow.db').resolve()}", highlight=False,
+                  soft_wrap=True, markup=False)
+    console.print(f"dashboard: finetune dashboard {root}", highlight=False, soft_wrap=True, markup=False)
     failed = _failed_runs(root)
     if failed:
         for run_id, error in failed:
@@ -192,15 +204,28 @@ def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated
 
 
 @app.command()
-def report(experiment: ExperimentArg) -> None:
+def report(
+    experiment: ExperimentArg,
+    output: Annotated[Optional[Path], typer.Option(help="Write report.md and the PNGs here; default: the experiment folder")] = None,
+) -> None:
     """A comparison of the runs: a ranked Markdown table, learning-curve PNGs and the decisions."""
+    import os
+
     from rich.markdown import Markdown
 
     from finetune.track.report import report_markdown, write_report
 
-    target, plots = write_report(experiment_or_exit(experiment))
+    experiment_or_exit(experiment)
     console.print(Markdown(report_markdown(experiment)))
-    console.print(f"wrote {target}" + "".join(f", {plot}" for plot in plots), highlight=False)
+    if output is None and not os.access(experiment, os.W_OK):  # an archived experiment: the report on stdout only
+        say_error(f"{experiment} is read-only: report.md and the curves were not written; give --output DIR to write "
+                  "them elsewhere", "note")
+        return
+    try:
+        target, plots = write_report(experiment, output)
+    except OSError as error:
+        exit_with(f"cannot write the report to {output or experiment}: {error.strerror or error}", EXIT_UNUSABLE)
+    console.print(f"wrote {target}" + "".join(f", {plot}" for plot in plots), highlight=False, markup=False)
 
 
 demo_app = typer.Typer(help="The offline demo: a tiny model and data built locally.", no_args_is_help=True)
@@ -216,7 +241,7 @@ def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force
     quiet_libraries()
     with console.status("building the demo model and data..."):
         root = init_demo(directory, force=force)
-    console.print(f"demo model: {root / 'model'}\ndemo data: {root / 'data'}", highlight=False)
+    console.print(f"demo model: {root / 'model'}\ndemo data: {root / 'data'}", highlight=False, markup=False)
 
 
 data_app = typer.Typer(help="Look at the data as the model will see it.", no_args_is_help=True)
@@ -253,9 +278,9 @@ def _generated_files(generators: dict[Path, Callable[[], str]], check: bool) -> 
                 stale.append(path)
         elif current != text:
             write_text_atomic(path, text)
-            console.print(f"wrote {path}", highlight=False)
+            console.print(f"wrote {path}", highlight=False, markup=False)
         else:
-            console.print(f"unchanged {path}", highlight=False)
+            console.print(f"unchanged {path}", highlight=False, markup=False)
     if stale:
         names = ", ".join(str(path) for path in stale)
         exit_with(f"{names}; run `make docs` (or the same command without --check)", EXIT_INVALID, "out of date")
@@ -301,13 +326,20 @@ app.command()(export)
 
 
 def main() -> None:
-    """The entry point: a damaged experiment file is one line naming it and what to do, not a traceback."""
+    """The entry point (`python -m finetune.cli`); the app itself says unusable files in one line."""
+    app()
+
+
+@contextmanager
+def unusable_files_said() -> Iterator[None]:
+    """A damaged experiment file, or SQLite's own error on one (damaged, locked, a full disk), is one line
+    naming it and what to do, and exit status 2, never a traceback."""
     import sqlite3
 
     from finetune.schedule.store import ExperimentDamaged
 
     try:
-        app()
+        yield
     except ExperimentDamaged as error:
         exit_unusable(str(error))
     except sqlite3.OperationalError as error:

@@ -9,8 +9,10 @@ import typer
 from rich.console import Console
 from rich.markup import escape
 
-console = Console()
-errors = Console(stderr=True)
+# Emoji codes off: user values (paths, labels, metric names) are shown as written (`a:x:c` is not `a❌c`);
+# markup is escaped or off wherever a user value is printed.
+console = Console(emoji=False)
+errors = Console(stderr=True, emoji=False)
 
 EXIT_INVALID = 1
 EXIT_UNUSABLE = 2

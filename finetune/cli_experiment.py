@@ -29,7 +29,8 @@ def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = No
     except RequestRejected as rejected:
         exit_with(str(rejected), EXIT_INVALID, label="rejected")
     where = "at the run's next chunk boundary" if submitted.live else "when the experiment next runs (`finetune run --resume`)"
-    console.print(f"request {submitted.request_id} accepted: {kind} {run_id}, applied {where}", highlight=False, soft_wrap=True)
+    console.print(f"request {submitted.request_id} accepted: {kind} {run_id}, applied {where}", highlight=False, soft_wrap=True,
+                  markup=False)
     if not (wait and submitted.live):
         return
     status = wait_for(root, submitted.request_id, wait)
@@ -80,20 +81,20 @@ def ctl_clone(
 @ctl_app.command("requests")
 def ctl_requests(experiment: ExperimentArg) -> None:
     """Every control request of the experiment and what became of it."""
-    from rich.markup import escape
+    from rich.text import Text
     from rich.table import Table
 
     from finetune.schedule.folder import open_store
 
     store = open_store(experiment_or_exit(experiment))
-    table = Table("id", "kind", "run", "details", "status", title=f"requests of {experiment}")
+    table = Table("id", "kind", "run", "details", "status", title=Text(f"requests of {experiment}"))
     for request in store.requests():
         payload = request["payload"] if isinstance(request["payload"], dict) else {}
         changes = payload.get("set")
         details = ", ".join(map(str, changes)) if isinstance(changes, list) else ""
         details += " (warm)" if payload.get("warm_start") is True else ""
         cells = (str(request["id"]), request["kind"], request["run_id"], details, request["status"])
-        table.add_row(*(escape(str(cell)) for cell in cells))
+        table.add_row(*(Text(str(cell)) for cell in cells))
     store.close()
     console.print(table)
 
@@ -108,7 +109,8 @@ def dashboard(
 
     root = experiment_or_exit(experiment)
     try:
-        serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True))
+        serve(root, host, port, lambda url: console.print(f"dashboard of {root}: {url}", highlight=False, soft_wrap=True,
+                                                          markup=False))
     except CannotServe as problem:
         exit_with(str(problem), EXIT_UNUSABLE)
 
@@ -141,6 +143,10 @@ def export(
         exit_with(f"{output} exists; give --output a path that does not exist yet", EXIT_UNUSABLE)
     if merged and not (final / "adapter_config.json").is_file():
         exit_with(f"run {run_id} trained the full model: {final} is already a merged model", EXIT_UNUSABLE)
+    destination = output if output is not None else run_dir / "checkpoint-merged" if merged else None
+    if destination is not None and not _writable_place(destination):
+        exit_with(f"{destination} cannot be written ({destination.parent} is read-only or missing); give --output a "
+                  "writable path", EXIT_UNUSABLE)
     if merged:
         quiet_libraries()
         from finetune.train.export import export_merged
@@ -151,7 +157,7 @@ def export(
         target = Path(shutil.copytree(final, output))
     else:
         target = final
-    console.print(str(target), highlight=False, soft_wrap=True)
+    console.print(str(target), highlight=False, soft_wrap=True, markup=False)
 
 
 def _best_run(experiment: Path, plan: Any) -> str:
@@ -171,3 +177,13 @@ def _best_run(experiment: Path, plan: Any) -> str:
     errors.print(f"best run: {top.row.run_id} ({metric} {value}{'; ' + top.note if top.note else ''})",
                       markup=False, emoji=False, highlight=False)
     return top.row.run_id
+
+
+def _writable_place(path: Path) -> bool:
+    """Whether `path` can be created: its nearest existing parent is a writable folder."""
+    import os
+
+    parent = path.parent
+    while not parent.exists() and parent != parent.parent:
+        parent = parent.parent
+    return parent.is_dir() and os.access(parent, os.W_OK)

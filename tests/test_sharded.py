@@ -255,4 +255,8 @@ def test_a_new_run_starts_from_a_sharded_chunk_of_another_gang_size(tmp_path, de
     nothing = ["--set", f"run_conf.resume_from_checkpoint={demo_dir}"]
     refused = finetune(tmp_path, "run", str(config), *common, *small("nothing", steps=4, chunks=2), *nothing, check=False)
     assert refused.returncode == 1 and "is not a training checkpoint" in refused.stderr, refused.stderr[-2000:]
+    other = finetune(tmp_path, "run", str(config), *common, *small("other", steps=4, chunks=2), *start,
+                     "--set", "peft_conf.peft_kwargs.r=8", check=False)  # an adapter of another shape: refused, not retried
+    assert other.returncode == 1 and "this run has peft_conf.peft_kwargs.r=8: its weights have other shapes" in other.stderr
     assert not (tmp_path / "runs" / "ddp").exists() and not (tmp_path / "runs" / "nothing").exists()
+    assert not (tmp_path / "runs" / "other").exists()

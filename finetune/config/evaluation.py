@@ -10,8 +10,6 @@ Every metric has a direction, so that a sweep ranks by it the right way round.
 
 from __future__ import annotations
 
-import importlib
-import inspect
 from typing import Any, Literal
 
 from pydantic import Field, field_validator
@@ -42,6 +40,10 @@ RESERVED_METRIC_NAMES = (
     "entropy", "mean_token_accuracy", "num_tokens", "aux_loss", "step_time", "reward", "reward_std",
     "frac_reward_zero_std", "kl", "policy_loss", "entropy_coef", "cispo_clip_ratio", "generation_prompts_too_long",
 )
+# The columns of the report, `finetune status` and the dashboard's runs: a metric by one of these names
+# would show as a second column of that name (compared ignoring case).
+REPORT_COLUMNS = ("rank", "run", "run_id", "label", "state", "chunks", "value", "knobs", "latest", "position",
+                  "error", "parent_run_id", "total_chunks", "lineage", "decision", "detail")
 RESERVED_METRIC_PREFIXES = ("eval_", "train_", "test_", "predict_", "init_mem_", "before_init_mem_")
 MAX_NEW_TOKENS = 32_768
 MAX_GENERATION_SAMPLES = 100_000
@@ -98,6 +100,9 @@ class CustomMetric(Strict):
     @field_validator("name")
     @classmethod
     def _not_taken(cls, name: str) -> str:
+        if name.lower() in REPORT_COLUMNS:
+            raise ValueError(f"'{name}' is a column of the report and of `finetune status`; choose another (not one of "
+                             + ", ".join(REPORT_COLUMNS) + ")")
         if name in BUILTIN_METRICS or name in RESERVED_METRIC_NAMES or name.startswith(RESERVED_METRIC_PREFIXES):
             prefixes = ", ".join(prefix + "*" for prefix in RESERVED_METRIC_PREFIXES)
             raise ValueError(f"'{name}' is the name of a built-in metric or of one the trainer logs; choose another "
@@ -118,42 +123,16 @@ class CustomMetric(Strict):
         return long_direction(value)
 
 
+METRIC_KEYWORDS = ("prompts", "completions", "references")
+METRIC_CALL = "function(prompts=..., completions=..., references=...)"
+
+
 def function_problem(path: str) -> str | None:
-    """Why `package.module:function` cannot be called, or None when it can (its module is imported)."""
-    module_name, _, attribute = path.partition(":")
-    try:
-        module = importlib.import_module(module_name)
-    except Exception as error:  # a user's module may fail in any way while it is imported
-        return f"cannot import module '{module_name}' of {path}: {type(error).__name__}: {error}"
-    function = getattr(module, attribute, None)
-    if function is None:
-        return f"module '{module_name}' has no '{attribute}' (from {path})"
-    if not callable(function):
-        return f"{path} is not callable"
-    return signature_problem(path, function)
+    """Why `package.module:function` cannot be called as a custom metric, or None when it can; read from the
+    module's source, never imported (`config.user_code`)."""
+    from finetune.config.user_code import keyword_call_problem
 
-
-def signature_problem(path: str, function: Any) -> str | None:
-    """Why `function` cannot be called as a custom metric is (keywords prompts, completions, references)."""
-    try:
-        signature = inspect.signature(function)
-    except (TypeError, ValueError):  # a builtin without a signature: what it accepts cannot be known
-        return f"{path} has no inspectable signature; wrap it in a function (prompts, completions, references)"
-    try:
-        signature.bind(prompts=[], completions=[], references=[])
-    except TypeError as error:
-        return (f"{path}{signature} cannot be called as function(prompts=..., completions=..., references=...): "
-                f"{error}")
-    return None
-
-
-def load_function(path: str) -> Any:
-    """The callable named by `package.module:function` (checked when the config was validated)."""
-    problem = function_problem(path)
-    if problem:
-        raise ValueError(f"eval_conf.custom: {problem}")
-    module_name, _, attribute = path.partition(":")
-    return getattr(importlib.import_module(module_name), attribute)
+    return keyword_call_problem(path, METRIC_KEYWORDS, METRIC_CALL)
 
 
 class EvalConfig(Strict):
@@ -166,7 +145,16 @@ class EvalConfig(Strict):
         "rouge-score), bleu and chrf (corpus scores 0-100, sacrebleu) over generated answers",
     )
     generation: GenerationConfig = Field(default_factory=GenerationConfig, description="Generation for the generation metrics")
-    custom: list[CustomMetric] = Field(default_factory=list, description="Your own metrics over the generated answers")
+    custom: list[CustomMetric] = Field(
+        default_factory=list, description="Your own metrics over the generated answers. They run in a child process of "
+        "each worker, on copies of the sample; one that fails, hangs, exits or leaves processes or threads behind is "
+        "missing for that evaluation (a warning event in state.db), and training goes on")
+    custom_timeout_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds each custom metric may take per evaluation; it is then "
+        "killed and its value is missing")
+    custom_memory_gb: float = Field(
+        default=8.0, gt=0, le=4096, description="Address space (GB) of the process that runs the custom metrics; "
+        "beyond it their allocations fail")
 
     @field_validator("metrics")
     @classmethod

@@ -304,7 +304,10 @@ def parse_override(override: str) -> tuple[Path, Any]:
     key, sep, raw = override.partition("=")
     if not sep or not key.strip():
         raise ConfigLoadError(f"--set {override!r}: expected KEY=VALUE, e.g. training_args.learning_rate=1e-4")
-    path: Path = tuple(int(part) if part.isdecimal() else part for part in key.strip().split("."))
+    parts = key.strip().split(".")
+    if any(part.isnumeric() and not (part.isascii() and part.isdecimal()) for part in parts):  # '١', '²', '½'
+        raise ConfigLoadError(f"--set {key.strip()!r}: a list index is written in ASCII digits (0, 1, ...)")
+    path: Path = tuple(int(part) if part.isascii() and part.isdecimal() else part for part in parts)
     value = parse_yaml_text(raw, f"--set {key}", path).tree if raw.strip() else ""
     return path, value
 

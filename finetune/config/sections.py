@@ -367,8 +367,11 @@ class GRPOArguments(Strict):
     reward_functions: list[str] = Field(
         min_length=1,
         description="Reward functions: built-in names (length_penalty, reference_match, format_chat) "
-        "or importable `module:function`",
+        "or importable `module:function`, a `def` taking **kwargs (checked from its source: validating never imports it)",
     )
+    reward_timeout_s: float = Field(
+        default=60.0, gt=0, le=86_400, description="Seconds a reward function of yours may take per call; it runs in "
+        "a child process of the worker, which is then killed, and those completions get no reward from it")
     max_prompt_length: int = Field(default=512, gt=0, description="Prompts longer than this are filtered out.")
     save_name_if_new_basemodel: FileName = "checkpoint-new-basemodel"
 
@@ -377,10 +380,15 @@ class GRPOArguments(Strict):
     def _known_rewards(cls, names: list[str]) -> list[str]:
         from finetune.config.rewards_catalog import BUILTIN_REWARDS
 
+        from finetune.config.user_code import reward_function_problem
+
         for name in names:
             if ":" not in name and name not in BUILTIN_REWARDS:
                 raise ValueError(
                     f"unknown reward function '{name}': use a built-in ({', '.join(sorted(BUILTIN_REWARDS))}) "
                     "or an importable 'module:function'"
                 )
+            problem = reward_function_problem(name) if ":" in name else None  # read from source, never imported
+            if problem:
+                raise ValueError(problem)
         return names

@@ -46,12 +46,23 @@ def token_accuracy(trainer: Any) -> dict[str, float]:
 
 
 class GenerationEvaluator:
-    """A worker's generation metrics; the validation samples of each data set are read once, and the custom
-    functions of each eval_conf imported once (not at every chunk)."""
+    """A worker's generation metrics; the validation samples of each data set are read once. Custom metrics
+    run in the worker's user-code process (`evaluate.sandbox`), kept warm between chunks (one per memory
+    limit), where their modules are imported once; `take_failures` gives those that failed since."""
 
     def __init__(self) -> None:
         self.samples: dict[tuple[str, int], list[EvalSample]] = {}
         self.scorers: dict[str, Any] = {}
+        self.sandboxes: dict[float, Any] = {}
+
+    def take_failures(self) -> list[Any]:
+        """The custom metrics that failed since the last call (`sandbox.UserCodeFailure`)."""
+        return [failure for scorer in self.scorers.values() for failure in scorer.take_failures()]
+
+    def close(self) -> None:
+        for sandbox in self.sandboxes.values():
+            sandbox.close()
+        self.sandboxes.clear()
 
     def measure(self, session: Any, config: Any, tokenizer: Any, pad_id: int, data_key: str) -> dict[str, float]:
         from finetune.evaluate.generation import generate_answers
@@ -77,6 +88,13 @@ class GenerationEvaluator:
             references = [sample.reference for sample in answers.samples]
             scorer_key = config.eval_conf.model_dump_json()
             if scorer_key not in self.scorers:
-                self.scorers[scorer_key] = Scorer.of(config.eval_conf)
+                self.scorers[scorer_key] = Scorer.of(config.eval_conf, self._sandbox(config.eval_conf.custom_memory_gb))
             values.update(self.scorers[scorer_key].score(prompts, answers.completions, references))
         return values
+
+    def _sandbox(self, memory_gb: float) -> Any:
+        from finetune.evaluate.sandbox import UserCodeSandbox
+
+        if memory_gb not in self.sandboxes:
+            self.sandboxes[memory_gb] = UserCodeSandbox(int(memory_gb * 2**30))
+        return self.sandboxes[memory_gb]

@@ -7,9 +7,8 @@ the whole sample. The libraries are imported when a metric is computed, never on
 from __future__ import annotations
 
 import logging
-import math
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable
 
 Messages = list[dict[str, str]]
@@ -68,73 +67,63 @@ def _same_length(completions: list[str], references: list[str]) -> None:
 
 @dataclass(frozen=True)
 class CustomFunction:
-    """A user's metric as `eval_conf.custom[index]` names it; `function` None: it could not be loaded."""
+    """A user's metric as `eval_conf.custom[index]` names it."""
 
     index: int
     name: str
     path: str
-    function: Callable[..., Any] | None
+
+    @property
+    def source(self) -> str:
+        return f"eval_conf.custom[{self.index}]"
 
     @property
     def label(self) -> str:
-        return f"eval_conf.custom[{self.index}] ({self.name}, {self.path})"
+        return f"{self.source} ({self.name}, {self.path})"
 
 
-@dataclass(frozen=True)
+@dataclass
 class Scorer:
-    """The generation metrics of one run: built-in names and the user's custom functions."""
+    """The generation metrics of one run: built-in names, and the user's custom functions, which run in
+    `sandbox` (`evaluate.sandbox`: a child process, on copies of the sample, with a time limit)."""
 
     builtin: tuple[str, ...]
     custom: tuple[CustomFunction, ...] = ()
+    sandbox: Any = None
+    timeout_s: float = 60.0
+    failures: list[Any] = field(default_factory=list)  # `evaluate.sandbox.UserCodeFailure`s since the caller took them
 
     @classmethod
-    def of(cls, eval_conf: Any) -> Scorer:
-        custom = tuple(_loaded(index, metric.name, metric.function) for index, metric in enumerate(eval_conf.custom))
-        return cls(tuple(eval_conf.generated), custom)
+    def of(cls, eval_conf: Any, sandbox: Any = None) -> Scorer:
+        """`sandbox`: the worker's (`evaluate.sandbox.UserCodeSandbox`); None: one of its own, when there are custom metrics."""
+        custom = tuple(CustomFunction(index, metric.name, metric.function) for index, metric in enumerate(eval_conf.custom))
+        if sandbox is None and custom:
+            from finetune.evaluate.sandbox import UserCodeSandbox
+
+            sandbox = UserCodeSandbox(int(eval_conf.custom_memory_gb * 2**30))
+        return cls(tuple(eval_conf.generated), custom, sandbox, eval_conf.custom_timeout_s)
 
     def score(self, prompts: list[Messages], completions: list[str], references: list[str]) -> dict[str, float]:
-        """The metrics' values; a custom metric that fails (see `call_custom`) is left out."""
+        """The metrics' values; a custom metric that fails is left out (a warning, and one of `failures`)."""
         values = {name: BUILTIN_FUNCTIONS[name](completions, references) for name in self.builtin}
         for metric in self.custom:
-            value = call_custom(metric, prompts, completions, references)
-            if value is not None:
-                values[metric.name] = value
+            outcome = self.sandbox.call(metric.path, self.timeout_s, prompts=prompts, completions=completions,
+                                        references=references)
+            if outcome.value is not None:
+                values[metric.name] = outcome.value
+            if outcome.problem:
+                missing = "no" if outcome.value is None else "still has its"
+                logger.warning("custom metric %s: %s; %s %s for this evaluation", metric.label, outcome.problem,
+                               missing, metric.name)
+                from finetune.evaluate.sandbox import UserCodeFailure
+
+                self.failures.append(UserCodeFailure(metric.source, metric.name, metric.path, outcome.problem))
         return values
 
+    def take_failures(self) -> list[Any]:
+        failures, self.failures = self.failures, []
+        return failures
 
-def _loaded(index: int, name: str, path: str) -> CustomFunction:
-    """The custom function, or None in it (with a warning) when it no longer loads in this process."""
-    from finetune.config.evaluation import load_function
-
-    try:
-        return CustomFunction(index, name, path, load_function(path))
-    except Exception as error:  # validated, but the module may have changed or fail on another machine
-        logger.warning("custom metric eval_conf.custom[%d] (%s, %s) cannot be loaded: %s; it is not measured",
-                       index, name, path, error)
-        return CustomFunction(index, name, path, None)
-
-
-def call_custom(metric: CustomFunction, prompts: list[Messages], completions: list[str],
-                references: list[str]) -> float | None:
-    """The custom metric's value, or None when it raises (SystemExit included: a user's sys.exit must not end
-    the worker; KeyboardInterrupt still does) or returns no finite number. A broken metric is then missing
-    for this evaluation, as a metric not measured at a chunk is: the chunk is still saved and training goes on."""
-    if metric.function is None:
-        return None
-    try:
-        return custom_value(metric.name, metric.function(prompts=prompts, completions=completions, references=references))
-    except (Exception, SystemExit) as error:
-        logger.warning("custom metric %s failed, no %s for this evaluation: %s: %s", metric.label, metric.name,
-                       type(error).__name__, error)
-        return None
-
-
-def custom_value(name: str, value: Any) -> float:
-    """A custom metric's result as a float; anything but a finite number is an error naming the metric."""
-    if isinstance(value, bool) or type(value).__name__ in ("bool", "bool_") or not (
-            isinstance(value, (int, float)) or hasattr(value, "__float__")):  # numpy's bool is no bool
-        raise TypeError(f"custom metric {name} returned {type(value).__name__}, not a number")
-    number = float(value)
-    if not math.isfinite(number):
-        raise ValueError(f"custom metric {name} returned {number}, not a finite number")
-    return number
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from finetune.config.knobs import ListKnob, dotted, iter_knobs, parse_knob
 from finetune.plan.build import PROPOSING_STRATEGIES, short_knob_names
@@ -14,7 +15,7 @@ def plan_table(plan: RunPlan) -> Table:
     knob_names = list(dict.fromkeys(name for run in plan.runs for name in run.knobs))
     headers = short_knob_names(knob_names)
     proposed = " (more proposed as it goes)" if plan.search_spaces else ""
-    table = Table(title=f"{plan.experiment}: {len(plan.runs)} run(s){proposed} from {plan.source}", title_justify="left")
+    table = Table(title=Text(f"{plan.experiment}: {len(plan.runs)} run(s){proposed} from {plan.source}"), title_justify="left")
     table.add_column("run", style="cyan", no_wrap=True)
     table.add_column("group", justify="right")
     for name in knob_names:
@@ -31,7 +32,7 @@ def plan_table(plan: RunPlan) -> Table:
         table.add_row(
             run.run_id,
             str(run.group),
-            *knob_cells,
+            *(Text(cell) for cell in knob_cells),  # user values: never read as markup
             *device_cells,
             f"{derived.per_device_train_batch_size}x{derived.num_processes}",
             str(derived.gradient_accumulation_steps),

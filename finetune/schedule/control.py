@@ -191,6 +191,10 @@ def _check_warm_source(parent: CloneParent) -> None:
 
 
 def _check_config(doc: SourceDoc, parent_config: dict[str, Any]) -> None:
+    ours_custom = (doc.tree.get("eval_conf") or {}).get("custom") if isinstance(doc.tree.get("eval_conf"), dict) else None
+    if ours_custom != (parent_config.get("eval_conf") or {}).get("custom"):  # user code is the experiment's, as its devices
+        raise RequestRejected([("eval_conf.custom", "the custom metrics (user code) belong to the whole experiment; a "
+                                                    "clone cannot add or change them")])
     issues = validate_document(doc)
     if issues:
         raise RequestRejected([(issue.path, _with_values(issue)) for issue in issues])

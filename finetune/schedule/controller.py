@@ -22,6 +22,7 @@ from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.control import CloneParent, RequestRejected, apply_request
+from finetune.schedule.folder import FolderWatch, remove_leftovers
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.handling import WorkerReports
 from finetune.schedule.messages import ChunkDone, ChunkTask
@@ -56,10 +57,12 @@ class Controller(WorkerReports):
     logged: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # ticket -> training logs of its chunk
     tracking: ExperimentTracking = field(init=False)
     keeper: CheckpointKeeper = field(init=False)
+    folder: FolderWatch = field(init=False)
 
     def __post_init__(self) -> None:
         self.tracking = ExperimentTracking(self.tracker, self.root, self.store)
         self.keeper = CheckpointKeeper(self.plan, self.store.root)
+        self.folder = FolderWatch(self.root)
 
     # ------------------------------------------------------------ set-up
 
@@ -68,6 +71,8 @@ class Controller(WorkerReports):
         return self.pool.workers
 
     def start(self) -> None:
+        for leftover in remove_leftovers(self.root):  # half-written by a controller that stopped (a full disk, say)
+            self.store.event("leftover_removed", None, path=self.store.stored_path(leftover))
         for run in self.plan.runs:
             self._register(run)
         for record in self.runs.values():
@@ -151,12 +156,19 @@ class Controller(WorkerReports):
     # ------------------------------------------------------------ the loop
 
     def run(self) -> None:
-        while self.step():
-            pass
+        try:
+            while self.step():
+                pass
+        except Exception as error:  # MLflow's store, say, finding the disk full: the environment's fault too
+            self.folder.check(error)
+            raise
+        finally:
+            self.folder.close()
         self.tracking.finish()
 
     def step(self) -> bool:
-        """One turn: control requests, new tasks, worker messages, dead workers. False once all is done."""
+        """One turn: requests, tasks, worker messages, dead workers. False once all is done (`folder`: the environment)."""
+        self.folder.check()
         self._apply_requests()
         self._record_events(self.search.fill(self))
         self._dispatch()

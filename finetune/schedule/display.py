@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from rich.table import Table
+from rich.text import Text
 
 from finetune.schedule.store import StateStore
 
@@ -13,7 +14,7 @@ SHOWN_METRICS = ("eval_loss", "loss", "reward")
 def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = ()) -> Table:
     """`evaluated`: metrics shown after the usual ones (the ranking metric, when it is another)."""
     shown = tuple(dict.fromkeys([*SHOWN_METRICS, *evaluated]))
-    table = Table(title=title, title_justify="left")
+    table = Table(title=Text(title), title_justify="left")
     for column in ("run", "label", "chunks", "state", *shown):
         table.add_column(column, justify="right" if column in shown or column == "chunks" else "left")
     latest = _latest_train_metrics(store, shown)
@@ -22,7 +23,7 @@ def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = ()) -
         style = STATE_STYLES.get(row.state, "")
         table.add_row(
             row.run_id,
-            row.label,
+            Text(row.label),  # a user's value: never read as markup
             f"{row.chunks_done}/{row.total_chunks}",
             f"[{style}]{row.state}[/]" if style else row.state,
             *(f"{metrics[name]:.4f}" if name in metrics else "" for name in shown),

@@ -91,7 +91,7 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
         with ExperimentLock(root):
             return _train(plan, root, console, make_tracker, resume_dir is not None)
     finally:
-        if created and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
+        if created and root.is_dir() and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
             shutil.rmtree(root, ignore_errors=True)
 
 

@@ -8,19 +8,30 @@ also says who holds it (pid, host, since), for the message a second controller p
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import json
 import os
 import socket
 import stat
 import time
+import weakref
 from dataclasses import dataclass
 from pathlib import Path
 
 from pydantic import ValidationError
 
 from finetune.plan.model import RunPlan
-from finetune.schedule.store import ExperimentDamaged, StateStore, damaged
+from finetune.schedule.store import (
+    EnvironmentFault,
+    ExperimentDamaged,
+    StateStore,
+    caused_by_full_disk,
+    damaged,
+    disk_full,
+    is_disk_full,
+    read_only,
+)
 
 PLAN_FILE = "plan.json"
 STATE_FILE = "state.db"
@@ -41,6 +52,64 @@ def read_plan(root: Path) -> RunPlan:
         raise damaged(path, f"{'.'.join(map(str, first['loc'])) or 'the document'}: {first['msg']}") from None
     except (OSError, ValueError, TypeError, AttributeError, RecursionError) as error:
         raise damaged(path, str(error) or type(error).__name__) from None
+
+
+class FolderWatch:
+    """The environment's faults, for the controller: the experiment folder moved or deleted while it trains
+    (the path it was started with no longer leads to the same directory, device and inode; an open
+    descriptor of the directory follows it, so the message can say where it went), and a full disk."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self._fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY)
+        stat_ = os.fstat(self._fd)
+        self._identity = (stat_.st_dev, stat_.st_ino)
+        self._closer = weakref.finalize(self, os.close, self._fd)  # closed with its controller, at the latest
+
+    def check(self, error: BaseException | str | None = None) -> None:
+        """Raise `EnvironmentFault` when the folder was moved or deleted, or when `error` (a worker's, or one
+        raised while training) comes of a full disk: then the experiment stops, and no run fails for it."""
+        self._check_place()
+        if error is not None and not isinstance(error, EnvironmentFault) and (
+                is_disk_full(error) if isinstance(error, str) else caused_by_full_disk(error)):
+            cause = error if isinstance(error, str) else type(error).__name__
+            raise disk_full(self.root, f" ({cause})") from None
+
+    def _check_place(self) -> None:
+        try:
+            here = os.stat(self.root)
+            if (here.st_dev, here.st_ino) == self._identity:
+                return
+        except OSError:
+            pass
+        now = self.where_now()
+        if now is None:
+            raise EnvironmentFault(f"the experiment folder {self.root} was deleted while it trained; the controller stopped")
+        raise EnvironmentFault(f"the experiment folder {self.root} was moved to {now} while it trained; the controller "
+                               f"stopped, every durable chunk is kept: continue with `finetune run --resume {now}`")
+
+    def where_now(self) -> Path | None:
+        try:
+            path = os.readlink(f"/proc/self/fd/{self._fd}")
+        except OSError:
+            return None
+        return None if path.endswith(" (deleted)") else Path(path)
+
+    def close(self) -> None:
+        self._closer()
+
+
+def remove_leftovers(root: Path) -> list[Path]:
+    """Remove the directories a controller that stopped mid-write left half-written under runs/<run>/ (a chunk's
+    `.chunk-N.tmp-*`, a final model's `.checkpoint-final.tmp-*`); called before any worker writes. Returns them."""
+    import shutil
+
+    removed = []
+    for path in sorted((root / "runs").glob("*/.*.tmp-*")):
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
 
 
 def open_store(root: Path) -> StateStore:
@@ -124,6 +193,8 @@ def _open_lock(path: Path, flags: int) -> int:
     try:
         fd = os.open(path, flags | os.O_NOFOLLOW, 0o644)
     except OSError as error:
+        if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) and not os.access(path.parent, os.W_OK):
+            raise read_only(path.parent, "training (`finetune run --resume`)") from None
         raise ExperimentDamaged(f"{path} cannot be the controller's lock ({error.strerror}); it must be a plain file: "
                                 "remove it (a controller creates it anew)") from None
     if not stat.S_ISREG(os.fstat(fd).st_mode):

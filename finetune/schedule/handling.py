@@ -17,6 +17,7 @@ from finetune.schedule.messages import (
     MetricsLogged,
     RankError,
     RunFailed,
+    UserCodeWarning,
     WorkerExit,
     WorkerMessage,
     WriteFailed,
@@ -57,7 +58,8 @@ class WorkerReports(Base):
         return True
 
     def _dispatch_message(self, message: WorkerMessage) -> None:
-        if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit)):
+        if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError,
+                                    WorkerExit)):
             raise TypeError(f"unknown worker message: {message!r}")
         if not isinstance(message, (ChunkDurable, WriteFailed)) and self._stale(message):
             return  # a durable chunk stays valid whoever wrote it: its ticket decides (`_chunk_durable`)
@@ -70,9 +72,14 @@ class WorkerReports(Base):
                 self._chunk_durable(message)
             case RunFailed():
                 self._release(message.worker)
+                self.folder.check(message.error)  # a full disk, the folder moved: the experiment stops, no run fails
                 self._fail(message.run_id, message.error, traceback=message.traceback)
             case WriteFailed():
+                self.folder.check(message.error)
                 self._fail(message.run_id, message.error, chunk=message.chunk, stage="writing its checkpoint")
+            case UserCodeWarning():  # a user's function failed: its value is missing, the run goes on
+                self.store.event("warning", message.run_id, chunk=message.chunk, source=message.source,
+                                 metric=message.name, function=message.function, error=message.error)
             case RankError():  # the gang ends; `_check_workers` retries or fails its run
                 self.pool.worker(message.worker).rank_error = f"rank {message.rank}: {message.error}"
                 self.store.event("rank_error", message.run_id, worker=message.worker, rank=message.rank,

@@ -121,6 +121,20 @@ class WriteFailed:
 
 
 @dataclass(frozen=True)
+class UserCodeWarning:
+    """A user's function (`source`: e.g. eval_conf.custom[1]) failed or misbehaved at a chunk; the run goes on."""
+
+    worker: str
+    run_id: str
+    chunk: int
+    source: str
+    name: str
+    function: str
+    error: str
+    incarnation: int = 0
+
+
+@dataclass(frozen=True)
 class RankError:
     """One rank of a gang failed and exits; the controller ends and replaces the whole gang."""
 
@@ -141,7 +155,7 @@ class WorkerExit:
     incarnation: int = 0
 
 
-WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, RankError, WorkerExit]
+WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError, WorkerExit]
 
 
 def is_stale(message: WorkerMessage, worker: tuple[int, int, str | None] | None) -> bool:

@@ -99,7 +99,7 @@ def initial_checkpoint(config: Any) -> str | None:
         return None
     from finetune.train.sharded import start_problem
 
-    problem = start_problem(value, config.experiment.distributed)
+    problem = start_problem(value, config.experiment.distributed, config)
     if problem:
         raise ExperimentError(f"run_conf.resume_from_checkpoint: {problem}")
     return value

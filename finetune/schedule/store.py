@@ -8,6 +8,7 @@ against it), so a folder that is moved or copied resumes from wherever it is.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import sqlite3
@@ -16,6 +17,19 @@ from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterator
+
+from finetune.schedule.faults import (  # noqa: F401 (ExperimentDamaged and the faults are imported from here too)
+    BUSY_PATIENCE_S,
+    BUSY_TIMEOUT_S,
+    EnvironmentFault,
+    ExperimentDamaged,
+    PatientConnection,
+    caused_by_full_disk,
+    damaged,
+    disk_full,
+    is_disk_full,
+    read_only,
+)
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -51,6 +65,7 @@ TABLES = frozenset({"runs", "chunks", "metrics", "requests", "events"})
 DUPLICATE_METRICS = "DELETE FROM metrics WHERE rowid NOT IN (SELECT MAX(rowid) FROM metrics GROUP BY run_id, name, step)"
 LATER_CHUNK_COLUMNS = {"eval_seconds": "REAL NOT NULL DEFAULT 0", "started_at": "REAL", "trained_at": "REAL"}
 ACTIVE_STATES = ("pending", "running")
+
 RUN_STATES = ("pending", "running", "stopped", "completed", "failed", "deleted")
 
 
@@ -69,38 +84,44 @@ class RunRow:
     mlflow_run_id: str | None
 
 
-class ExperimentDamaged(RuntimeError):
-    """A file of an experiment folder that cannot be read; the message names it and what to do."""
-
-
-def damaged(path: Path, what: str) -> ExperimentDamaged:
-    return ExperimentDamaged(
-        f"{path} is damaged ({what}); restore it from a backup, or train again in a new folder "
-        "(the checkpoints under runs/ are intact and can be exported by hand)"
-    )
-
-
 class StateStore:
     """`create`: a new experiment may start here; otherwise the store must exist and be whole."""
 
-    def __init__(self, path: str | Path, create: bool = True) -> None:
+    def __init__(self, path: str | Path, create: bool = True, busy_timeout_s: float = BUSY_TIMEOUT_S,
+                 busy_patience_s: float = BUSY_PATIENCE_S) -> None:
         self.path = Path(path)
         self.root = self.path.parent.resolve()
         self._check_file(create)
         self.read_only = not create and not os.access(self.root, os.W_OK)
         if self.read_only:  # an archived experiment on a read-only disk: SQLite cannot write its WAL index there
-            self._db = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None)
+            connection = sqlite3.connect(f"{self.path.resolve().as_uri()}?immutable=1", uri=True, isolation_level=None)
         else:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            self._db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as error:
+                raise (disk_full(self.path.parent) if is_disk_full(error) else read_only(self.path.parent, "this command")
+                       if error.errno in (errno.EROFS, errno.EACCES, errno.EPERM) else error) from None
+            connection = sqlite3.connect(self.path, timeout=busy_timeout_s, isolation_level=None)
+        connection.text_factory = self._text
+        self._db: Any = PatientConnection(connection, self.path, busy_patience_s)
         try:
             self._open(create)
-        except sqlite3.OperationalError as error:  # locked, a full disk, no permission: not damage
+        except EnvironmentFault:
+            self._db.close()
+            raise
+        except sqlite3.OperationalError as error:  # no permission, say: not damage
             self._db.close()
             raise ExperimentDamaged(f"{self.path} cannot be opened ({error}); check the disk and the folder's permissions") from None
         except sqlite3.DatabaseError as error:
             self._db.close()
             raise damaged(self.path, str(error)) from None
+
+    def _text(self, data: bytes) -> str:
+        """SQLite's text as str; bytes that are not UTF-8 are damage (this tool writes UTF-8 only)."""
+        try:
+            return data.decode("utf-8")
+        except UnicodeDecodeError:
+            raise damaged(self.path, "text that is not UTF-8") from None
 
     def _check_file(self, create: bool) -> None:
         """A missing or empty file is a new store only for a new experiment: where runs have left
@@ -148,7 +169,7 @@ class StateStore:
         self._db.close()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Any]:
         self._db.execute("BEGIN IMMEDIATE")
         try:
             yield self._db
@@ -182,8 +203,11 @@ class StateStore:
             f"({latest.format('checkpoint')}), ({latest.format('metrics')}), "
             "r.parent_run_id, r.error, r.mlflow_run_id FROM runs r ORDER BY r.position"
         ).fetchall()
-        return [RunRow(*row[:6], self.resolved_path(row[6]) if row[6] else None, json.loads(row[7]) if row[7] else {}, *row[8:])
-                for row in rows]
+        found = [RunRow(*row[:6], self.resolved_path(row[6]) if row[6] else None, self._json(row[7]) if row[7] else {}, *row[8:])
+                 for row in rows]
+        if any(row.state not in RUN_STATES or not isinstance(row.run_id, str) for row in found):
+            raise damaged(self.path, "a run row that is not one this tool writes")
+        return found
 
     def run(self, run_id: str) -> RunRow:
         for row in self.runs():
@@ -217,7 +241,7 @@ class StateStore:
                 "started_at", "trained_at")
         query = f"SELECT {', '.join(keys)} FROM chunks"
         rows = self._db.execute(query + (" WHERE run_id = ?" if run_id else "") + " ORDER BY finished_at", (run_id,) if run_id else ()).fetchall()
-        return [dict(zip(keys, row)) | {"metrics": json.loads(row[4]), "checkpoint": self.resolved_path(row[3])} for row in rows]
+        return [dict(zip(keys, row)) | {"metrics": self._json(row[4]), "checkpoint": self.resolved_path(str(row[3]))} for row in rows]
 
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None:
         """One row per (run, name, step): a step trained again after a resume replaces its row. A NaN
@@ -248,6 +272,8 @@ class StateStore:
     # ------------------------------------------------------------ control requests and events
 
     def request(self, kind: str, run_id: str, payload: dict[str, Any] | None = None) -> int:
+        if self.read_only:
+            raise read_only(self.root, "a request (it is queued in state.db)")
         cursor = self._db.execute(
             "INSERT INTO requests (kind, run_id, payload, created_at) VALUES (?, ?, ?, ?)",
             (kind, run_id, json.dumps(payload or {}), time.time()),
@@ -280,7 +306,17 @@ class StateStore:
 
     def events(self) -> list[dict[str, Any]]:
         rows = self._db.execute("SELECT at, run_id, kind, detail FROM events ORDER BY id").fetchall()
-        return [{"at": at, "run_id": run_id, "kind": kind, **json.loads(detail)} for at, run_id, kind, detail in rows]
+        return [{"at": at, "run_id": run_id, "kind": kind, **self._json(detail)} for at, run_id, kind, detail in rows]
+
+    def _json(self, text: Any) -> Any:
+        """A JSON column as this tool wrote it; anything else is damage (a row overwritten on disk)."""
+        try:
+            value = json.loads(text)
+        except (TypeError, ValueError, RecursionError):
+            value = None
+        if not isinstance(value, dict):
+            raise damaged(self.path, "a row whose JSON this tool did not write")
+        return value
 
 
 def _json_or_none(text: str) -> Any:

@@ -22,6 +22,7 @@ from finetune.schedule.messages import (
     MetricsLogged,
     RankError,
     RunFailed,
+    UserCodeWarning,
     WorkerExit,
     WorkerResources,
     WriteFailed,
@@ -78,10 +79,15 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
     def on_write_failed(run_id: str, chunk: int, error: str) -> None:
         results.put(WriteFailed(worker_id, run_id, chunk, error, tickets.pop((run_id, chunk), -1), incarnation))
 
+    def on_warning(run_id: str, chunk: int, failure: Any) -> None:
+        results.put(UserCodeWarning(worker_id, run_id, chunk, failure.source, failure.name, failure.function, failure.problem,
+                                    incarnation))
+
     speaks = rank is None or rank.rank == 0
     budgets = default_budgets(device, resources.gpu_share, resources.host_share, resources.gpu_gb, resources.cpu_gb)
     bench = Workbench(Path(experiment_dir), device, budgets, sink=sink if speaks else None, on_durable=on_durable,
-                      on_write_failed=on_write_failed, gang_rank=rank.rank if rank else None)
+                      on_write_failed=on_write_failed, gang_rank=rank.rank if rank else None,
+                      on_warning=on_warning if speaks else None)
     configs: dict[str, Any] = {}
     task: ChunkTask | None
     while (task := tasks.get()) is not None:
@@ -100,7 +106,9 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
                     outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
                     outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
                 ))
-        except Exception as error:
+        except BaseException as error:  # torch's CheckpointException is a BaseException: the run's failure too
+            if isinstance(error, (KeyboardInterrupt, SystemExit)):
+                raise
             if rank is not None:
                 _leave_gang(worker_id, rank.rank, run.run_id, error, results, incarnation)
             tickets.pop((run.run_id, task.chunk), None)
@@ -108,6 +116,10 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
             results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc(), task.ticket,
                                   incarnation))
     bench.writer.close()
+    bench.generation.close()
+    from finetune.train.rewards import FENCE
+
+    FENCE.close()
     results.put(WorkerExit(worker_id, bench.resident_runs(), incarnation))
 
 
@@ -125,7 +137,7 @@ def _exit_with(parent_pid: int, every_seconds: float = 1.0) -> None:
     threading.Thread(target=watch, name="exit-with-controller", daemon=True).start()
 
 
-def _leave_gang(worker_id: str, rank: int, run_id: str, error: Exception, results: Any, incarnation: int = 0) -> None:
+def _leave_gang(worker_id: str, rank: int, run_id: str, error: BaseException, results: Any, incarnation: int = 0) -> None:
     """Report why this rank stops, then exit: the gang's other ranks may be waiting for it."""
     import os
 

@@ -60,8 +60,23 @@ def report_markdown(root: Path) -> str:
         for event in decisions:
             detail = ", ".join(f"{k}={_detail(v)}" for k, v in event.items() if k not in ("at", "run_id", "kind"))
             lines.append(f"| `{event['run_id']}` | {event['kind']} | {detail} |")
+    lines += warning_lines(store.events())
     store.close()
     return "\n".join(lines) + "\n"
+
+
+def warning_lines(events: list[dict]) -> list[str]:
+    """A section: the user's functions (custom metrics, reward functions) that failed, and why; the runs went on."""
+    warnings = [event for event in events if event["kind"] == "warning"]
+    if not warnings:
+        return []
+    lines = ["", "## Warnings", "", "Your functions that gave no value (or had to be killed); the runs went on.", "",
+             "| run | chunk | function | what happened |", "|---|---|---|---|"]
+    for event in warnings:
+        error = str(event.get("error", "")).replace("|", "\\|").replace("\n", " ")
+        lines.append(f"| `{event['run_id']}` | {event.get('chunk', '')} | {event.get('source', '')} "
+                     f"(`{event.get('function', '')}`) | {error} |")
+    return lines
 
 
 def cost_and_knobs(store: StateStore, plan: RunPlan, ranked: list[Ranked]) -> list[str]:
@@ -127,14 +142,14 @@ def _never_measured(metric: str) -> str:
     """Said instead of a ranking when no run has a value of the metric the runs are ranked by."""
     return (f"**Not ranked: `{metric}` has not been measured for any run.** A generation metric is missing when "
             "every prompt was skipped (`generation_prompts_too_long`: max_new_tokens leaves no room in the model's "
-            "context), a custom metric when its function failed (see the workers' warnings).")
+            "context), a custom metric when its function failed (see Warnings below).")
 
 
 def _shown(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else ""
 
 
-def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
+def plot_curves(root: Path, names: tuple[str, ...] = CURVES, out_dir: Path | None = None) -> list[Path]:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -157,8 +172,8 @@ def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
         axes.set_ylabel(name)
         axes.set_title(f"{root.name}: {name}")
         axes.legend(fontsize="small")
-        target = root / f"{name}.png"
-        tmp = root / f".{name}.tmp.png"
+        target = (out_dir or root) / f"{name}.png"
+        tmp = (out_dir or root) / f".{name}.tmp.png"
         figure.savefig(tmp, dpi=100)
         plt.close(figure)
         tmp.replace(target)
@@ -167,10 +182,13 @@ def plot_curves(root: Path, names: tuple[str, ...] = CURVES) -> list[Path]:
     return written
 
 
-def write_report(root: Path) -> tuple[Path, list[Path]]:
-    target = root / "report.md"
+def write_report(root: Path, out_dir: Path | None = None) -> tuple[Path, list[Path]]:
+    """report.md and the curves' PNGs, in the experiment folder or `out_dir`."""
+    if out_dir is not None:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    target = (out_dir or root) / "report.md"
     text = report_markdown(root)
-    plots = plot_curves(root, tuple(dict.fromkeys([*CURVES, *evaluation_metrics(read_plan(root))])))
+    plots = plot_curves(root, tuple(dict.fromkeys([*CURVES, *evaluation_metrics(read_plan(root))])), out_dir)
     if plots:
         text += "\n" + "\n".join(f"![{path.stem}]({path.name})" for path in plots) + "\n"
     write_text_atomic(target, text)

@@ -25,10 +25,16 @@ FULL_WEIGHTS = "model.safetensors"
 
 
 def _tmp_dir(target: Path) -> Path:
+    """A fresh temporary directory beside `target` (runs/<run>/chunk-N). The experiment folder itself must still
+    be there: one moved away while it trains is not created again, empty, at its old path."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    experiment = target.parent.parent.parent
+    if not experiment.is_dir():
+        raise FileNotFoundError(f"the experiment folder {experiment} is gone (moved or deleted while it trains)")
     tmp.mkdir(parents=True)
     return tmp
+
 
 
 def publish(tmp: Path, target: Path) -> None:
@@ -57,12 +63,16 @@ def write_run_state(target: Path, state: RunState, adapter_config: Any | None) -
     import torch
 
     tmp = _tmp_dir(target)
-    save_weights(tmp, state.trainable, adapter_config)
-    torch.save(state.optimizer, tmp / "optimizer.pt")
-    extra = {"step": state.step, "position": [state.position.epoch, state.position.batch], "scheduler": state.scheduler,
-             "rng": state.rng, "counters": state.counters}
-    torch.save(extra, tmp / "state.pt")
-    publish(tmp, target)
+    try:
+        save_weights(tmp, state.trainable, adapter_config)
+        torch.save(state.optimizer, tmp / "optimizer.pt")
+        extra = {"step": state.step, "position": [state.position.epoch, state.position.batch], "scheduler": state.scheduler,
+                 "rng": state.rng, "counters": state.counters}
+        torch.save(extra, tmp / "state.pt")
+        publish(tmp, target)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)  # a full disk, say: nothing half-written is left behind
+        raise
     return target
 
 

@@ -109,11 +109,42 @@ def check_distributed(config: Any, devices: list[str] | None) -> list[Problem]:
     if gpus and width > len(gpus):
         problems.append(("experiment.devices_per_run", f"{width} devices per run, but this experiment has "
                          f"{len(gpus)} GPU(s): {', '.join(gpus)}"))
+    if devices is not None and not gpus:
+        problems += cpu_gang_problems(width)
     if strategy in DEEPSPEED_EQUIVALENTS:
         problems.append(("experiment.distributed", f"{strategy} is not trained by finetune (DeepSpeed's engine owns the "
                          f"training loop that finetune cuts into chunks); use distributed: {DEEPSPEED_EQUIVALENTS[strategy]}, "
                          "its PyTorch equivalent that shards at least as much (see docs/multi-device.md)"))
     return problems
+
+
+CPU_RANK_GB = 0.5  # what one rank's process holds before its model: Python, torch and the ML stack imported
+
+
+def cpu_gang_problems(width: int, cores: int | None = None, available_gb: float | None = None) -> list[Problem]:
+    """A gang on the CPU is `width` processes on this machine: no more than its cores (2 always fit), and
+    their base footprint within its available memory."""
+    import os
+
+    cores = cores or (len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1)
+    available_gb = available_gb if available_gb is not None else _available_gb()
+    if width > max(2, cores):
+        return [("experiment.devices_per_run", f"{width} processes per run on the CPU, but this machine has {cores} "
+                 f"core(s); at most {max(2, cores)}")]
+    if available_gb is not None and width * CPU_RANK_GB > available_gb:
+        return [("experiment.devices_per_run", f"{width} processes per run on the CPU need at least "
+                 f"{width * CPU_RANK_GB:.1f} GB before the model, but {available_gb:.1f} GB of memory is available")]
+    return []
+
+
+def _available_gb() -> float | None:
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) / 2**20
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
 
 
 def check_chat_template(config: Any, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:

@@ -32,6 +32,29 @@ SHARDED_STRATEGIES = {"fsdp": True, "fsdp_grad_op": False}
 SHARD_METADATA = ".metadata"  # DCP's index of a sharded checkpoint
 
 
+class ShardedCheckpointError(RuntimeError):
+    """A sharded checkpoint that cannot be read or written; the message names its directory and the cause.
+    (torch's own `CheckpointException` is a BaseException, which a worker must not let end it.)"""
+
+
+def checkpoint_failure(directory: Path, doing: str, error: BaseException) -> ShardedCheckpointError:
+    """`error` (torch's CheckpointException, or another) said in one line: the first rank's cause."""
+    cause: BaseException = error
+    failures = getattr(error, "failures", None)
+    if isinstance(failures, dict) and failures:
+        rank, (cause, _) = sorted(failures.items())[0]
+        where = f" (rank {rank}{' and others' if len(failures) > 1 else ''})"
+    else:
+        where = ""
+    first = (str(cause).strip().splitlines() or [""])[0][:300]
+    return ShardedCheckpointError(f"the sharded checkpoint {directory} cannot be {doing}{where}: "
+                                  f"{type(cause).__name__}{': ' + first if first else ''}")
+
+
+def _is_checkpoint_exception(error: BaseException) -> bool:
+    return type(error).__name__ == "CheckpointException" or isinstance(error, Exception)
+
+
 def is_sharded(strategy: str) -> bool:
     return strategy in SHARDED_STRATEGIES
 
@@ -109,7 +132,12 @@ def publish_shards(state: ShardedState, target: Path) -> None:
     small state and renames the directory into place; the other ranks only wait."""
     import torch
 
-    state.written.result()
+    try:
+        state.written.result()
+    except BaseException as error:
+        if not _is_checkpoint_exception(error):
+            raise
+        raise checkpoint_failure(state.staging, "written", error) from None
     if state.extra is None:
         return
     torch.save(state.extra, state.staging / "state.pt")
@@ -200,14 +228,22 @@ class ShardedSession(RunSession):
         from torch.distributed.checkpoint.state_dict import StateDictOptions, set_state_dict
 
         state = self._sharded_state()
-        dcp.load(state, checkpoint_id=str(directory))
-        set_state_dict(self.model, self._optimizer(), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
-                       options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        try:
+            dcp.load(state, checkpoint_id=str(directory))
+            set_state_dict(self.model, self._optimizer(), model_state_dict=state["model"], optim_state_dict=state["optimizer"],
+                           options=StateDictOptions(ignore_frozen_params=True, strict=False))
+        except BaseException as error:  # a deleted or truncated shard, another shape: torch's CheckpointException
+            if not _is_checkpoint_exception(error):
+                raise
+            raise checkpoint_failure(directory, "read", error) from None
 
     def start_from_shards(self, directory: str | Path) -> None:
         """A new run (`run_conf.resume_from_checkpoint`) starting from a sharded chunk of another run, on a
         gang of any size: its weights and optimizer moments; the step, learning-rate schedule, optimizer
         hyperparameters, data order and RNG stay this run's own, from its step 0."""
+        damage = shard_problem(directory)
+        if damage:
+            raise ShardedCheckpointError(f"run_conf.resume_from_checkpoint {directory} cannot be read: {damage}")
         with own_hyperparameters(self._optimizer()):
             self._load_shards(Path(directory))
 
@@ -216,7 +252,13 @@ class ShardedSession(RunSession):
         import torch
 
         directory = Path(directory)
-        extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
+        damage = shard_problem(directory)
+        if damage:
+            raise ShardedCheckpointError(f"the run's durable chunk {directory} cannot be read: {damage}")
+        try:
+            extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
+        except Exception as error:
+            raise checkpoint_failure(directory, "read", error) from None
         self._load_shards(directory)
         ranks = extra["rng"]["ranks"]
         # Another gang size cannot replay the same random draws; each rank continues from one saved stream.
@@ -230,14 +272,72 @@ class ShardedSession(RunSession):
         return resharded_position(saved, layout["batches_per_epoch"], self.stream.batches_per_epoch)
 
 
-def start_problem(directory: str | Path, strategy: str) -> str | None:
-    """Why a new run trained with `strategy` cannot start from the checkpoint `directory`, or None.
-    A sharded run starts from a sharded chunk (resharded to its gang by DCP); any other run from a
-    whole checkpoint (HF's format, or a chunk of a ddp or one-device run)."""
+def shard_problem(directory: str | Path) -> str | None:
+    """Why the sharded checkpoint `directory` cannot be read, found from DCP's index without reading a
+    tensor (an unreadable index, a shard file missing or shorter than the index says), or None."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    directory = Path(directory)
+    try:
+        metadata = FileSystemReader(str(directory)).read_metadata()
+    except Exception as error:
+        return f"its index {directory / SHARD_METADATA} cannot be read ({type(error).__name__}: {error})"
+    needed: dict[str, int] = {}
+    for info in (getattr(metadata, "storage_data", None) or {}).values():
+        path, end = getattr(info, "relative_path", None), getattr(info, "offset", 0) + getattr(info, "length", 0)
+        if isinstance(path, str):
+            needed[path] = max(needed.get(path, 0), end)
+    for name, end in sorted(needed.items()):
+        shard = directory / name
+        if not shard.is_file():
+            return f"its shard {shard} is missing"
+        if shard.stat().st_size < end:
+            return f"its shard {shard} is truncated ({shard.stat().st_size} bytes, the index needs {end})"
+    return None
+
+
+def adapter_problem(directory: str | Path, config: Any) -> str | None:
+    """Why the run of `config` cannot load the sharded chunk `directory`'s weights: an adapter of another
+    rank or other target modules, or an adapter where the run trains the full model (and the reverse);
+    read from DCP's index before any work."""
+    from torch.distributed.checkpoint import FileSystemReader
+
+    sizes = {key: tuple(getattr(value, "size", ()) or ()) for key, value in
+             FileSystemReader(str(directory)).read_metadata().state_dict_metadata.items() if key.startswith("model.")}
+    lora = {key: size for key, size in sizes.items() if ".lora_A." in key and key.endswith(".weight") and size}
+    peft = config.peft_conf
+    if peft.peft_type == "NO_PEFT":
+        return f"{directory} holds a LoRA adapter; this run trains the full model" if lora else None
+    if peft.peft_type != "LORA":
+        return None
+    if not lora:
+        return f"{directory} holds a full model's weights, not a LoRA adapter; this run trains an adapter"
+    kwargs = dict(getattr(peft, "peft_kwargs", None) or {})
+    ranks = sorted({size[0] for size in lora.values()})
+    wanted = kwargs.get("r", 8)
+    if not kwargs.get("rank_pattern") and ranks != [wanted]:
+        return (f"{directory} holds a LoRA adapter of r={'/'.join(map(str, ranks))}; this run has "
+                f"peft_conf.peft_kwargs.r={wanted}: its weights have other shapes")
+    targets = kwargs.get("target_modules")
+    found = sorted({key.split(".lora_A.")[0].rsplit(".", 1)[-1] for key in lora})
+    if isinstance(targets, list) and sorted(set(targets)) != found:
+        return (f"{directory} holds a LoRA adapter on {', '.join(found)}; this run's peft_conf.peft_kwargs."
+                f"target_modules is {', '.join(sorted(set(targets)))}")
+    return None
+
+
+def start_problem(directory: str | Path, strategy: str, config: Any = None) -> str | None:
+    """Why a new run trained with `strategy` (and `config`, when given) cannot start from the checkpoint
+    `directory`, or None. A sharded run starts from a whole, readable sharded chunk of the same adapter shapes
+    (resharded to its gang by DCP); any other run from a whole checkpoint (HF's format, or a chunk of a ddp or
+    one-device run)."""
     whole = any((Path(directory) / name).is_file() for name in ("adapter_model.safetensors", "model.safetensors"))
     if is_shard_checkpoint(directory):
         if is_sharded(strategy):
-            return None
+            damage = shard_problem(directory)
+            if damage:
+                return f"{directory} cannot be read: {damage}"
+            return adapter_problem(directory, config) if config is not None else None
         return (f"{directory} is a sharded chunk (written by an fsdp run), which a {strategy} run does not load; "
                 "start this run with experiment.distributed: fsdp or fsdp_grad_op (any devices_per_run, 1 included)")
     if not whole:

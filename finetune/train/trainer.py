@@ -109,7 +109,8 @@ def build_trainer(
     elif config.method == "grpo":
         from finetune.train.rewards import resolve_reward
 
-        common["reward_funcs"] = [resolve_reward(name) for name in config.grpo_args.reward_functions]
+        common["reward_funcs"] = [resolve_reward(name, index, config.grpo_args.reward_timeout_s)
+                                  for index, name in enumerate(config.grpo_args.reward_functions)]
         if eval_dataset is None:
             common.pop("eval_dataset")
     from transformers.trainer_callback import PrinterCallback

@@ -29,6 +29,7 @@ from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStra
 
 DurableListener = Callable[[str, int, str, "str | None"], None]  # (run_id, chunk, checkpoint, final checkpoint)
 WriteFailureListener = Callable[[str, int, str], None]  # (run_id, chunk, error)
+WarningListener = Callable[[str, int, Any], None]  # (run_id, chunk, evaluate.sandbox.UserCodeFailure)
 
 
 @dataclass
@@ -65,13 +66,15 @@ class Workbench:
 
     def __init__(self, root: Path, device: str, budgets: Budgets, writer: DurableWriter | None = None,
                  sink: MetricsSink | None = None, on_durable: DurableListener | None = None,
-                 on_write_failed: WriteFailureListener | None = None, gang_rank: int | None = None) -> None:
+                 on_write_failed: WriteFailureListener | None = None, gang_rank: int | None = None,
+                 on_warning: WarningListener | None = None) -> None:
         self.root, self.device, self.budgets = root, device, budgets
         self.strategy: SharingStrategy = SharedBaseStrategy() if gang_rank is None else GangStrategy(gang_rank)
         self.writer = writer or DurableWriter()
         self.sink = sink
         self.on_durable = on_durable or (lambda run_id, chunk, checkpoint, final: None)
         self.on_write_failed = on_write_failed or (lambda run_id, chunk, error: None)
+        self.on_warning = on_warning or (lambda run_id, chunk, failure: None)
         self.bases = BaseCache(root, device, self.strategy.writes_files, self.strategy.freeze_bases)
         self.sessions = SessionCache(self.writer.wait_for)
         self.generation = GenerationEvaluator()
@@ -89,7 +92,10 @@ class Workbench:
         started, started_at = time.perf_counter(), time.time()
         session = self._session(run, config, chunk_boundary(run, chunk - 1), resume_from, max_eval_samples)
         self._place(run.run_id)
-        step_seconds = session.train_until(chunk_boundary(run, chunk))
+        try:
+            step_seconds = session.train_until(chunk_boundary(run, chunk))
+        finally:
+            self._report_reward_failures(run.run_id, chunk)
         eval_started = time.perf_counter()
         metrics = self._measure(run, config, session, chunk, evaluate, judged)
         eval_seconds = time.perf_counter() - eval_started
@@ -106,6 +112,13 @@ class Workbench:
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
                             time.perf_counter() - started, started_at, time.time(), peak, total)
 
+    def _report_reward_failures(self, run_id: str, chunk: int) -> None:
+        """A user reward function that failed while the chunk trained: a warning each (the run goes on)."""
+        from finetune.train.rewards import FENCE
+
+        for failure in FENCE.take_failures():
+            self.on_warning(run_id, chunk, failure)
+
     def _measure(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, asked: bool,
                  judged: bool = False) -> dict[str, float]:
         """The chunk's metrics (`evaluate.chunk.due` says which; `asked`: the controller's evaluation cadence;
@@ -117,8 +130,12 @@ class Workbench:
         extra = token_accuracy(session.trainer) if metrics and "token_accuracy" in config.eval_conf.metrics else {}
         if what.generation:
             base = self._base_of(run.run_id)
-            extra.update(self.generation.measure(session, config, base.tokenizer, base.input_pad_id,
-                                                 base.data_keys[run.run_id]))
+            try:
+                extra.update(self.generation.measure(session, config, base.tokenizer, base.input_pad_id,
+                                                     base.data_keys[run.run_id]))
+            finally:
+                for failure in self.generation.take_failures():  # a custom metric that failed: the run goes on
+                    self.on_warning(run.run_id, chunk, failure)
         if extra and self.sink is not None:
             self.sink(run.run_id, session.step, extra)
         return {**metrics, **extra}

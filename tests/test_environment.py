@@ -14,7 +14,7 @@ import pytest
 
 from finetune.schedule.messages import RunFailed, WriteFailed
 from finetune.schedule.store import EnvironmentFault, StateStore
-from tests.test_controller import done, make_controller, planned, send, status
+from tests.test_controller import done, make_controller, planned, send, status, ticket
 from tests.test_experiment_folder import make_experiment, run_ids
 
 REPO = Path(__file__).resolve().parent.parent
@@ -124,10 +124,12 @@ def test_a_worker_that_finds_the_disk_full_stops_the_experiment_not_the_run(tmp_
     controller, pool, _ = make_controller(tmp_path, [planned("a", chunks=3)])
     worker = pool.workers[0]
     controller.step()
-    send(controller, pool, done(controller, worker.worker_id, "a", 0))
     error = "OSError: [Errno 28] No space left on device: 'runs/a/.chunk-0.tmp-1-2/optimizer.pt'"
-    failure = (WriteFailed(worker.worker_id, "a", 0, error) if message == "WriteFailed"
-               else RunFailed(worker.worker_id, "a", error))
+    if message == "WriteFailed":
+        send(controller, pool, done(controller, worker.worker_id, "a", 0))
+        failure = WriteFailed(worker.worker_id, "a", 0, error, ticket(controller, "a", 0))
+    else:  # the chunk being trained: a sharded checkpoint written by the worker itself, say
+        failure = RunFailed(worker.worker_id, "a", error, "", ticket(controller, "a", 0))
     with pytest.raises(EnvironmentFault, match=f"the disk of {tmp_path} is full .* every durable chunk is kept"):
         send(controller, pool, failure)
     assert status(controller, "a") != "failed"

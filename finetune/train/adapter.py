@@ -11,6 +11,8 @@ import json
 from pathlib import Path
 from typing import Any
 
+from finetune.train.seams.peft import expose_token_wrapper_bias
+
 
 def adapter_family(peft_conf: Any) -> str:
     """Runs of one family can share a base model: 'full', or the PEFT type of their adapter."""
@@ -33,31 +35,6 @@ def embedding_module_names(model: Any) -> list[str]:
     if output is not None and not getattr(text_config, "tie_word_embeddings", False):
         names.append(modules[output].rsplit(".", 1)[-1])
     return names
-
-
-def expose_token_wrapper_bias() -> None:
-    """Let PEFT's trainable-token wrapper of an output layer answer `.bias` like the layer it wraps.
-
-    TRL's fused LM head reads `lm_head.weight` and `lm_head.bias`; the wrapper answers `weight` (the
-    merged matrix, through which the new rows get their gradients) but raises on `bias`.
-    """
-    from peft.utils.other import TrainableTokensWrapper
-
-    if getattr(TrainableTokensWrapper, "_answers_bias", False):
-        return
-    has_wrapped, get_wrapped = TrainableTokensWrapper._hasattr_wrapped, TrainableTokensWrapper._getattr_wrapped
-
-    def _hasattr(self: Any, name: str, modules: Any) -> bool:
-        return name == "bias" or has_wrapped(self, name, modules)
-
-    def _getattr(self: Any, name: str, modules: Any) -> Any:
-        if name == "bias":
-            return getattr(modules["token_adapter"].base_layer, "bias", None)
-        return get_wrapped(self, name, modules)
-
-    TrainableTokensWrapper._hasattr_wrapped = _hasattr
-    TrainableTokensWrapper._getattr_wrapped = _getattr
-    TrainableTokensWrapper._answers_bias = True
 
 
 def new_adapter_config(peft_conf: Any, new_token_ids: list[int], model: Any) -> Any | None:

@@ -11,7 +11,6 @@ the one before it, so such a combination is refused before any work rather than 
 from __future__ import annotations
 
 import importlib.util
-import sys
 from typing import Any, Callable
 
 # Attention implementations that honour position_id restarts (with a model that uses masking_utils).
@@ -33,25 +32,18 @@ def padding_free_key(config: Any) -> str | None:
 
 def transformers_packs_masks() -> bool:
     """Whether the installed transformers builds block-diagonal masks from position_ids."""
-    from transformers import masking_utils
+    from finetune.train.seams.transformers import builds_packed_masks
 
-    return hasattr(masking_utils, "find_packed_sequence_indices")
+    return builds_packed_masks()
 
 
 def model_class_builds_masks(model_config: Any) -> tuple[bool, str]:
     """(safe, the model's name): whether its modeling code builds masks with masking_utils."""
-    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+    from finetune.train.seams.transformers import causal_lm_builds_masks
 
     if getattr(model_config, "auto_map", None):
         return False, "custom modeling code (trust_remote_code)"
-    model_type = getattr(model_config, "model_type", "")
-    class_name = MODEL_FOR_CAUSAL_LM_MAPPING_NAMES.get(model_type)
-    if class_name is None:
-        return False, f"model type {model_type!r}"
-    import transformers
-
-    module = sys.modules[getattr(transformers, class_name).__module__]
-    return hasattr(module, "create_causal_mask"), class_name
+    return causal_lm_builds_masks(getattr(model_config, "model_type", ""))
 
 
 def check_padding_free(config: Any, load_model_config: Callable[[Any], Any | None]) -> list[Problem]:

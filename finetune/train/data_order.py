@@ -24,8 +24,10 @@ def trainer_epoch_order(trainer: Any, dataset: Any, seed: int) -> EpochOrder:
     """The trainer's sampler, re-seeded per epoch (TRL's GRPO sampler groups repeated prompts)."""
     import torch
 
+    from finetune.train.seams.transformers import train_sampler
+
     def order(epoch: int) -> list[int]:
-        sampler = trainer._get_train_sampler(dataset)
+        sampler = train_sampler(trainer, dataset)
         if hasattr(sampler, "generator"):
             sampler.generator = torch.Generator().manual_seed(seed + epoch)
         return list(iter(sampler))
@@ -107,6 +109,14 @@ class BatchStream:
         batches = [next(self._iterator) for _ in range(take)]
         self.position.batch += take
         return batches
+
+    def at_epoch_start(self) -> bool:
+        """Whether the next step starts an epoch."""
+        return self.position.batch == 0 or self.at_epoch_end()
+
+    def at_epoch_end(self) -> bool:
+        """Whether the last step consumed its epoch's last micro-batch."""
+        return self.position.batch >= self.batches_per_epoch
 
     def epoch_progress(self) -> float:
         """Epochs done, as a fraction (HF's `state.epoch`)."""

@@ -7,10 +7,10 @@ chunk (`enter_training`) and calls `MicroStep` per micro-batch, which does the r
 `training_step` unchanged: the trainer's input preparation, its loss context and `compute_loss`
 (the method's loss, TRL's metrics), the loss scaling for gradient accumulation and the backward.
 
-This is a seam on transformers' and TRL's private code: written against transformers 5.x and TRL
-1.x (bounded in pyproject) and checked by `tests/test_micro_step.py`, which trains the same steps
-through `trainer.training_step` and through this, and requires bitwise-equal weights. Trainers
-whose `training_step` does more (GRPO and RLOO generate there) keep their own.
+This replays transformers' and TRL's code: the private names it needs are in `finetune.train.seams`
+(bounded in pyproject), and `tests/test_micro_step.py` trains the same steps through
+`trainer.training_step` and through this and requires bitwise-equal weights. Trainers whose
+`training_step` does more (GRPO and RLOO generate there) keep their own.
 """
 
 from __future__ import annotations
@@ -18,8 +18,8 @@ from __future__ import annotations
 import contextlib
 from typing import Any
 
-# The training_step overrides known to only wrap Trainer.training_step in the activation-offload context.
-OFFLOAD_WRAPPERS = frozenset({"SFTTrainer.training_step", "DPOTrainer.training_step"})
+from finetune.train.seams.transformers import loss_is_scaled_for_ga, prepare_inputs
+from finetune.train.seams.trl import OFFLOAD_WRAPPERS
 PLAIN_OPTIMIZERS_ONLY = ("lomo", "adalomo")  # LOMO optimizers step inside backward with the learning rate
 
 
@@ -43,7 +43,7 @@ class MicroStep:
     def __init__(self, trainer: Any, model: Any) -> None:
         self.trainer, self.model = trainer, model
         self.fast = has_plain_training_step(trainer)
-        self.loss_scaled_for_accumulation: bool | None = trainer.loss_is_scaled_for_ga
+        self.loss_scaled_for_accumulation: bool | None = loss_is_scaled_for_ga(trainer)
 
     def enter_training(self) -> None:
         """What `training_step` does first on every call: here once, before a chunk's micro-batches."""
@@ -57,7 +57,7 @@ class MicroStep:
             return self.trainer.training_step(self.model, inputs, num_items_in_batch)
         trainer = self.trainer
         with getattr(trainer, "maybe_activation_offload_context", None) or contextlib.nullcontext():
-            inputs = trainer._prepare_inputs(inputs)
+            inputs = prepare_inputs(trainer, inputs)
             with trainer.compute_loss_context_manager():
                 loss = trainer.compute_loss(self.model, inputs, num_items_in_batch=num_items_in_batch)
             del inputs

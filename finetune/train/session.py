@@ -7,8 +7,12 @@ disk at a chunk boundary, and switching runs swaps only the active adapter and t
 
 Each micro-batch is TRL's own training step (the method's loss, backward and metrics; set up once
 per chunk rather than per micro-batch: `micro_step.MicroStep`); around it this module does what
-`Trainer._inner_training_loop` does for a step: gradient accumulation, clipping, the optimizer and
-scheduler steps and logging, without the per-`train()` set-up.
+`Trainer._inner_training_loop` does for a step, in its order: the trainer's callbacks
+(`on_step_begin`, `on_substep_end`, `on_pre_optimizer_step`, `on_optimizer_step`, `on_step_end`,
+`on_epoch_begin`/`on_epoch_end`, `on_log`; so TRL's own callbacks, such as the reference-model sync of
+`sync_ref_model`, act as under `train()`), gradient accumulation, clipping, the optimizer and scheduler
+steps, `logging_nan_inf_filter`, `include_num_input_tokens_seen` and logging when the callbacks ask for
+it, without the per-`train()` set-up. Evaluation and saving are finetune's, at chunk boundaries.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Callable
 from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
 from finetune.train.distributed import gather_to_first
 from finetune.train.micro_step import MicroStep
+from finetune.train.seams.trl import generation_counter, set_generation_counter
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]
 
@@ -95,6 +100,7 @@ class RunSession:
         trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
         trainer.create_scheduler(num_training_steps=total_steps, optimizer=trainer.optimizer)
         trainer.state.max_steps = total_steps
+        trainer.state.compute_steps(args, total_steps)  # logging_steps below 1: a ratio of the run's steps
         loader = trainer.get_train_dataloader()
         total = getattr(loader, "total_batch_size", None)  # accelerate's loader: over all the gang's ranks
         batch_size = total // self.world if total else loader.batch_size or args.per_device_train_batch_size
@@ -105,8 +111,12 @@ class RunSession:
         )
         self.tr_loss = torch.zeros((), device=args.device)
         self.last_logged = 0
-        self.logging_steps = _logging_steps(args, total_steps)
         self.rng = capture_rng(device)
+        # What the callbacks are handed as keyword arguments (HF sets these at the start of train()).
+        handler = trainer.callback_handler
+        handler.model, handler.optimizer, handler.lr_scheduler = trainer.model, trainer.optimizer, trainer.lr_scheduler
+        handler.train_dataloader = loader
+        trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
 
     def _wrap(self, trainer: Any) -> Any:
         """As Trainer.train does: mixed-precision autocast around the forward (and DDP in a gang).
@@ -131,32 +141,85 @@ class RunSession:
         restore_rng(self.rng, self.device)
         started = time.perf_counter()
         self.micro_step.enter_training()
-        self.trainer.accelerator.gradient_state._set_sync_gradients(True)
         while self.step < stop_step:
             self._optimizer_step()
+            if self.trainer.control.should_training_stop and self.step < self.total_steps:
+                raise RuntimeError(
+                    f"run {self.run_id}: a trainer callback stopped training at step {self.step} of {self.total_steps} "
+                    "(control.should_training_stop); finetune ends runs early through the sweep's policy or `finetune ctl stop`"
+                )
         _synchronize(self.device)
         seconds = time.perf_counter() - started
         self.rng = capture_rng(self.device)
+        if self.step >= self.total_steps:
+            self.trainer.control = self._handler.on_train_end(self.trainer.args, self.trainer.state, self.trainer.control)
         return seconds
 
+    @property
+    def _handler(self) -> Any:
+        return self.trainer.callback_handler
+
+    def _event(self, name: str) -> None:
+        trainer = self.trainer
+        trainer.control = getattr(self._handler, name)(trainer.args, trainer.state, trainer.control)
+
     def _optimizer_step(self) -> None:
-        trainer, args = self.trainer, self.trainer.args
-        batches = self.stream.next_step(args.gradient_accumulation_steps)
+        """One optimizer step, as an iteration of `Trainer._run_epoch` (callbacks included, in its order)."""
+        import torch
+
+        trainer, args, accelerator = self.trainer, self.trainer.args, self.trainer.accelerator
+        if self.stream.at_epoch_start():
+            self._event("on_epoch_begin")
+        batches, items = trainer.get_batch_samples(iter(self.stream.next_step(args.gradient_accumulation_steps)),
+                                                   args.gradient_accumulation_steps, args.device)
         trainer.current_gradient_accumulation_steps = len(batches)
-        items = trainer._get_num_items_in_batch(batches, args.device)
         for index, inputs in enumerate(batches):
-            with self._gradient_sync(last=index == len(batches) - 1):
-                self.tr_loss += self.micro_step(inputs, items)
+            last = index == len(batches) - 1
+            # As HF's loop: only a step's last micro-batch syncs (GRPO's adaptive entropy reads it too).
+            accelerator.sync_gradients = last
+            if index == 0:
+                self._event("on_step_begin")
+            with self._gradient_sync(last):
+                loss = self.micro_step(inputs, items)
+            if args.logging_nan_inf_filter and not torch.isfinite(loss):
+                self.tr_loss += self.tr_loss / (1 + self.step - self.last_logged)  # HF: the mean of the losses since the last log
+            else:
+                self.tr_loss += loss
+            self._count_tokens(inputs)
+            if not last:
+                self._event("on_substep_end")
         grad_norm = self._clip(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
-        learning_rate = trainer.lr_scheduler.get_last_lr()[0]
+        self._event("on_pre_optimizer_step")
         trainer.optimizer.step()
-        if not trainer.accelerator.optimizer_step_was_skipped:
+        self._event("on_optimizer_step")
+        learning_rate = trainer.lr_scheduler.get_last_lr()[0]
+        if not accelerator.optimizer_step_was_skipped:
             trainer.lr_scheduler.step()
         trainer.optimizer.zero_grad(set_to_none=True)
         trainer.state.global_step += 1
         trainer.state.epoch = self.stream.epoch_progress()
-        if self._should_log():
-            self._log(grad_norm, learning_rate)
+        self._event("on_step_end")
+        self._maybe_log(grad_norm, learning_rate)
+        if self.stream.at_epoch_end():
+            self._event("on_epoch_end")
+            self._maybe_log(grad_norm, learning_rate)
+
+    def _count_tokens(self, inputs: dict[str, Any]) -> None:
+        """`include_num_input_tokens_seen`, counted as HF's loop counts it (every rank's tokens)."""
+        import torch
+
+        how, trainer = self.trainer.args.include_num_input_tokens_seen, self.trainer
+        name = getattr(self.model, "main_input_name", "input_ids")
+        if how in ("no", False, None) or name not in inputs:
+            return
+        if how == "non_padding" and "attention_mask" in inputs:
+            count = inputs["attention_mask"].sum()
+        elif how == "non_padding" and getattr(trainer.processing_class, "pad_token_id", None) is not None:
+            count = (inputs[name] != trainer.processing_class.pad_token_id).sum()
+        else:
+            count = inputs[name].numel()
+        count = torch.as_tensor(count, device=trainer.args.device, dtype=torch.int64)
+        trainer.state.num_input_tokens_seen += int(trainer.accelerator.gather(count).sum().item())
 
     def _clip(self, max_norm: float) -> Any:
         return self.trainer.accelerator.clip_grad_norm_(self.params, max_norm)
@@ -168,15 +231,13 @@ class RunSession:
             return contextlib.nullcontext()
         return accelerator.no_sync(self.wrapped)
 
-    def _should_log(self) -> bool:
-        step, args = self.step, self.trainer.args
-        if step == 1 and args.logging_first_step:
-            return True
-        return args.logging_strategy == "steps" and self.logging_steps > 0 and step % self.logging_steps == 0
-
-    def _log(self, grad_norm: Any, learning_rate: float) -> None:
+    def _maybe_log(self, grad_norm: Any, learning_rate: float) -> None:
+        """As `Trainer._maybe_log_save_evaluate` logs: when a callback (HF's flow callback: logging_steps,
+        logging_first_step, logging_strategy) asks for it."""
         from transformers.trainer_pt_utils import nested_gather
 
+        if not self.trainer.control.should_log or self.step <= self.last_logged:
+            return
         loss = nested_gather(self.tr_loss, self.trainer.args.parallel_mode).mean().item()  # every rank's mean
         logs = {"loss": loss / (self.step - self.last_logged), "learning_rate": learning_rate}
         if grad_norm is not None:
@@ -219,7 +280,8 @@ class RunSession:
 
     def counters(self) -> dict[str, float]:
         return {"tr_loss": float(self.tr_loss.item()), "last_logged": self.last_logged,
-                "grpo_step": getattr(self.trainer, "_step", 0), "epoch": float(self.trainer.state.epoch or 0.0)}
+                "grpo_step": generation_counter(self.trainer), "epoch": float(self.trainer.state.epoch or 0.0),
+                "num_input_tokens_seen": float(self.trainer.state.num_input_tokens_seen)}
 
     def restore(self, state: RunState) -> None:
         """Continue from a durable checkpoint (after a crash, on another worker, or a PBT exploit's donor's).
@@ -247,8 +309,8 @@ class RunSession:
         self.trainer.state.epoch = state.counters.get("epoch", 0.0)
         self.tr_loss.fill_(state.counters.get("tr_loss", 0.0))
         self.last_logged = int(state.counters.get("last_logged", state.step))
-        if hasattr(self.trainer, "_step"):
-            self.trainer._step = int(state.counters.get("grpo_step", 0))
+        self.trainer.state.num_input_tokens_seen = int(state.counters.get("num_input_tokens_seen", 0))
+        set_generation_counter(self.trainer, int(state.counters.get("grpo_step", 0)))
 
     def _own_rng(self, saved: dict[str, Any]) -> dict[str, Any]:
         """This rank's RNG state from a checkpoint (a gang's holds one per rank)."""
@@ -310,12 +372,6 @@ def _synchronize(device: str) -> None:
 
         torch.cuda.synchronize(device)
 
-
-def _logging_steps(args: Any, total_steps: int) -> int:
-    import math
-
-    steps = args.logging_steps
-    return int(math.ceil(total_steps * steps)) if 0 < steps < 1 else int(steps)
 
 
 def with_own_hyperparameters(optimizer: dict[str, Any], scheduler: dict[str, Any],

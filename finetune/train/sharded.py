@@ -65,8 +65,10 @@ def is_shard_checkpoint(directory: str | Path) -> bool:
 
 def decoder_layers(model: Any) -> list[Any]:
     """The model's repeated blocks: the modules of the classes HF names in `_no_split_modules`."""
+    from finetune.train.seams.transformers import no_split_module_classes
+
     inner = model.get_base_model() if hasattr(model, "get_base_model") else model
-    names = set(getattr(inner, "_no_split_modules", None) or ())
+    names = no_split_module_classes(inner)
     layers = [module for module in inner.modules() if type(module).__name__ in names]
     if not layers:
         raise ValueError(f"{type(inner).__name__} names no decoder layer class (_no_split_modules): FSDP cannot shard it by layer")

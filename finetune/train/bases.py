@@ -35,15 +35,19 @@ class LoadedBase:
 def base_key(config: Any) -> str:
     """Runs with the same key share a loaded base model (and tokenizer) on a worker."""
     from finetune.train.adapter import adapter_family
+    from finetune.train.seams.transformers import checkpointing_requested
 
     run_conf, args = config.run_conf, config.training_args
     shaping = [
         run_conf.model, run_conf.tokenizer, run_conf.use_fast_tokenizer, run_conf.model_args.model_dump_json(),
         config.quant_conf.model_dump_json(), config.data_conf.chat_template_name,
         config.data_conf.missing_pad_token_strategy, config.data_conf.padding_side, adapter_family(config.peft_conf),
-        bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)), bool(getattr(args, "gradient_checkpointing", False)),
+        bool(getattr(args, "bf16", False)), bool(getattr(args, "fp16", False)), checkpointing_requested(args),
         # Liger patches the loaded model's layers in place: a patched base is not shared with unpatched runs.
         bool(getattr(args, "use_liger_kernel", False)), json.dumps(getattr(args, "liger_kernel_config", None), default=str),
+        # NEFTune hooks the input embeddings (each run sets its own alpha): runs without it never meet the hook.
+        getattr(args, "neftune_noise_alpha", None) is not None,
+        json.dumps(getattr(args, "gradient_checkpointing_kwargs", None), default=str),
     ]
     return json.dumps(shaping, default=str)
 

@@ -2,7 +2,8 @@
 
 A chunk checkpoint is a directory `chunk-<k>` holding the trained weights (for an adapter, PEFT's
 own `adapter_config.json` + `adapter_model.safetensors`, so it is also a warm start), the optimizer
-moments and `state.pt` (LR schedule, RNG, data position, step). It is written into a temporary
+moments and `state.pt` (LR schedule, RNG, data position, step), and `reference.pt` when
+`sync_ref_model` moves the reference model. It is written into a temporary
 directory and renamed, by a background thread, from a CPU copy taken at the chunk boundary.
 """
 
@@ -22,6 +23,7 @@ from finetune.train.session import RunState
 
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 FULL_WEIGHTS = "model.safetensors"
+REFERENCE_WEIGHTS = "reference.pt"  # a DPO/GRPO reference model that sync_ref_model moves
 
 
 def _tmp_dir(target: Path) -> Path:
@@ -69,6 +71,8 @@ def write_run_state(target: Path, state: RunState, adapter_config: Any | None) -
         extra = {"step": state.step, "position": [state.position.epoch, state.position.batch], "scheduler": state.scheduler,
                  "rng": state.rng, "counters": state.counters}
         torch.save(extra, tmp / "state.pt")
+        if state.reference is not None:
+            torch.save(state.reference, tmp / REFERENCE_WEIGHTS)
         publish(tmp, target)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)  # a full disk, say: nothing half-written is left behind
@@ -91,6 +95,7 @@ def read_run_state(directory: str | Path) -> RunState:
         scheduler=extra["scheduler"],
         rng=extra["rng"],
         counters=extra["counters"],
+        reference=torch.load(directory / REFERENCE_WEIGHTS) if (directory / REFERENCE_WEIGHTS).is_file() else None,
     )
 
 

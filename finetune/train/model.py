@@ -37,6 +37,8 @@ def model_kwargs(config: Any, device: str) -> dict[str, Any]:
     """`from_pretrained` arguments: model_args (extra keys included) plus quantization and placement."""
     import torch
 
+    from finetune.train.seams.transformers import checkpointing_requested
+
     model_args = config.run_conf.model_args
     args = model_args.model_dump(exclude_unset=True, exclude_none=True)
     args.pop("dtype", None)
@@ -49,10 +51,10 @@ def model_kwargs(config: Any, device: str) -> dict[str, Any]:
         kwargs["quantization_config"] = BitsAndBytesConfig(**quant)
     if "device_map" not in kwargs and device != "cpu":
         kwargs["device_map"] = {"": device}
-    if config.training_args.gradient_checkpointing:
+    if checkpointing_requested(config.training_args):
         if "use_cache" in model_args.model_fields_set and model_args.use_cache:
             raise ValueError(
-                "training_args.gradient_checkpointing and run_conf.model_args.use_cache are both true, "
+                "training_args.gradient_checkpointing (or activation_checkpointing) and run_conf.model_args.use_cache are both true, "
                 "which exclude each other: set one of them to false"
             )
         kwargs["use_cache"] = False  # not set by the user; the KV cache is useless with checkpointing

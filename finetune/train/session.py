@@ -28,6 +28,7 @@ from typing import Any, Callable
 from finetune.train.data_order import BatchStream, DataPosition, trainer_epoch_order
 from finetune.train.distributed import gather_to_first
 from finetune.train.micro_step import MicroStep
+from finetune.train.seams.transformers import checkpointing_requested, enable_activation_checkpointing
 from finetune.train.seams.trl import generation_counter, set_generation_counter
 
 MetricsSink = Callable[[str, int, dict[str, float]], None]
@@ -44,6 +45,7 @@ class RunState:
     scheduler: dict[str, Any]
     rng: dict[str, Any]
     counters: dict[str, float] = field(default_factory=dict)
+    reference: dict[str, Any] | None = None  # the reference model's weights, when `sync_ref_model` moves them
 
 
 def capture_rng(device: str) -> dict[str, Any]:
@@ -88,6 +90,7 @@ class RunSession:
 
         self.run_id, self.trainer, self.adapter_name, self.device = run_id, trainer, adapter_name, device
         self.total_steps = total_steps
+        prepare_model_as_train_does(trainer)
         trainer.model_wrapped = self._wrap(trainer)
         self.model = trainer.model
         # In a gang, `wrapped` is the DDP (or FSDP) module whose backward synchronises the ranks.
@@ -96,6 +99,9 @@ class RunSession:
         self.rank, self.world = trainer.accelerator.process_index, trainer.accelerator.num_processes
         self.params = [param for param in self.model.parameters() if param.requires_grad]
         args = trainer.args
+        # TRL's SyncRefModelCallback mixes the policy into its own reference model: part of the run's state then.
+        self.reference = getattr(trainer, "ref_model", None) if getattr(args, "sync_ref_model", False) else None
+        trainer.is_in_train = True  # as train() sets it: evaluation must not cast the model for bf16/fp16_full_eval
         trainer.create_optimizer()
         trainer.optimizer = trainer.accelerator.prepare(trainer.optimizer)
         trainer.create_scheduler(num_training_steps=total_steps, optimizer=trainer.optimizer)
@@ -106,7 +112,7 @@ class RunSession:
         batch_size = total // self.world if total else loader.batch_size or args.per_device_train_batch_size
         self.stream = BatchStream(
             loader.dataset, loader.collate_fn, batch_size, args.dataloader_drop_last,
-            trainer_epoch_order(trainer, loader.dataset, args.seed), num_workers=args.dataloader_num_workers,
+            trainer_epoch_order(trainer, loader.dataset, _order_seed(args)), num_workers=args.dataloader_num_workers,
             shard=(self.rank, self.world),
         )
         self.tr_loss = torch.zeros((), device=args.device)
@@ -131,9 +137,12 @@ class RunSession:
     # ------------------------------------------------------------ training
 
     def activate(self) -> None:
-        """Make this run's adapter the one the shared model trains and evaluates."""
+        """Make this run's adapter the one the shared model trains and evaluates (and its NEFTune alpha)."""
         if self.adapter_name is not None and self.model.active_adapter != self.adapter_name:
             self.model.set_adapter(self.adapter_name)
+        alpha = self.trainer.args.neftune_noise_alpha
+        if alpha is not None:
+            _input_embeddings(self.model).neftune_noise_alpha = alpha
 
     def train_until(self, stop_step: int) -> float:
         """Optimizer steps up to `stop_step`; returns their wall time (device work included)."""
@@ -200,7 +209,7 @@ class RunSession:
         trainer.state.epoch = self.stream.epoch_progress()
         self._event("on_step_end")
         self._maybe_log(grad_norm, learning_rate)
-        if self.stream.at_epoch_end():
+        if self.stream.at_epoch_end() or self.step >= self.total_steps:  # HF's loop ends its epoch at its last step too
             self._event("on_epoch_end")
             self._maybe_log(grad_norm, learning_rate)
 
@@ -274,6 +283,7 @@ class RunSession:
         state = RunState(
             self.step, position, to_cpu(self.trainable_state()), to_cpu(self.trainer.optimizer.state_dict()),
             self.trainer.lr_scheduler.state_dict(), rng, self.counters(),
+            to_cpu(self.reference.state_dict()) if self.reference is not None else None,
         )
         _synchronize(self.device)
         return state
@@ -298,6 +308,8 @@ class RunSession:
                       for group in self.trainer.optimizer.param_groups]
         optimizer, scheduler = with_own_hyperparameters(state.optimizer, state.scheduler, configured)
         self.trainer.optimizer.load_state_dict(optimizer)
+        if self.reference is not None and state.reference is not None:
+            self.reference.load_state_dict(state.reference)
         self.rng = self._own_rng(state.rng)
         self.continue_at(dataclasses.replace(state, scheduler=scheduler))
 
@@ -354,6 +366,31 @@ class RunSession:
         _synchronize(self.device)
 
 
+def prepare_model_as_train_does(trainer: Any) -> None:
+    """What `Trainer.train()` does to the model before its loop, which finetune never calls: Liger's
+    kernels (`use_liger_kernel`), activation checkpointing (`gradient_checkpointing`) and NEFTune's
+    embedding noise (`neftune_noise_alpha`). A base shared by several runs is prepared once (runs that
+    differ in these settings never share one: `bases.base_key`)."""
+    args, model = trainer.args, trainer.model
+    if args.use_liger_kernel and not getattr(model, "finetune_liger_applied", False):
+        from transformers.integrations.liger import apply_liger_kernel
+
+        apply_liger_kernel(model, args.liger_kernel_config)
+        model.finetune_liger_applied = True
+    if checkpointing_requested(args):
+        enable_activation_checkpointing(model, args)
+    embeddings = _input_embeddings(model)
+    if args.neftune_noise_alpha is not None and not hasattr(embeddings, "neftune_noise_alpha"):
+        from transformers.integrations.neftune import activate_neftune
+
+        activate_neftune(model, args.neftune_noise_alpha)
+
+
+def _input_embeddings(model: Any) -> Any:
+    inner = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return inner.get_input_embeddings()
+
+
 def _moved(tensor: Any, target: str, pin: bool) -> Any:
     import torch
 
@@ -404,3 +441,8 @@ def with_own_hyperparameters(optimizer: dict[str, Any], scheduler: dict[str, Any
     if "_last_lr" in scheduler:  # the rate of the step about to run, as `get_last_lr` reports it
         new_scheduler["_last_lr"] = [group["lr"] for group in new_groups]
     return {**optimizer, "param_groups": new_groups}, new_scheduler
+
+
+def _order_seed(args: Any) -> int:
+    """The seed of the epoch order: `data_seed`, else `seed` (as accelerate's seedable sampler under train())."""
+    return int(args.data_seed if args.data_seed is not None else args.seed)

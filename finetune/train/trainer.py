@@ -106,6 +106,12 @@ def build_trainer(
         from transformers import AutoModelForCausalLM
 
         common["ref_model"] = AutoModelForCausalLM.from_pretrained(config.dpo_args.reference_model)
+    elif config.method == "dpo" and config.peft_conf.peft_type == "NO_PEFT":
+        # TRL would load the reference from the model's path, without the rows finetune added for the chat
+        # template's tokens; the reference is the starting weights: a frozen copy of them.
+        import copy
+
+        common["ref_model"] = copy.deepcopy(model).requires_grad_(False).eval()
     elif config.method == "grpo":
         from finetune.train.rewards import resolve_reward
 

@@ -59,3 +59,23 @@ def no_split_module_classes(model: Any) -> set[str]:
     layers), which accelerate's device maps read too; FSDP shards one unit per such block. No public API
     names them."""
     return set(getattr(model, "_no_split_modules", None) or ())
+
+
+def checkpointing_requested(args: Any) -> bool:
+    """Whether a config's (or TrainingArguments') `activation_checkpointing` or its older name
+    `gradient_checkpointing` (the only name before transformers 5.2x) is on."""
+    return bool(getattr(args, "activation_checkpointing", None) or getattr(args, "gradient_checkpointing", None))
+
+
+def enable_activation_checkpointing(model: Any, args: Any) -> None:
+    """Activation checkpointing as `Trainer.train()` turns it on (public API, renamed within 5.x:
+    `activation_checkpointing_enable` and `*_kwargs`, earlier `gradient_checkpointing_enable`)."""
+    if hasattr(model, "activation_checkpointing_enable"):
+        if model.is_activation_checkpointing:
+            return
+        kwargs = dict(getattr(args, "activation_checkpointing_kwargs", None) or args.gradient_checkpointing_kwargs or {})
+        every_n_layers, offload = kwargs.pop("every_n_layers", 1), kwargs.pop("offload", False)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs or None, every_n_layers=every_n_layers,
+                                              offload=offload)
+    elif not model.is_gradient_checkpointing:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=args.gradient_checkpointing_kwargs or None)

@@ -100,15 +100,23 @@ class Translation:
     notice: str
 
 
-def translate_training_args(section: Any, prefix: tuple) -> list[Translation]:
-    """Rename and drop legacy keys of one `training_args` mapping in place.
+def translate_training_args(section: Any, prefix: tuple, method: str | None = None) -> list[Translation]:
+    """Rename and drop legacy keys of one `training_args` mapping in place, and drop the keys finetune
+    ignores (`training_keys`: for `method`, or for every method when it is not known here).
 
     A key given under both its old and its new name is left alone, for validation to reject.
     """
+    from finetune.config.training_keys import ignored_note
+
     if not isinstance(section, dict):
         return []
     where = ".".join(str(part) for part in prefix)
     done = []
+    for key in [key for key in section if key not in TRAINING_ARGS]:
+        note = ignored_note(key, method)
+        if note is not None:
+            section.pop(key)
+            done.append(Translation((*prefix, key), None, f"{where}.{key} is ignored: {note}"))
     for key in [key for key in section if key in TRAINING_ARGS]:
         entry = TRAINING_ARGS[key]
         if isinstance(entry, Dropped):
@@ -128,12 +136,22 @@ def translate_document(tree: Any) -> list[Translation]:
     """Translate `training_args` at the top and in every `groups` overlay."""
     if not isinstance(tree, dict):
         return []
-    sections: list[tuple[tuple, Any]] = [(("training_args",), tree.get("training_args"))]
+    top = _method(tree, "sft")
     groups = tree.get("groups")
+    methods = {_method(group, top) for group in groups if isinstance(group, dict)} if isinstance(groups, list) else set()
+    shared = top if methods <= {top} else None  # the top-level keys of groups of several methods
+    sections: list[tuple[tuple, Any, str | None]] = [(("training_args",), tree.get("training_args"), shared)]
     for index, group in enumerate(groups if isinstance(groups, list) else []):
         if isinstance(group, dict):
-            sections.append((("groups", index, "training_args"), group.get("training_args")))
-    return [translation for prefix, section in sections for translation in translate_training_args(section, prefix)]
+            sections.append((("groups", index, "training_args"), group.get("training_args"), _method(group, top)))
+    return [translation for prefix, section, method in sections
+            for translation in translate_training_args(section, prefix, method)]
+
+
+def _method(tree: dict, default: str | None) -> str | None:
+    """The method a (group's) tree trains, None when it is a knob (its keys are ignored only if every method ignores them)."""
+    method = tree.get("method", default)
+    return method if isinstance(method, str) else None
 
 
 def compatibility_markdown() -> str:
@@ -167,5 +185,31 @@ def compatibility_markdown() -> str:
         "error. Other differences from SiloGen's engine: `run_conf.model_args.torch_dtype` is read as `dtype`,",
         "and `sweep.direction` takes `min`/`max` as well as `minimize`/`maximize`.",
         "",
+        *training_keys_section(),
     ]
     return "\n".join(lines)
+
+
+def training_keys_section() -> list[str]:
+    """The fate of every `training_args` key of each method (`finetune.config.training_keys`), from the snapshot."""
+    from finetune.config.snapshot_models import load_snapshot
+    from finetune.config.training_args import owned_keys
+    from finetune.config.training_keys import fate_table_markdown
+
+    snapshot = load_snapshot("trl")
+    methods = {method: set(spec["fields"]) for method, spec in snapshot["methods"].items()}
+    owned = {method: owned_keys(method) for method in methods}
+    return [
+        f"## What finetune does with each training argument (TRL {snapshot['trl_version']})",
+        "",
+        "finetune trains each run in chunks with TRL's trainers used as libraries and never calls `trainer.train()`",
+        "(see `finetune/train/session.py`): it replays the inside of HF's loop (callbacks included) and decides at",
+        "chunk boundaries what `train()` decides by steps (evaluation, checkpoints). So every key of `training_args`",
+        "is one of: *honoured* (how it maps onto chunks is said), *passed to TRL* (the trainer's own code reads it: its",
+        "loss, data preparation, collator, model set-up or evaluation), *ignored, with a note* at validate (the note",
+        "names what to use instead), *refused* unless set to a value that asks for nothing, or *rejected* because",
+        "another section sets it. Generated from `finetune/config/training_keys.py`.",
+        "",
+        fate_table_markdown(methods, owned),
+        "",
+    ]

@@ -35,6 +35,7 @@ from finetune.config.loading import Location, SourceDoc
 from finetune.config.metric_check import sweep_metric_issues
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
 from finetune.config.scheduling import EXPERIMENT_WIDE_KEYS, PER_RUN_EXPERIMENT_KEYS
+from finetune.config.training_keys import refusals
 
 NOT_KNOBBABLE = ("method", "experiment", "sweep", "groups")
 
@@ -193,7 +194,17 @@ def validate_concrete(tree: dict[str, Any], locate: Locator) -> tuple[AnyFinetun
     except ValidationError as error:
         return None, numbers + issues_from_validation_error(error, tree, locate, frozenset(bad))
     numbers += [_coerced_issue(tree, path, locate) for path in bad_numbers(config.model_dump()) if path not in bad]
+    numbers += _refused_training_keys(config, locate)
     return (None, numbers) if numbers else (config, [])
+
+
+def _refused_training_keys(config: AnyFinetuneConfig, locate: Locator) -> list[ConfigIssue]:
+    """training_args values that finetune's chunked loop cannot honour (`training_keys.refusals`)."""
+    issues = []
+    for key, problem, given, allowed in refusals(config):
+        path = ("training_args", key)
+        issues.append(ConfigIssue(dotted(path), str(locate(path)), problem, short_repr(given), allowed))
+    return issues
 
 
 def _coerced_issue(tree: Any, path: Path, locate: Locator) -> ConfigIssue:

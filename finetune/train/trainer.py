@@ -22,8 +22,13 @@ def trl_arguments(config: Any, derived: Derived, output_dir: Path, device: str) 
     import trl
 
     assert derived.total_steps is not None, "the data size must be known before training"
+    from finetune.config.training_keys import ignored_keys
+
     user = config.training_args.model_dump(exclude_unset=True)
-    user.pop("report_to", None)
+    # report_to is honoured by the controller (MLflow, W&B), not by HF's integration callbacks; keys finetune
+    # ignores (noted at validate) never reach TRL, for configs that did not come through a file (clones, proposals).
+    for key in {"report_to", "project", *ignored_keys(config.method)}:
+        user.pop(key, None)
     values: dict[str, Any] = {
         "seed": 42,
         **user,

@@ -1,14 +1,15 @@
 """The controller's side of experiment tracking: one parent run per experiment, one child per run.
 
 `Tracker` is what it needs of a tracking backend (`finetune.track.mlflow_tracker.Tracker`); the
-parent run's id is kept in `tracking.json` so that `finetune run --resume` continues it.
+parent run's id is kept in `tracking.json` so that `finetune run --resume` continues it. Runs whose
+`training_args.report_to` names wandb also log the same metrics to W&B (`finetune.track.wandb_tracker`).
 """
 
 from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from finetune.io import write_json_atomic
 from finetune.plan.model import PlannedRun
@@ -30,6 +31,7 @@ class ExperimentTracking:
     def __init__(self, tracker: Tracker, root: Path, store: StateStore) -> None:
         self.tracker, self.root, self.store = tracker, root, store
         self.parent_id: str | None = None
+        self.wandb: Any = None  # WandbRuns, made when a run asks for W&B
 
     def start(self, records: list[RunRecord]) -> None:
         state_file = self.root / "tracking.json"
@@ -49,6 +51,8 @@ class ExperimentTracking:
     def log_metrics(self, record: RunRecord | None, step: int, metrics: dict[str, float]) -> None:
         if record is not None and record.mlflow_run_id:
             self.tracker.log_metrics(record.mlflow_run_id, step, metrics)
+            if (runs := self._wandb(record)) is not None:
+                runs.log(record.run_id, record.mlflow_run_id, record.config, record.planned, step, metrics)
 
     def end(self, record: RunRecord, status: str, final_checkpoint: str | None = None) -> None:
         if not record.mlflow_run_id:
@@ -57,10 +61,25 @@ class ExperimentTracking:
         if final_checkpoint and tracking is not None and tracking.log_artifacts:
             self.tracker.log_artifacts(record.mlflow_run_id, final_checkpoint)
         self.tracker.finish(record.mlflow_run_id, status)
+        if (runs := self._wandb(record)) is not None:
+            runs.end(record.run_id, record.mlflow_run_id, record.config, record.planned, status)
 
     def finish(self) -> None:
         if self.parent_id:
             self.tracker.finish(self.parent_id, "FINISHED")
+        if self.wandb is not None:
+            self.wandb.close()
+
+    def _wandb(self, record: RunRecord) -> Any:
+        """The experiment's W&B runs when this run's report_to names wandb, else None."""
+        from finetune.track.wandb_tracker import WandbRuns, wants_wandb
+
+        if not wants_wandb(record.config):
+            return None
+        if self.wandb is None:
+            tracking = record.config.tracking
+            self.wandb = WandbRuns(self.root, tracking.experiment_name if tracking else record.config.experiment.name)
+        return self.wandb
 
 
 def _known_parent(state_file: Path) -> str | None:

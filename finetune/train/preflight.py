@@ -177,6 +177,16 @@ def check_generation_room(config: Any, load_model_config: Callable[[Any], Any | 
              f"generated and no generation metric measured; use fewer than {context}, with room for the prompts")]
 
 
+def check_wandb(config: Any) -> list[Problem]:
+    """W&B's package, when a run's report_to names wandb (its metrics are logged by the controller)."""
+    from finetune.config.training_keys import report_to_values
+
+    if "wandb" in report_to_values(config.training_args.report_to) and importlib.util.find_spec("wandb") is None:
+        return [("training_args.report_to", "names wandb, which is not installed: pip install 'finetune[wandb]', "
+                 "or remove wandb from report_to")]
+    return []
+
+
 def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
     """Every problem this run would hit at start-up, found now.
 
@@ -192,6 +202,7 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
         *model_problems,
         *on_devices,
         *check_backend(config),
+        *check_wandb(config),
         *check_distributed(config, devices),
         *([] if model_problems else check_chat_template(config, load_tokenizer)),
         *([] if model_problems else check_padding_free(config, load_model_config)),

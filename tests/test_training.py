@@ -62,11 +62,19 @@ def generate_from(final: Path) -> str:
     return tokenizer.decode(output[0])
 
 
-def test_sweep_trains_every_run_and_tracks_in_mlflow(tmp_path, demo_dir) -> None:
+@pytest.fixture(scope="module")
+def grid(tmp_path_factory, demo_dir) -> tuple[Path, subprocess.CompletedProcess[str]]:
+    """The demo grid (4 LoRA runs, 4 chunks of one step each), trained once and read by the tests below
+    that only read an experiment: (its folder, the `finetune run` result)."""
+    tmp_path = tmp_path_factory.mktemp("grid")
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "grid")
-    result = finetune(tmp_path, "run", str(config), *small("grid"))
+    result = finetune(tmp_path, "run", str(config), *small("grid", steps=4, chunks=4))
+    return tmp_path / "runs" / "grid", result
+
+
+def test_sweep_trains_every_run_and_tracks_in_mlflow(grid) -> None:
+    root, result = grid
     assert "Ranked by eval_loss" in result.stdout
-    root = tmp_path / "runs" / "grid"
     assert set(states(root).values()) == {"completed"} and len(states(root)) == 4
     assert len(chunk_rows(root)) == 16
     finals = sorted(root.glob("runs/*/checkpoint-final"))
@@ -87,7 +95,10 @@ def test_sweep_trains_every_run_and_tracks_in_mlflow(tmp_path, demo_dir) -> None
     assert {"loss", "eval_loss"} <= set(child.data.metrics)
     assert len(client.get_metric_history(child.info.run_id, "eval_loss")) == 4
 
-    report = finetune(tmp_path, "report", str(root))
+
+def test_report_and_status_of_a_finished_sweep(grid, tmp_path) -> None:
+    root, _ = grid
+    finetune(tmp_path, "report", str(root))
     assert (root / "report.md").is_file() and (root / "loss.png").is_file() and (root / "eval_loss.png").is_file()
     status = finetune(tmp_path, "status", str(root))
     assert "4/4" in status.stdout and "completed" in status.stdout
@@ -192,18 +203,16 @@ def test_chunked_interleaved_training_is_bitwise_identical_to_straight_through(t
     assert all(torch.equal(straight[key], from_disk[key]) for key in straight)
 
 
-def test_lora_checkpoints_hold_the_adapter_new_token_rows_and_moments_only(tmp_path, demo_dir) -> None:
+def test_lora_checkpoints_hold_the_adapter_new_token_rows_and_moments_only(grid, demo_dir) -> None:
     """The chat template adds tokens: a chunk checkpoint holds the adapter, the new rows (not the
     whole embedding) and their optimizer moments; the grown base is written once per experiment."""
     import torch
     from safetensors.torch import load_file
 
-    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "small")
-    finetune(tmp_path, "run", str(config), *small("small", steps=8, chunks=2))
-    root = tmp_path / "runs" / "small"
+    root, _ = grid
     model = json.loads((demo_dir / "model" / "config.json").read_text())
     for run_dir in sorted((root / "runs").iterdir()):
-        chunk = run_dir / "chunk-1"
+        (chunk,) = run_dir.glob("chunk-*")  # the last durable chunk (earlier ones are pruned)
         adapter = load_file(chunk / "adapter_model.safetensors")
         assert any("trainable_tokens_delta" in name for name in adapter)
         assert all(tensor.shape[0] < model["vocab_size"] for tensor in adapter.values()), "a whole embedding was saved"

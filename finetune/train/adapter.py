@@ -45,7 +45,7 @@ def new_adapter_config(peft_conf: Any, new_token_ids: list[int], model: Any) -> 
     """
     if peft_conf.peft_type in ("NO_PEFT", "PRETRAINED_PEFT"):
         return None
-    from peft.mapping import PEFT_TYPE_TO_CONFIG_MAPPING
+    from peft import PEFT_TYPE_TO_CONFIG_MAPPING
 
     kwargs = peft_conf.peft_kwargs.model_dump(exclude_unset=True)
     if new_token_ids and peft_conf.peft_type == "LORA":

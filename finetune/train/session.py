@@ -173,30 +173,44 @@ class RunSession:
         trainer.control = getattr(self._handler, name)(trainer.args, trainer.state, trainer.control)
 
     def _optimizer_step(self) -> None:
-        """One optimizer step, as an iteration of `Trainer._run_epoch` (callbacks included, in its order)."""
-        import torch
+        """One optimizer step, as an iteration of `Trainer._run_epoch` (callbacks included, in its order).
+        A fused group (`fused.FusedGroup`) calls the same three parts around its shared micro-steps."""
+        batches, items = self.begin_step()
+        for index, inputs in enumerate(batches):
+            last = index == len(batches) - 1
+            # As HF's loop: only a step's last micro-batch syncs (GRPO's adaptive entropy reads it too).
+            self.trainer.accelerator.sync_gradients = last
+            with self._gradient_sync(last):
+                loss = self.micro_step(inputs, items)
+            self.end_micro_step(loss, inputs, last)
+        self.finish_step()
 
-        trainer, args, accelerator = self.trainer, self.trainer.args, self.trainer.accelerator
+    def begin_step(self) -> tuple[list[Any], Any]:
+        """An optimizer step's micro-batches and their item count (the loss's denominator), in data order."""
+        trainer, args = self.trainer, self.trainer.args
         if self.stream.at_epoch_start():
             self._event("on_epoch_begin")
         batches, items = trainer.get_batch_samples(iter(self.stream.next_step(args.gradient_accumulation_steps)),
                                                    args.gradient_accumulation_steps, args.device)
         trainer.current_gradient_accumulation_steps = len(batches)
-        for index, inputs in enumerate(batches):
-            last = index == len(batches) - 1
-            # As HF's loop: only a step's last micro-batch syncs (GRPO's adaptive entropy reads it too).
-            accelerator.sync_gradients = last
-            if index == 0:
-                self._event("on_step_begin")
-            with self._gradient_sync(last):
-                loss = self.micro_step(inputs, items)
-            if args.logging_nan_inf_filter and not torch.isfinite(loss):
-                self.tr_loss += self.tr_loss / (1 + self.step - self.last_logged)  # HF: the mean of the losses since the last log
-            else:
-                self.tr_loss += loss
-            self._count_tokens(inputs)
-            if not last:
-                self._event("on_substep_end")
+        self._event("on_step_begin")
+        return batches, items
+
+    def end_micro_step(self, loss: Any, inputs: dict[str, Any], last: bool) -> None:
+        """A micro-batch's loss into the logged mean (`logging_nan_inf_filter` as HF), its tokens counted."""
+        import torch
+
+        if self.trainer.args.logging_nan_inf_filter and not torch.isfinite(loss):
+            self.tr_loss += self.tr_loss / (1 + self.step - self.last_logged)  # HF: the mean of the losses since the last log
+        else:
+            self.tr_loss += loss
+        self._count_tokens(inputs)
+        if not last:
+            self._event("on_substep_end")
+
+    def finish_step(self) -> None:
+        """After a step's backward passes: clipping, the optimizer and LR schedule steps, logging."""
+        trainer, args, accelerator = self.trainer, self.trainer.args, self.trainer.accelerator
         grad_norm = self._clip(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self._event("on_pre_optimizer_step")
         trainer.optimizer.step()

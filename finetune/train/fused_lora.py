@@ -16,8 +16,9 @@ length of a fused chunk each LoRA layer's adapters are switched off (`enable_ada
 layer's forward is its base layer's), the members' adapter weights are made trainable
 (`requires_grad_`), and a forward hook adds, per member that the layer holds, exactly what
 `lora.Linear.forward` adds for one active plain adapter: `lora_B(lora_A(dropout(x))) * scaling`,
-computed on the member's rows cut back to its own sequence length, with the member's own RNG
-state swapped in around its dropout. Leaving restores the layers (`enable_adapters(True)` makes the
+computed on the member's rows cut back to its own sequence length (zero beyond it and on the rows
+of members without an adapter there), with the member's own RNG state swapped in around its
+dropout. Leaving restores the layers (`enable_adapters(True)` makes the
 active adapter alone trainable again). Written against PEFT 0.21 (bounded in pyproject) and checked
 by `tests/test_fused.py`, whose seam test compares a hooked forward with PEFT's own forward of each
 adapter alone.
@@ -110,9 +111,21 @@ class FusedLora:
             self.rows = []
 
     def _add_adapters(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
+        """`output + delta`, where a member's rows of `delta` hold its adapter's path (zero past its own length)
+        and the rows of a member without an adapter on this layer are zero: for a member's positions this is
+        the very addition `lora.Linear.forward` makes, and adding zero changes no other value. (Adding in
+        place into slices of `output` would give the same values, but its backward through strided views is
+        many times slower on the CPU.)"""
+        import torch
+
         x = args[0]
+        if not any(rows.adapter in layer.lora_A for rows in self.rows):
+            return None
+        longest = output.shape[1]
+        paths: list[Any] = []
         for rows in self.rows:
             if rows.adapter not in layer.lora_A:
+                paths.append(rows.stop - rows.start)  # no adapter here: zero rows, filled in below
                 continue
             lora_A, lora_B = layer.lora_A[rows.adapter], layer.lora_B[rows.adapter]
             own = x[rows.start:rows.stop, :rows.length]
@@ -121,8 +134,13 @@ class FusedLora:
             dropout = dropout_of(layer, rows.adapter)
             if dropout is not None:
                 own = self._with_rng(rows, dropout, layer, own)
-            output[rows.start:rows.stop, :rows.length] += lora_B(lora_A(own)) * layer.scaling[rows.adapter]
-        return output
+            path = lora_B(lora_A(own)) * layer.scaling[rows.adapter]
+            if rows.length < longest:
+                path = torch.nn.functional.pad(path, (0, 0, 0, longest - rows.length))
+            paths.append(path)
+        like = next(path for path in paths if not isinstance(path, int))
+        delta = torch.cat([like.new_zeros((path, *like.shape[1:])) if isinstance(path, int) else path for path in paths])
+        return (output + delta).to(output.dtype)  # as lora.Linear.forward: promoted, then back to the base's dtype
 
     def _with_rng(self, rows: Rows, dropout: Any, layer: Any, x: Any) -> Any:
         """The member's dropout, drawn from its own RNG stream (as when it trains alone). Under activation

@@ -48,3 +48,9 @@ def test_step_speed_compares_the_three_loops_in_every_layout(tmp_path) -> None:
     assert set(figures["seconds"]) == {"padded", "padding_free", "packed"}
     # A packed row holds several of the demo's short examples: a step trains more of them.
     assert figures["seconds"]["packed"]["examples_per_step"] > 2 * figures["seconds"]["padded"]["examples_per_step"]
+
+
+def test_fused_benchmark_prints_its_ratios(tmp_path) -> None:
+    out = run("fused.py", "--steps", "2", "--chunks", "2", "--repeats", "1", "--sweep-repeats", "0", "--work", str(tmp_path), cwd=tmp_path)
+    assert len(re.findall(r"fused is \d+\.\d\dx faster", out)) == 2, out
+    assert "4 LoRA runs" in out and "8 LoRA runs" in out

@@ -164,11 +164,13 @@ def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_d
     from finetune.train.fused_lora import FusedLora
     from finetune.train.model import load_base_model
 
-    configs = {name: member_config(demo_dir, base_config, name, 1) for name in "abc"}
+    configs = {name: member_config(demo_dir, base_config, name, 1) for name in "abcd"}
+    configs["d"].peft_conf.peft_kwargs.target_modules = ["lm_head"]  # a layer no member's adapter is on
     model = None
     for name, config in configs.items():
         base = load_base_model(config, 437) if model is None else model.get_base_model()
         model = attach_adapter_for_test(base, model, config, name)
+    configs.pop("d")  # a resident run outside the group: its adapter, active before, must touch no row
     with torch.no_grad():
         for key, param in model.named_parameters():
             if "lora_B" in key:
@@ -181,17 +183,18 @@ def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_d
     for name, batch in zip(configs, batches):
         model.set_adapter(name)
         alone.append(model(**batch).logits)
+    model.set_adapter("d")
     fused = FusedLora(model, list(configs), "cpu")
     batch, rows = concatenate(batches, list(configs), [None] * 3, 0)
     with torch.no_grad(), fused.active():
         fused.start_micro_step(rows)
         together = model(**batch).logits
-        assert all(layer.lora_A[name].weight.requires_grad for layer in fused.layers for name in layer.lora_A)
+        assert all(layer.lora_A[name].weight.requires_grad == (name in configs) for layer in fused.layers for name in layer.lora_A)
     for own, place in zip(alone, rows):
         assert torch.equal(own, together[place.start:place.stop])
     assert not torch.equal(alone[0][0], alone[1][0])  # the adapters differ
     trainable = {key.split(".")[-2] for key, param in model.named_parameters() if param.requires_grad}
-    assert trainable == {"c"}  # PEFT's state again: the active adapter alone trains
+    assert trainable == {"d"}  # PEFT's state again: the active adapter alone trains
 
 
 def attach_adapter_for_test(base: Any, shared: Any, config: Any, name: str) -> Any:
@@ -215,5 +218,9 @@ def test_runs_that_cannot_fuse_are_refused_with_their_reasons(demo_dir, base_con
         FusedGroup(sessions)
     other = build_sessions({"c": member_config(demo_dir, base_config, "c", 2)}, tmp_path / "other", shared=True, log=LossLog())
     assert "the runs do not share one loaded base model" in fuse_problems([sessions[0], other[0]])
+    extra = member_config(demo_dir, base_config, "a", 2).peft_conf.model_copy(deep=True)
+    extra.peft_kwargs.modules_to_save = ["lm_head"]
+    attach_adapter_for_test(sessions[0].model.get_base_model(), sessions[0].model, type("C", (), {"peft_conf": extra})(), "x")
+    assert any("a resident run trains whole modules" in problem for problem in fuse_problems([sessions[0], other[0]]))
     sessions[0].model.get_base_model().config.attention_dropout = 0.1
     assert "the base model's config sets attention_dropout=0.1" in fuse_problems([sessions[0], other[0]])

@@ -20,7 +20,7 @@ MAX_RUNS_CEILING = 100_000
 MAX_CHUNKS = 10_000
 # The keys that belong to the whole experiment: one value for all its runs, so neither a knob nor a group sets them.
 EXPERIMENT_WIDE_KEYS = ("name", "output_dir", "backend", "ray_address", "devices", "runs_per_device", "threads_per_worker",
-                        "gpu_state_budget_gb", "cpu_state_budget_gb", "keep")
+                        "gpu_state_budget_gb", "cpu_state_budget_gb", "keep", "fuse")
 
 
 class ExperimentConfig(Strict):
@@ -41,6 +41,14 @@ class ExperimentConfig(Strict):
         description="Runs trained at once on each device, each in its own worker process (a slot); auto: on a GPU as "
         "many as its memory allows by the footprint measured on the first chunk (at most 8), on the CPU 1. Workers on "
         "the CPU split its cores (see threads_per_worker)",
+    )
+    fuse: Union[Literal["off", "auto"], Annotated[int, Field(ge=2, le=64)]] = Field(
+        default="off",
+        description="Train compatible LoRA runs as one fused group in one worker: one forward and backward of the shared "
+        "frozen base over one micro-batch of each, each adapter on its own rows, each run with its own loss, optimizer "
+        "and schedule (the same training as alone; see docs/running.md). Runs fuse when they share a base model and "
+        "its precision, train SFT with plain LoRA adapters and train on one device. off; k: at most k runs per group; "
+        "auto: as many as keep a fused micro-batch within 64 rows",
     )
     threads_per_worker: int | None = Field(
         default=None, ge=1, le=1024,

@@ -24,9 +24,10 @@ from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.control import CloneParent, RequestRejected, apply_request
 from finetune.schedule.folder import FolderWatch, remove_leftovers
 from finetune.schedule.gang import gang_kind
+from finetune.schedule.fusing import fuse_groups, fuse_key, waiting_views
 from finetune.schedule.handling import WorkerReports
-from finetune.schedule.messages import ChunkDone, ChunkTask
-from finetune.schedule.policy import RunView, WorkerView, assign, slots_for
+from finetune.schedule.messages import ChunkDone, ChunkTask, FusedTask
+from finetune.schedule.policy import RunView, Task, WorkerView, assign, slots_for
 from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
 from finetune.schedule.records import ChunkRecord, ChunkStatus, RunRecord, RunStatus, check_transition
@@ -99,6 +100,7 @@ class Controller(WorkerReports):
         config = CONFIG_ADAPTER.validate_python(run.located(self.root).config)
         record = RunRecord(run, config, base_key(config), gang_kind(config.experiment), RunStatus(row.state), row.position,
                            row.chunks_done, row.last_checkpoint, row.mlflow_run_id, row.chunks_done)
+        record.fuse_key = fuse_key(config, record.base_key, record.gang)
         self.runs[run.run_id] = record
         for added in self.pool.ensure_workers(record.gang):
             self.store.event("workers_started", None, worker=added.worker_id, device=added.device, gang=added.gang)
@@ -118,7 +120,7 @@ class Controller(WorkerReports):
 
     def training(self, run_id: str) -> bool:
         """A worker is training one of its chunks."""
-        return any(worker.busy_with == run_id for worker in self.workers)
+        return any(worker.busy_with == run_id or run_id in worker.riders for worker in self.workers)
 
     def busy(self, run_id: str) -> bool:
         """Training a chunk, or a trained chunk not yet durable."""
@@ -172,7 +174,7 @@ class Controller(WorkerReports):
         self._apply_requests()
         self._record_events(self.search.fill(self))
         self._dispatch()
-        if not any(worker.busy_with for worker in self.workers) and not self._awaiting_durability() and self._nothing_left():
+        if not any(worker.busy_with or worker.riders for worker in self.workers) and not self._awaiting_durability() and self._nothing_left():
             return False
         self._drain()
         self._check_workers()
@@ -198,34 +200,47 @@ class Controller(WorkerReports):
         ]
 
     def _dispatch(self) -> None:
-        busy = {worker.busy_with for worker in self.workers if worker.busy_with}
+        busy = {run for worker in self.workers for run in (worker.busy_with, *worker.riders) if run}
         workers = [
             WorkerView(worker.worker_id, self.pool.units(worker), worker.gang,
-                       bool(worker.busy_with) or not worker.process.is_alive(), frozenset(worker.resident_keys))
+                       bool(worker.busy_with or worker.riders) or not worker.process.is_alive(), frozenset(worker.resident_keys))
             for worker in self.workers
         ]
-        for worker_id, task in assign(self._views(), workers, busy):
-            worker, record = self.pool.worker(worker_id), self.runs[task.run_id]
-            every = record.config.experiment.eval_every_chunks
-            self.tickets += 1
-            worker.tasks.put(ChunkTask(
-                self.tickets, record.planned.located(self.root), task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
-                record.config.experiment.max_eval_samples,
-                evaluate=(task.chunk + 1) % every == 0 or task.chunk == record.total_chunks - 1,
-                judged=self.search.measures(record, task.chunk + 1),
-            ))
-            worker.ticket = self.tickets
-            self.logged[self.tickets] = []
-            earlier = self.chunks.get((task.run_id, task.chunk))
-            attempts = earlier.attempts + 1 if earlier is not None and earlier.status is ChunkStatus.LOST else 1
-            self.chunks[(task.run_id, task.chunk)] = ChunkRecord(task.run_id, task.chunk, worker_id, self.tickets, attempts=attempts)
-            worker.busy_with = task.run_id
-            worker.resident_keys.add(record.base_key)
-            record.home = worker.worker_id
-            self._set_status(record, RunStatus.RUNNING)
-            self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id,
-                             attempt=attempts)
+        assignments = assign(self._views(), workers, busy)
+        setting = next(iter(self.runs.values())).config.experiment.fuse if self.runs else "off"
+        for worker_id, group in fuse_groups(assignments, waiting_views(self.runs.values()), busy, setting,
+                                            lambda view: Task(view.run_id, view.chunks_done)):
+            worker = self.pool.worker(worker_id)
+            chunk_tasks = tuple(self._start_chunk(worker, task) for task in group)
+            worker.tasks.put(chunk_tasks[0] if len(chunk_tasks) == 1 else FusedTask(chunk_tasks))
+            worker.busy_with, worker.ticket = group[0].run_id, chunk_tasks[0].ticket
+            worker.riders = {task.run.run_id: task.ticket for task in chunk_tasks[1:]}
+            if len(group) > 1:
+                self.store.event("fused_group", group[0].run_id, worker=worker_id, runs=[task.run_id for task in group],
+                                 chunks=[task.chunk for task in group])
             self.on_change()
+
+    def _start_chunk(self, worker: WorkerHandle, task: Task) -> ChunkTask:
+        """The task of one run's chunk on `worker`, and its records: a ticket, the chunk, the run's home and state."""
+        record = self.runs[task.run_id]
+        every = record.config.experiment.eval_every_chunks
+        self.tickets += 1
+        chunk_task = ChunkTask(
+            self.tickets, record.planned.located(self.root), task.chunk, record.last_checkpoint or initial_checkpoint(record.config),
+            record.config.experiment.max_eval_samples,
+            evaluate=(task.chunk + 1) % every == 0 or task.chunk == record.total_chunks - 1,
+            judged=self.search.measures(record, task.chunk + 1),
+        )
+        self.logged[self.tickets] = []
+        earlier = self.chunks.get((task.run_id, task.chunk))
+        attempts = earlier.attempts + 1 if earlier is not None and earlier.status is ChunkStatus.LOST else 1
+        self.chunks[(task.run_id, task.chunk)] = ChunkRecord(task.run_id, task.chunk, worker.worker_id, self.tickets, attempts=attempts)
+        worker.resident_keys.add(record.base_key)
+        record.home = worker.worker_id
+        self._set_status(record, RunStatus.RUNNING)
+        self.store.event("chunk_started", task.run_id, chunk=task.chunk, device=worker.device, worker=worker.worker_id,
+                         attempt=attempts)
+        return chunk_task
 
     def _drain(self) -> None:
         try:
@@ -248,9 +263,13 @@ class Controller(WorkerReports):
         for added in self.pool.grow(worker.device, slots):
             self.store.event("slot_added", None, device=added.device, worker=added.worker_id, footprint=message.peak_memory)
 
-    def _release(self, worker_id: str) -> WorkerHandle:
+    def _release(self, worker_id: str, run_id: str | None = None) -> WorkerHandle:
+        """The worker is done with the run's chunk (and free once every run of its fused group is)."""
         worker = self.pool.worker(worker_id)
-        worker.busy_with, worker.ticket = None, -1
+        if run_id in worker.riders:
+            del worker.riders[run_id]
+        else:
+            worker.busy_with, worker.ticket = None, -1
         return worker
 
     def _check_workers(self) -> None:
@@ -265,9 +284,10 @@ class Controller(WorkerReports):
                 error += f": {worker.rank_error}" if worker.rank_error else ""
             else:
                 error = f"the worker on {worker.device} died (exit code {worker.process.exitcode}), e.g. out of memory"
-            self.logged.pop(worker.ticket, None)  # the training logs of a chunk that is lost with its worker
-            if worker.busy_with:
-                self._chunk_lost(self.runs[worker.busy_with], error)
+            for run_id, ticket in [(worker.busy_with, worker.ticket), *worker.riders.items()]:
+                self.logged.pop(ticket, None)  # the training logs of a chunk that is lost with its worker
+                if run_id:
+                    self._chunk_lost(self.runs[run_id], error)
             for record in self.runs.values():
                 if record.home == worker.worker_id:
                     self._forget_progress(record)

@@ -50,7 +50,7 @@ class WorkerReports(Base):
         """A report of a worker incarnation that is gone, or of a task its worker is not training now: logged
         and dropped (`messages.is_stale`)."""
         worker = next((worker for worker in self.workers if worker.worker_id == message.worker), None)
-        current = None if worker is None else (worker.incarnation, worker.ticket, worker.busy_with)
+        current = None if worker is None else (worker.incarnation, *worker.task_of(getattr(message, "run_id", None)))
         if not is_stale(message, current):
             return False
         self.store.event("stale_message", getattr(message, "run_id", None), message=type(message).__name__,
@@ -71,7 +71,7 @@ class WorkerReports(Base):
             case ChunkDurable():
                 self._chunk_durable(message)
             case RunFailed():
-                self._release(message.worker)
+                self._release(message.worker, message.run_id)
                 self.folder.check(message.error)  # a full disk, the folder moved: the experiment stops, no run fails
                 self._fail(message.run_id, message.error, traceback=message.traceback)
             case WriteFailed():
@@ -91,6 +91,7 @@ class WorkerReports(Base):
         """Fail a run after an illegal transition: recorded with the reason, its chunks in flight forgotten."""
         self.chunks = {key: chunk for key, chunk in self.chunks.items() if key[0] != record.run_id}
         for worker in self.workers:
+            worker.riders.pop(record.run_id, None)
             if worker.busy_with == record.run_id:
                 worker.busy_with = None
         if record.status in (RunStatus.FAILED, RunStatus.DELETED, RunStatus.COMPLETED):
@@ -117,7 +118,7 @@ class WorkerReports(Base):
         self.tracking.end(record, "FAILED")
 
     def _chunk_done(self, message: ChunkDone) -> None:
-        worker = self._release(message.worker)
+        worker = self._release(message.worker, message.run_id)
         worker.resident_keys = set(message.loaded_bases)
         for other in self.runs.values():  # what the worker evicted is held by its durable checkpoint only
             if other.home == worker.worker_id and other.run_id not in message.resident_runs:

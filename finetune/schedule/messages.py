@@ -49,6 +49,14 @@ class ChunkTask:
 
 
 @dataclass(frozen=True)
+class FusedTask:
+    """Train these chunks of several runs as one fused group (`experiment.fuse`); each is reported as if
+    it were trained alone (its own ChunkDone and ChunkDurable, with its own ticket)."""
+
+    tasks: tuple[ChunkTask, ...]
+
+
+@dataclass(frozen=True)
 class MetricsLogged:
     """Training metrics at a logging step (loss, learning rate, grad norm, rewards)."""
 

@@ -55,6 +55,13 @@ class WorkerHandle:
     rank_error: str | None = None  # why a rank of the gang stopped, as it reported
     incarnation: int = 0  # which process of this name: a respawned worker gets a new one
     ticket: int = -1  # the dispatch ticket of the task it trains (busy_with)
+    riders: dict[str, int] = field(default_factory=dict)  # the other runs of its fused group, with their tickets
+
+    def task_of(self, run_id: str | None) -> tuple[int, str | None]:
+        """(ticket, run) of the task it trains for `run_id`: a rider of its fused group, else its leader."""
+        if run_id in self.riders:
+            return self.riders[run_id], run_id
+        return self.ticket, self.busy_with
 
 
 @dataclass

@@ -62,6 +62,7 @@ class RunRecord:
     mlflow_run_id: str | None
     trained_chunks: int
     home: str | None = None
+    fuse_key: str = ""  # runs with one non-empty key may train as one fused group (`schedule.fusing`)
 
     @property
     def run_id(self) -> str:

@@ -19,6 +19,7 @@ from finetune.schedule.messages import (
     ChunkDone,
     ChunkDurable,
     ChunkTask,
+    FusedTask,
     MetricsLogged,
     RankError,
     RunFailed,
@@ -66,9 +67,10 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
     freeze_long_lived_objects()
 
     current = {"ticket": -1}  # the task being trained
+    fused_tickets: dict[str, int] = {}  # in a fused group: each member's ticket
 
     def sink(run_id: str, step: int, metrics: dict[str, float]) -> None:
-        results.put(MetricsLogged(worker_id, run_id, step, metrics, current["ticket"], incarnation))
+        results.put(MetricsLogged(worker_id, run_id, step, metrics, fused_tickets.get(run_id, current["ticket"]), incarnation))
 
     tickets: dict[tuple[str, int], int] = {}  # the ticket of each chunk whose checkpoint is being written
 
@@ -89,8 +91,13 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
                       on_write_failed=on_write_failed, gang_rank=rank.rank if rank else None,
                       on_warning=on_warning if speaks else None)
     configs: dict[str, Any] = {}
-    task: ChunkTask | None
+    task: ChunkTask | FusedTask | None
     while (task := tasks.get()) is not None:
+        if isinstance(task, FusedTask):
+            fused_tickets.update({member.run.run_id: member.ticket for member in task.tasks})
+            _train_fused(worker_id, bench, task, configs, tickets, results, incarnation)
+            fused_tickets.clear()
+            continue
         run = task.run
         current["ticket"] = task.ticket
         if speaks:  # only the speaking rank writes checkpoints
@@ -121,6 +128,60 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
 
     FENCE.close()
     results.put(WorkerExit(worker_id, bench.resident_runs(), incarnation))
+
+
+def _train_fused(worker_id: str, bench: Any, fused: FusedTask, configs: dict[str, Any], tickets: dict[tuple[str, int], int],
+                 results: Any, incarnation: int) -> None:
+    """A fused group's chunks (`experiment.fuse`), reported member by member as if trained alone. If the
+    group fails, its members' sessions are dropped and each chunk is trained alone from the member's last
+    durable checkpoint, so that a bad run fails alone."""
+    from finetune.config.validation import CONFIG_ADAPTER
+    from finetune.train.workbench import FusedMember
+
+    members = []
+    for task in fused.tasks:
+        tickets[(task.run.run_id, task.chunk)] = task.ticket
+        if task.run.run_id not in configs:
+            configs[task.run.run_id] = CONFIG_ADAPTER.validate_python(task.run.config)
+        members.append(FusedMember(task.run, configs[task.run.run_id], task.chunk, task.resume_from, task.max_eval_samples,
+                                   task.evaluate, task.judged))
+    try:
+        outcomes = bench.train_fused(members)
+    except Exception:
+        for task in fused.tasks:
+            bench.close(task.run.run_id)
+        for task in fused.tasks:
+            _train_alone(worker_id, bench, task, configs[task.run.run_id], tickets, results, incarnation)
+        return
+    for task, outcome in zip(fused.tasks, outcomes):
+        if isinstance(outcome, Exception):
+            tickets.pop((task.run.run_id, task.chunk), None)
+            bench.close(task.run.run_id)
+            results.put(RunFailed(worker_id, task.run.run_id, f"{type(outcome).__name__}: {outcome}",
+                                  getattr(outcome, "__traceback_text__", ""), task.ticket, incarnation))
+        else:
+            results.put(_done(worker_id, task, outcome, bench, incarnation))
+
+
+def _train_alone(worker_id: str, bench: Any, task: ChunkTask, config: Any, tickets: dict[tuple[str, int], int],
+                 results: Any, incarnation: int) -> None:
+    try:
+        outcome = bench.train_chunk(task.run, config, task.chunk, task.resume_from, task.max_eval_samples, task.evaluate,
+                                    task.judged)
+        results.put(_done(worker_id, task, outcome, bench, incarnation))
+    except Exception as error:
+        tickets.pop((task.run.run_id, task.chunk), None)
+        bench.close(task.run.run_id)
+        results.put(RunFailed(worker_id, task.run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc(),
+                              task.ticket, incarnation))
+
+
+def _done(worker_id: str, task: ChunkTask, outcome: Any, bench: Any, incarnation: int) -> ChunkDone:
+    return ChunkDone(
+        worker_id, task.ticket, task.run.run_id, outcome.chunk, outcome.global_step, outcome.metrics, outcome.seconds,
+        outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
+        outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
+    )
 
 
 def _exit_with(parent_pid: int, every_seconds: float = 1.0) -> None:

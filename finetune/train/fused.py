@@ -25,7 +25,7 @@ import time
 from dataclasses import dataclass, field
 from typing import Any
 
-from finetune.train.fused_lora import FusedLora, Rows, dropout_of, seam_problems
+from finetune.train.fused_lora import FusedLora, Rows, dropout_of, seam_problems, shared_model_problems
 from finetune.train.seams.transformers import prepare_inputs
 from finetune.train.session import RunSession, _synchronize
 
@@ -86,7 +86,7 @@ def fuse_problems(sessions: list[RunSession]) -> list[str]:
         problems.append("the runs train in different precisions")
     if len({session.run_id for session in sessions}) != len(sessions):
         problems.append("a run is in the group twice")
-    return problems + base_problems(sessions[0].model)
+    return problems + base_problems(sessions[0].model) + shared_model_problems(sessions[0].model)
 
 
 @dataclass

@@ -73,6 +73,21 @@ def seam_problems(model: Any, adapter: str) -> list[str]:
     return sorted(set(problems))
 
 
+def shared_model_problems(model: Any) -> list[str]:
+    """Why no adapters on this shared model can fuse: another run's whole-module or token-row copies
+    (PEFT's auxiliary wrappers apply their active adapter to every row), or LoRA layers other than Linear."""
+    from peft.tuners.lora.layer import Linear, LoraLayer
+    from peft.utils.other import AuxiliaryTrainingWrapper
+
+    problems = set()
+    for name, module in model.named_modules():
+        if isinstance(module, AuxiliaryTrainingWrapper):
+            problems.add(f"a resident run trains whole modules or token rows ({name})")
+        elif isinstance(module, LoraLayer) and not isinstance(module, Linear):
+            problems.add(f"a resident run's LoRA on {name} is a {type(module).__name__} layer")
+    return sorted(problems)
+
+
 def dropout_of(layer: Any, adapter: str) -> Any | None:
     """The adapter's dropout module in `layer` when it draws random numbers (training mode), else None."""
     import torch
@@ -85,8 +100,13 @@ class FusedLora:
     """Hooks on a shared PeftModel's LoRA layers that apply each member's adapter to its rows."""
 
     def __init__(self, model: Any, adapters: list[str], device: str) -> None:
+        from peft.tuners.lora.layer import LoraLayer
+
         self.model, self.adapters, self.device = model, list(adapters), device
         self.layers = lora_layers(model, self.adapters)
+        # Every LoRA layer is switched off, also those holding only other resident runs' adapters, whose
+        # active adapter would otherwise apply to every row.
+        self.switched = [module for module in model.modules() if isinstance(module, LoraLayer)]
         self.rows: list[Rows] = []
         self.drawn: dict[tuple[int, str], dict[str, Any]] = {}  # the RNG state each (layer, adapter) drew from
         self.replaying = False
@@ -95,8 +115,9 @@ class FusedLora:
     def active(self) -> Iterator[None]:
         handles = []
         try:
-            for layer in self.layers:
+            for layer in self.switched:
                 layer.enable_adapters(False)
+            for layer in self.layers:
                 for adapter in self.adapters:
                     if adapter in layer.lora_A:
                         layer.lora_A[adapter].requires_grad_(True)
@@ -106,7 +127,7 @@ class FusedLora:
         finally:
             for handle in handles:
                 handle.remove()
-            for layer in self.layers:
+            for layer in self.switched:
                 layer.enable_adapters(True)
             self.rows = []
 

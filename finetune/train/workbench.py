@@ -12,7 +12,9 @@ and how runs share them (`sharing`: a shared base on one device, or a gang rank'
 from __future__ import annotations
 
 import copy
+import logging
 import time
+import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -27,6 +29,7 @@ from finetune.train.session_cache import SessionCache
 from finetune.train.sharded import ShardedSession, ShardedState, is_shard_checkpoint, is_sharded, publish_shards, start_problem
 from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStrategy
 
+logger = logging.getLogger(__name__)
 DurableListener = Callable[[str, int, str, "str | None"], None]  # (run_id, chunk, checkpoint, final checkpoint)
 WriteFailureListener = Callable[[str, int, str], None]  # (run_id, chunk, error)
 WarningListener = Callable[[str, int, Any], None]  # (run_id, chunk, evaluate.sandbox.UserCodeFailure)
@@ -47,6 +50,19 @@ class ChunkOutcome:
     finished_at: float
     peak_memory: int = 0
     total_memory: int = 0
+
+
+@dataclass
+class FusedMember:
+    """One member's chunk in a fused group (what `train_chunk` takes for one run)."""
+
+    run: PlannedRun
+    config: Any
+    chunk: int
+    resume_from: str | None
+    max_eval_samples: int | None
+    evaluate: bool = True
+    judged: bool = False
 
 
 def chunk_boundary(run: PlannedRun, chunk: int) -> int:
@@ -78,6 +94,7 @@ class Workbench:
         self.bases = BaseCache(root, device, self.strategy.writes_files, self.strategy.freeze_bases)
         self.sessions = SessionCache(self.writer.wait_for)
         self.generation = GenerationEvaluator()
+        self.fuse_refusals: set[str] = set()  # why groups did not fuse, as warned
 
     def resident_runs(self) -> tuple[str, ...]:
         return self.sessions.run_ids()
@@ -96,6 +113,41 @@ class Workbench:
             step_seconds = session.train_until(chunk_boundary(run, chunk))
         finally:
             self._report_reward_failures(run.run_id, chunk)
+        return self._end_chunk(run, config, session, chunk, evaluate, judged, started, started_at, step_seconds)
+
+    def train_fused(self, members: list[FusedMember]) -> list[ChunkOutcome | Exception]:
+        """Chunks of several runs trained as one fused group (`fused.FusedGroup`), each then evaluated and
+        made durable as after `train_chunk`: per member its outcome, or the error that ended its chunk
+        (its evaluation, say: the member fails alone). Runs that cannot fuse (`fused.fuse_problems`: say
+        their adapters train new token rows) train their chunks one after another instead. Each member's
+        step time is the group's (they trained at once). An error while the group trains is raised."""
+        from finetune.train.fused import FusedGroup, fuse_problems
+
+        started, started_at = time.perf_counter(), time.time()
+        sessions = [self._session(m.run, m.config, chunk_boundary(m.run, m.chunk - 1), m.resume_from, m.max_eval_samples)
+                    for m in members]
+        problems = fuse_problems(sessions)
+        if problems:
+            if not set(problems) <= self.fuse_refusals:  # once per reason, not at every chunk
+                logger.warning("experiment.fuse: these runs train one after another: %s", "; ".join(problems))
+                self.fuse_refusals.update(problems)
+            return [_outcome_or_error(lambda m=m: self.train_chunk(m.run, m.config, m.chunk, m.resume_from, m.max_eval_samples,
+                                                                   m.evaluate, m.judged)) for m in members]
+        for member in members:
+            self._place(member.run.run_id)
+        for session in sessions:  # every member trains now: all their state on the device
+            if self.device.startswith("cuda"):
+                session.move_state(self.device)
+        step_seconds = FusedGroup(sessions).train_until({m.run.run_id: chunk_boundary(m.run, m.chunk) for m in members})
+        for member in members:
+            self._report_reward_failures(member.run.run_id, member.chunk)
+        return [_outcome_or_error(lambda m=m, session=session: self._end_chunk(m.run, m.config, session, m.chunk, m.evaluate,
+                                                                               m.judged, started, started_at, step_seconds))
+                for m, session in zip(members, sessions)]
+
+    def _end_chunk(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, evaluate: bool, judged: bool,
+                   started: float, started_at: float, step_seconds: float) -> ChunkOutcome:
+        """A trained chunk's evaluation, its snapshot handed to the background writer, and its outcome."""
         eval_started = time.perf_counter()
         metrics = self._measure(run, config, session, chunk, evaluate, judged)
         eval_seconds = time.perf_counter() - eval_started
@@ -254,6 +306,14 @@ class Workbench:
             self.sessions[run_id].move_state("cpu")
         if self.device.startswith("cuda"):
             self.sessions[active].move_state(self.device)
+
+
+def _outcome_or_error(chunk: Callable[[], ChunkOutcome]) -> ChunkOutcome | Exception:
+    try:
+        return chunk()
+    except Exception as error:  # noqa: BLE001 - the member's own failure, reported for it alone
+        error.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
+        return error
 
 
 def _resume(session: RunSession, checkpoint: str, initial: bool) -> None:

@@ -211,6 +211,10 @@ class RunSession:
     def finish_step(self) -> None:
         """After a step's backward passes: clipping, the optimizer and LR schedule steps, logging."""
         trainer, args, accelerator = self.trainer, self.trainer.args, self.trainer.accelerator
+        # The optimizer and scheduler step only while gradients are synced. The flag lives in accelerate's
+        # GradientState, shared by every Accelerator of the process: a fused group's other members may
+        # have cleared it since this step's last micro-batch set it.
+        accelerator.sync_gradients = True
         grad_norm = self._clip(args.max_grad_norm) if args.max_grad_norm and args.max_grad_norm > 0 else None
         self._event("on_pre_optimizer_step")
         trainer.optimizer.step()

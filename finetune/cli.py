@@ -74,11 +74,27 @@ def validate(
     """Check a config, knobs and all. Exit 0 valid, 1 invalid, 2 unusable call."""
     doc = load_or_exit(config, values_key, set_, as_json)
     issues = validate_document(doc)
-    report_issues(config, issues, as_json, doc.notices)
+    warnings = [] if issues else resource_warnings(doc)
+    report_issues(config, issues, as_json, doc.notices, warnings)
     if not issues and not as_json:
-        console.print(f"[green]✓[/] {escape(str(config))} is valid", highlight=False)
+        for warning in warnings:
+            errors.print(f"[yellow]warning:[/] {escape(warning)}", highlight=False, soft_wrap=True)
+        some = f" ({len(warnings)} warning(s): `finetune plan` and `run` refuse them)" if warnings else ""
+        console.print(f"[green]✓[/] {escape(str(config))} is valid{some}", highlight=False)
     if issues:
         raise typer.Exit(EXIT_INVALID)
+
+
+def resource_warnings(doc: SourceDoc) -> list[str]:
+    """Missing data files, a model path that does not exist: warnings for `validate` (which reads no data,
+    and may run on another machine than the one that trains)."""
+    from finetune.plan.build import build_plan
+    from finetune.plan.resources import plan_resource_lines
+
+    try:
+        return plan_resource_lines(build_plan(doc, train_examples=lambda config: None))
+    except Exception:  # what only planning finds is `plan`'s to say
+        return []
 
 
 def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool) -> RunPlan:
@@ -97,9 +113,27 @@ def build_plan_or_exit(doc: SourceDoc, config: Path, as_json: bool) -> RunPlan:
     raise typer.Exit(EXIT_INVALID)
 
 
-def report_issues(config: Path, issues: list, as_json: bool, notices: list[str] | None = None) -> None:
+def refuse_missing_resources(run_plan: RunPlan, config: Path, as_json: bool) -> None:
+    """Missing data files, unreadable first records, a model that is neither here nor a hub id to be had: exit 1."""
+    from finetune.plan.resources import plan_resource_lines
+
+    lines = plan_resource_lines(run_plan)
+    if not lines:
+        return
     if as_json:
-        console.print_json(json.dumps({"valid": not issues, "errors": [issue.as_dict() for issue in issues], "notices": notices or []}))
+        console.print_json(json.dumps({"valid": False, "errors": [{"message": line} for line in lines]}))
+    else:
+        errors.print(f"[red]✗ {len(lines)} problem(s) in {escape(str(config))}, found before any work:[/]", highlight=False, soft_wrap=True)
+        for line in lines:
+            errors.print(line, highlight=False, markup=False, soft_wrap=True)
+    raise typer.Exit(EXIT_INVALID)
+
+
+def report_issues(config: Path, issues: list, as_json: bool, notices: list[str] | None = None,
+                  warnings: list[str] | None = None) -> None:
+    if as_json:
+        console.print_json(json.dumps({"valid": not issues, "errors": [issue.as_dict() for issue in issues],
+                                       "notices": notices or [], "warnings": warnings or []}))
     elif issues:
         errors.print(f"[red]✗ {len(issues)} problem(s) in {escape(str(config))}[/]", highlight=False, soft_wrap=True)
         for issue in issues:
@@ -113,6 +147,7 @@ def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None
 
     doc = load_or_exit(config, values_key, set_, as_json)
     run_plan = build_plan_or_exit(doc, config, as_json)
+    refuse_missing_resources(run_plan, config, as_json)
     if as_json:
         console.print_json(run_plan.model_dump_json())
         return

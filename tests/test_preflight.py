@@ -31,6 +31,31 @@ def test_a_model_that_is_neither_a_directory_nor_a_hub_id_is_refused(model, prob
     assert bool(found) == problem and all(path == "run_conf.model" for path, _ in found)
 
 
+def test_the_chat_template_is_applied_to_each_data_file_s_first_record(tmp_path, monkeypatch) -> None:
+    from finetune.train import preflight
+
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text("{}\n")
+    config = config_with(run_conf={"model": str(tmp_path)})
+    conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
+    read = lambda path, method: [{"messages": conversation}]  # noqa: E731
+    monkeypatch.setattr("finetune.data.pipeline.prepare_tokenizer", lambda tokenizer, data_conf: 0)
+
+    class Refusing:
+        def apply_chat_template(self, *args, **kwargs):
+            raise ValueError("Conversation roles must alternate")
+
+    (problem,) = preflight.check_data_and_template(config, lambda c: Refusing(), read)
+    assert problem[0] == "data_conf.chat_template_name"
+    assert "does not apply to the first record of train.jsonl" in problem[1] and "roles must alternate" in problem[1]
+
+    def unreadable(path, method):
+        raise ValueError(f"{path}:1: missing key 'messages'")
+
+    assert preflight.check_data_and_template(config, lambda c: Refusing(), unreadable) == [
+        ("data_conf.training_data.datasets[0].path", "train.jsonl:1: missing key 'messages'")]
+
+
 def test_an_existing_directory_is_fine(tmp_path) -> None:
     assert check_model_source(config_with(run_conf={"model": str(tmp_path)})) == []
 
@@ -59,10 +84,14 @@ def test_backend_ray_without_ray_names_the_extra(monkeypatch) -> None:
     assert preflight.check_backend(config_with()) == []
 
 
-def test_on_a_ray_cluster_device_checks_are_left_to_the_workers() -> None:
+def test_on_a_ray_cluster_device_checks_are_left_to_the_workers(tmp_path, monkeypatch) -> None:
     """The driver (a pod without a GPU, say) cannot judge the cluster's GPUs."""
     from finetune.train.preflight import preflight
 
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "train.jsonl").write_text('{"messages": []}\n')
+    (tmp_path / "org" ).mkdir()
+    (tmp_path / "org" / "model").mkdir()
     config = config_with(run_conf={"model": "org/model", "model_args": {"attn_implementation": "flash_attention_2"}},
                          training_args={"fp16": True, "bf16": False}, quant_conf={"quantization_type": "bits-and-bytes", "load_in_4bit": True})
     assert preflight(config, None, lambda c: None) == []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import shutil
 import time
 from pathlib import Path
@@ -10,9 +11,7 @@ from typing import Any, Callable
 from rich.console import Console
 from rich.live import Live
 
-from finetune.config.knobs import first_candidates
 from finetune.config.scheduling import ExperimentConfig
-from finetune.config.validation import CONFIG_ADAPTER
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller
 from finetune.schedule.display import runs_table
@@ -41,27 +40,45 @@ class Throttled:
 
 
 def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str, Any]:
-    """Every problem of every run that can be known now, at once, before data, workers or MLflow
-    (`devices` None: on a Ray cluster, whose devices the workers check), and of each search space's
-    representative config. Returns the validated config of each, by run id or `group N`."""
+    """Every problem of every run that can be known now, at once, before the experiment folder, data
+    preparation, workers or MLflow (`devices` None: on a Ray cluster, whose devices the workers check),
+    and of each search space's representative config: its model and tokenizer can be had, its data
+    files read as records and the chat template applies to their first ones. Returns the validated
+    config of each, by run id or `group N`."""
+    from finetune.data.readers import read_records
+    from finetune.plan.resources import plan_configs
     from finetune.train.model import load_tokenizer
 
     tokenizers: dict[str, Any] = {}
+    records: dict[tuple[str, str], Any] = {}
 
     def tokenizer_of(config: Any) -> Any:
         source = config.run_conf.tokenizer or config.run_conf.model
         if source not in tokenizers:
             tokenizers[source] = load_tokenizer(config)
-        return tokenizers[source]
+        return copy.deepcopy(tokenizers[source])  # the template check prepares it: the next run gets it untouched
 
-    lines, configs = [], {}
-    named = [(run.run_id, f"run {run.run_id} ({run.label or 'the only run'})", run.config) for run in plan.runs]
-    named += [(f"group {group}", f"the search space of group {group} (each knob's first value)", first_candidates(tree))
-              for group, tree in sorted(plan.search_spaces.items())]
-    for key, name, tree in named:
-        config = configs[key] = CONFIG_ADAPTER.validate_python(tree)
-        problems = start_up_problems(config, devices, tokenizer_of)
-        lines += [f"{name}: {path}: {problem}" for path, problem in problems]
+    def records_of(path: str, method: str) -> Any:
+        if (path, method) not in records:
+            try:
+                records[(path, method)] = read_records(path, method)
+            except Exception as error:
+                records[(path, method)] = error
+        found = records[(path, method)]
+        if isinstance(found, Exception):
+            raise found
+        return found
+
+    said: dict[tuple[str, str], list[str]] = {}
+    configs = {}
+    for key, (name, config) in plan_configs(plan).items():
+        configs[key] = config
+        for problem in start_up_problems(config, devices, tokenizer_of, records_of):
+            said.setdefault(problem, []).append(name if len(plan.runs) > 1 or plan.search_spaces else "")
+    lines = []
+    for (path, problem), names in said.items():
+        whose = "" if not any(names) else " (every run)" if len(names) == len(configs) > 1 else f" ({'; '.join(names)})"
+        lines.append(f"{path}: {problem}{whose}")
     if lines:
         raise ExperimentError(f"{len(lines)} problem(s) found before any work; nothing was started:\n" + "\n".join(lines))
     return configs
@@ -86,13 +103,42 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
 
     quiet_libraries()
     root = (resume_dir or experiment_dir(plan)).resolve()
+    settings = plan.settings
+    configs = check_before_any_work(plan, resolve_devices(settings.devices) if settings.backend == "local" else None)
     created = make_folder(root)
     try:
         with ExperimentLock(root):
-            return _train(plan, root, console, make_tracker, resume_dir is not None)
+            if resume_dir is None and never_trained(root):
+                console.print(f"note: {root} holds an experiment that never trained a chunk (its start failed): "
+                              "starting it afresh", highlight=False, soft_wrap=True)
+                clear_folder(root)
+            return _train(plan, root, console, make_tracker, resume_dir is not None, configs)
     finally:
         if created and root.is_dir() and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
             shutil.rmtree(root, ignore_errors=True)
+
+
+def never_trained(root: Path) -> bool:
+    """Whether `root` holds an experiment (a plan or a state store) without a single durable chunk: what a
+    start that failed leaves, which a corrected rerun replaces rather than refuses or resumes."""
+    if not (root / STATE_FILE).is_file():
+        return (root / "plan.json").is_file()
+    store = StateStore(root / STATE_FILE, create=False)
+    try:
+        return not store.chunk_rows()
+    finally:
+        store.close()
+
+
+def clear_folder(root: Path) -> None:
+    """Everything in the experiment folder but the lock this controller holds."""
+    for entry in root.iterdir():
+        if entry.name == LOCK_FILE:
+            continue
+        if entry.is_dir() and not entry.is_symlink():
+            shutil.rmtree(entry)
+        else:
+            entry.unlink()
 
 
 def make_folder(root: Path) -> bool:
@@ -110,11 +156,10 @@ def make_folder(root: Path) -> bool:
     return True
 
 
-def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFactory, resume: bool) -> Path:
+def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFactory, resume: bool,
+           configs: dict[str, Any]) -> Path:
     started = time.perf_counter()
     settings = plan.settings
-    local = settings.backend == "local"
-    configs = check_before_any_work(plan, resolve_devices(settings.devices) if local else None)
     pool = start_pool(settings, root, {gang_kind(config.experiment) for config in configs.values()})
     devices = sorted({worker.device for worker in pool.workers})
     try:

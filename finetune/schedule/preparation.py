@@ -6,7 +6,6 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.config.validation import CONFIG_ADAPTER
-from finetune.data.files import data_paths
 from finetune.io import write_json_atomic
 from finetune.plan.compare import plan_differences
 from finetune.plan.model import PlannedRun, RunPlan
@@ -66,7 +65,6 @@ def prepare_run(plan: RunPlan, root: Path, run: PlannedRun, devices: list[str] |
 
     config = CONFIG_ADAPTER.validate_python(run.located(root).config)
     problems = start_up_problems(config, devices, load_tokenizer)
-    problems += [(path, f"{data} does not exist") for path, data in data_paths(config) if not Path(data).exists()]
     if problems:
         raise RunUnprepared(problems)
     prepared = finalize_plan(plan.model_copy(update={"runs": [run], "failed": {}}), root)
@@ -75,12 +73,15 @@ def prepare_run(plan: RunPlan, root: Path, run: PlannedRun, devices: list[str] |
     return prepared.runs[0]
 
 
-def start_up_problems(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[tuple[str, str]]:
-    """Every problem a run would hit at start-up, as (key path, problem): `train.preflight`'s, and a
+def start_up_problems(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any],
+                      read_records: Callable[[str, str], Any] | None = None) -> list[tuple[str, str]]:
+    """Every problem a run would hit at start-up, as (key path, problem): `train.preflight`'s (the data
+    read and the chat template applied to its first records, with `read_records`), and a
     `resume_from_checkpoint` that is not a checkpoint."""
+    from finetune.data.readers import read_records as read_all
     from finetune.train.preflight import preflight
 
-    problems = preflight(config, devices, load_tokenizer)
+    problems = preflight(config, devices, load_tokenizer, read_records or read_all)
     try:
         initial_checkpoint(config)
     except ExperimentError as error:

@@ -5,28 +5,99 @@ before data preparation, workers or MLflow start, so a typo costs seconds, not a
 from __future__ import annotations
 
 import importlib.util
-import re
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.plan.resources import data_problems, hub_offline, in_hub_cache, looks_like_path, model_problems
 from finetune.train.attention import check_liger, check_padding_free, load_model_config
 
-HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*(/[\w.-]+)?$")
+HUB_SECONDS = 10  # how long `run` waits for the Hub to say whether a model it has not cached exists
 ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
 
 Problem = tuple[str, str]  # (config key path, what is wrong and what to do)
 
 
-def _looks_like_a_path(name: str) -> bool:
-    return name.startswith(("/", "./", "../", "~")) or name.count("/") > 1 or not HUB_ID.match(name)
-
-
 def check_model_source(config: Any) -> list[Problem]:
+    """The model and tokenizer are a local folder or a hub id that can be had (`plan.resources`)."""
+    return model_problems(config)
+
+
+def check_hub_model(config: Any, seconds: float = HUB_SECONDS) -> list[Problem]:
+    """A hub id that is not cached, with the Hub reachable (offline mode off): does it exist? Asked once,
+    with a short timeout, rather than found by every worker after minutes of retries."""
     problems = []
-    for key, name in (("run_conf.model", config.run_conf.model), ("run_conf.tokenizer", config.run_conf.tokenizer)):
-        if name and not Path(name).expanduser().exists() and _looks_like_a_path(name):
-            problems.append((key, f"{name} does not exist, and is no hub id (organisation/name)"))
+    run_conf = config.run_conf
+    for key, name in (("run_conf.model", run_conf.model), ("run_conf.tokenizer", run_conf.tokenizer)):
+        if (not name or Path(name).expanduser().exists() or looks_like_path(name) or hub_offline()
+                or run_conf.model_args.local_files_only or in_hub_cache(name, config)):
+            continue
+        from huggingface_hub import HfApi
+        from huggingface_hub.errors import GatedRepoError, RepositoryNotFoundError, RevisionNotFoundError
+
+        try:
+            HfApi(token=run_conf.model_args.token).model_info(name, revision=run_conf.model_args.revision, timeout=seconds)
+        except (RepositoryNotFoundError, RevisionNotFoundError) as error:
+            problems.append((key, f"{name} is no local folder, and the Hugging Face Hub has no such model "
+                                  f"({type(error).__name__}); check the name, or give a local path"))
+        except GatedRepoError:
+            problems.append((key, f"{name} is a gated model on the Hugging Face Hub: accept its licence and log in "
+                                  "(`hf auth login`) or set run_conf.model_args.token"))
+        except Exception as error:  # no network, a proxy, a timeout
+            problems.append((key, f"{name} is no local folder and the Hugging Face Hub cannot be reached to get it "
+                                  f"({type(error).__name__}); give a local path, or with the model in the cache set "
+                                  "HF_HUB_OFFLINE=1"))
     return problems
+
+
+def check_data_and_template(config: Any, load_tokenizer: Callable[[Any], Any], read_records: Callable[[str, str], Any]) -> list[Problem]:
+    """Every data file reads as records of the method's shape, and the chat template applies to the first
+    record of each (with the tokenizer prepared as training prepares it). `read_records(path, method)` may
+    cache: many runs share their data."""
+    from finetune.data.pipeline import prepare_tokenizer, preference_examples, prompt_examples, tokenize_conversation
+
+    problems: list[Problem] = []
+    firsts = []
+    for key, path in data_paths_of(config):
+        try:
+            records = read_records(path, config.method)
+        except Exception as error:
+            problems.append((key, str(error) or type(error).__name__))
+            continue
+        if records:
+            firsts.append((key, path, records[0]))
+    if problems or not firsts:
+        return problems
+    from finetune.data.templates import TemplateError
+
+    try:
+        tokenizer = load_tokenizer(config)
+        prepare_tokenizer(tokenizer, config.data_conf)
+    except TemplateError:
+        return []  # keep-original without a template: `check_chat_template` says so
+    except Exception as error:
+        return [("data_conf.chat_template_name", f"{type(error).__name__}: {error}")]
+    for key, path, record in firsts:
+        try:
+            if config.method == "sft":
+                tokenize_conversation(tokenizer, record["messages"], config.sft_args.train_on_completions_only)
+            elif config.method == "dpo":
+                preference_examples([record], tokenizer, 1 << 30, _Stats())
+            else:
+                prompt_examples([record], tokenizer, 1 << 30, _Stats())
+        except Exception as error:
+            problems.append(("data_conf.chat_template_name", f"{config.data_conf.chat_template_name} does not apply to "
+                             f"the first record of {path} ({key}): {type(error).__name__}: {error}"))
+    return problems
+
+
+class _Stats:
+    filtered_too_long = 0
+
+
+def data_paths_of(config: Any) -> list[tuple[str, str]]:
+    from finetune.data.files import data_paths
+
+    return data_paths(config)
 
 
 def check_attention(config: Any, devices: list[str]) -> list[Problem]:
@@ -187,19 +258,26 @@ def check_wandb(config: Any) -> list[Problem]:
     return []
 
 
-def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any]) -> list[Problem]:
+def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any],
+              read_records: Callable[[str, str], Any] | None = None) -> list[Problem]:
     """Every problem this run would hit at start-up, found now.
 
     `devices` None: the devices are elsewhere (Ray actors on a cluster), so what depends on them
-    (CUDA, bf16 support, flash-attention's package) is left to the workers.
+    (CUDA, bf16 support, flash-attention's package) is left to the workers. `read_records`: read and
+    check the data files and apply the chat template to their first records (None: only that they exist).
     """
-    model_problems = check_model_source(config)
+    model_problems = check_model_source(config) or check_hub_model(config)
+    missing_data = data_problems(config)
+    data_and_template = [] if model_problems or missing_data or read_records is None else (
+        check_data_and_template(config, load_tokenizer, read_records))
     on_devices = [] if devices is None else [
         *check_quantization(config), *check_attention(config, devices), *check_precision(config, devices),
         *check_liger(config, devices),
     ]
     return [
+        *missing_data,
         *model_problems,
+        *data_and_template,
         *on_devices,
         *check_backend(config),
         *check_wandb(config),

@@ -1,0 +1,100 @@
+"""Issue 31, item 1: what can be checked is checked before any work, and a failed start blocks no rerun."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from finetune.cli import app
+from tests.conftest import EXAMPLES
+
+runner = CliRunner()
+
+
+@pytest.fixture
+def project(tmp_path, demo_dir, monkeypatch) -> Path:
+    """A folder with the demo at demo/ (a link) and the grid example, as after `finetune demo init demo`."""
+    (tmp_path / "demo").symlink_to(demo_dir)
+    (tmp_path / "grid.yaml").write_text((EXAMPLES / "sft-lora-grid.yaml").read_text())
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def variant(project: Path, name: str, old: str, new: str) -> str:
+    text = (project / "grid.yaml").read_text()
+    assert old in text
+    (project / name).write_text(text.replace(old, new))
+    return name
+
+
+def test_a_missing_data_file_is_a_warning_for_validate_and_an_error_for_plan_and_run(project) -> None:
+    config = variant(project, "trian.yaml", "demo/data/sft_train.jsonl", "data/trian.jsonl")
+    checked = runner.invoke(app, ["validate", config])
+    assert checked.exit_code == 0 and "warning" in checked.output and "data/trian.jsonl does not exist" in checked.output
+    for command in ("plan", "run"):
+        refused = runner.invoke(app, [command, config])
+        assert refused.exit_code == 1, refused.output
+        assert "data_conf.training_data.datasets[0].path: data/trian.jsonl does not exist (every run)" in refused.output
+        assert "found before any work" in refused.output
+    assert not (project / "runs").exists()  # run made no folder
+
+
+def test_a_missing_model_that_reads_as_a_local_path_is_named_with_a_suggestion(project) -> None:
+    config = variant(project, "modle.yaml", "model: demo/model", "model: demo/modle")
+    checked = runner.invoke(app, ["validate", config, "--json"])
+    assert checked.exit_code == 0 and "did you mean demo/model?" in checked.stdout
+    refused = runner.invoke(app, ["plan", config])
+    assert refused.exit_code == 1
+    assert "run_conf.model: demo/modle does not exist (did you mean demo/model?); demo/ is a folder here" in refused.output
+    assert runner.invoke(app, ["validate", "grid.yaml"]).output.count("warning") == 0
+
+
+def test_a_hub_id_outside_the_cache_is_refused_in_offline_mode_only(project, monkeypatch) -> None:
+    config = variant(project, "hub.yaml", "model: demo/model", "model: someorg/not-cached")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    refused = runner.invoke(app, ["plan", config])
+    assert refused.exit_code == 1 and "HF_HUB_OFFLINE is set" in refused.output
+    monkeypatch.delenv("HF_HUB_OFFLINE")
+    assert runner.invoke(app, ["plan", config]).exit_code == 0  # online, a hub id is `run`'s to resolve
+
+
+def test_plan_parses_the_first_records(project) -> None:
+    (project / "broken.jsonl").write_text('{"messages": []}\n{"messages": [}\n')
+    config = variant(project, "broken.yaml", "demo/data/sft_train.jsonl", "broken.jsonl")
+    refused = runner.invoke(app, ["plan", config])
+    assert refused.exit_code == 1 and "broken.jsonl:2: not a JSON record" in refused.output
+
+
+@pytest.mark.slow
+def test_run_reads_the_records_and_applies_the_template_before_making_the_folder(project) -> None:
+    (project / "shape.jsonl").write_text('{"text": "a record of another shape"}\n')
+    config = variant(project, "shape.yaml", "demo/data/sft_train.jsonl", "shape.jsonl")
+    assert runner.invoke(app, ["plan", config]).exit_code == 0  # plan reads syntax only
+    refused = runner.invoke(app, ["run", config])
+    assert refused.exit_code == 1 and "shape.jsonl:1: missing key 'messages'" in refused.output
+    assert "nothing was started" in refused.output and not (project / "runs").exists()
+
+
+def test_an_experiment_that_never_trained_a_chunk_is_started_afresh(tmp_path) -> None:
+    from finetune.schedule.experiment import clear_folder, never_trained
+    from finetune.schedule.folder import LOCK_FILE
+    from finetune.schedule.store import StateStore
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    assert not never_trained(root)  # nothing there
+    (root / "plan.json").write_text("{}")
+    assert never_trained(root)
+    store = StateStore(root / "state.db", create=True)
+    store.add_run("a", "base", 2)
+    assert never_trained(root)
+    store.record_chunk("a", 0, 4, str(root / "runs/a/chunk-0"), {}, 1.0, 1.0, 0.0, 0.0, 1.0)
+    assert not never_trained(root)
+    store.close()
+    (root / LOCK_FILE).write_text("")
+    (root / "runs").mkdir()
+    clear_folder(root)
+    assert sorted(os.listdir(root)) == [LOCK_FILE]

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Annotated, Callable, Iterator, NoReturn, Optional
+from typing import TYPE_CHECKING, Annotated, Any, Callable, Iterator, NoReturn, Optional
 
 import typer
 from rich.markup import escape
@@ -168,6 +168,7 @@ def run(
     """Train every run of the plan with the chunk scheduler (running it again resumes)."""
     from finetune.schedule.experiment import run_experiment
     from finetune.schedule.folder import ExperimentLocked, open_store, read_plan
+    from finetune.schedule.interrupts import Interrupted
     from finetune.schedule.store import ExperimentDamaged
     from finetune.schedule.preparation import ExperimentError
     from finetune.track.mlflow_tracker import tracker_for
@@ -185,6 +186,8 @@ def run(
         exit_with("give a CONFIG, or --resume EXPERIMENT_DIR", EXIT_UNUSABLE)
     try:
         root = run_experiment(run_plan, console, tracker_for, resume_dir=resume)
+    except Interrupted as interrupted:
+        exit_with(str(interrupted), interrupted.exit_code, "interrupted")
     except (ExperimentLocked, ExperimentDamaged) as unusable:
         exit_with(str(unusable), EXIT_UNUSABLE)
     except (ExperimentError, ValueError, RuntimeError) as error:
@@ -215,27 +218,36 @@ def _failed_runs(root: Path) -> list[tuple[str, str]]:
 
 @app.command()
 def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated[bool, typer.Option(help="Refresh until interrupted")] = False) -> None:
-    """The runs of an experiment: chunk progress, latest metrics and state."""
+    """The runs of an experiment: chunk progress, latest metrics and state ("interrupted": its controller is gone)."""
     import time as _time
 
-    from finetune.schedule.display import runs_table
-    from finetune.schedule.folder import open_store, read_plan
+    from finetune.schedule.display import runs_table, shown_state
+    from finetune.schedule.folder import controller_alive, open_store, read_plan
     from finetune.track.ranking import ranking_metric
 
-    store = open_store(experiment_or_exit(experiment))
+    root = experiment_or_exit(experiment)
+    store = open_store(root)
     if as_json:
-        console.print_json(json.dumps([row.__dict__ for row in store.runs()]))
+        alive = controller_alive(root)
+        console.print_json(json.dumps([{**row.__dict__, "shown_state": shown_state(row.state, alive)} for row in store.runs()]))
         return
     evaluated = (ranking_metric(read_plan(experiment))[0],)  # e.g. rouge_l; every metric: report, dashboard, --json
+
+    def table() -> Any:
+        return runs_table(store, str(experiment), evaluated, controller_alive(root))
+
     if not watch:
-        console.print(runs_table(store, str(experiment), evaluated))
+        console.print(table())
         return
     from rich.live import Live
 
-    with Live(runs_table(store, str(experiment), evaluated), console=console, refresh_per_second=1) as live:
-        while True:
-            _time.sleep(1)
-            live.update(runs_table(store, str(experiment), evaluated))
+    try:
+        with Live(table(), console=console, refresh_per_second=1) as live:
+            while True:
+                _time.sleep(1)
+                live.update(table())
+    except KeyboardInterrupt:
+        raise typer.Exit(0) from None
 
 
 @app.command()

@@ -26,7 +26,7 @@ from finetune.schedule.folder import FolderWatch, remove_leftovers
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.fusing import fuse_groups, fuse_key, waiting_views
 from finetune.schedule.handling import WorkerReports
-from finetune.schedule.messages import ChunkDone, ChunkTask, FusedTask
+from finetune.schedule.messages import ChunkDone, ChunkTask, FusedTask, StepProgress
 from finetune.schedule.policy import RunView, Task, WorkerView, assign, slots_for
 from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
@@ -48,6 +48,7 @@ class Controller(WorkerReports):
     tracker: Tracker
     pool: SlotPool
     on_change: Callable[[], None] = lambda: None
+    on_progress: Callable[[StepProgress], None] = lambda progress: None  # a worker's step progress, to show
     # How a clone is prepared as a new run (`preparation.prepare_run`: preflight, data, derived values).
     prepare_run: Callable[[RunPlan, Path, PlannedRun, list[str] | None], PlannedRun] = prepare_run
     search: SearchDriver = field(default_factory=SearchDriver)  # successive halving, optuna, pbt
@@ -56,6 +57,7 @@ class Controller(WorkerReports):
     poll_seconds: float = POLL_SECONDS
     tickets: int = 0  # dispatches so far
     logged: dict[int, list[dict[str, float]]] = field(default_factory=dict)  # ticket -> training logs of its chunk
+    winding_down: bool = False  # interrupted: no new chunk is dispatched; the loop ends once the workers are idle
     tracking: ExperimentTracking = field(init=False)
     keeper: CheckpointKeeper = field(init=False)
     folder: FolderWatch = field(init=False)
@@ -169,12 +171,15 @@ class Controller(WorkerReports):
         self.tracking.finish()
 
     def step(self) -> bool:
-        """One turn: requests, tasks, worker messages, dead workers. False once all is done (`folder`: the environment)."""
+        """One turn: requests, tasks, worker messages, dead workers. False once all is done (`folder`: the environment),
+        or, winding down, once no chunk is being trained or written."""
         self.folder.check()
         self._apply_requests()
-        self._record_events(self.search.fill(self))
-        self._dispatch()
-        if not any(worker.busy_with or worker.riders for worker in self.workers) and not self._awaiting_durability() and self._nothing_left():
+        if not self.winding_down:
+            self._record_events(self.search.fill(self))
+            self._dispatch()
+        idle = not any(worker.busy_with or worker.riders for worker in self.workers) and not self._awaiting_durability()
+        if idle and (self.winding_down or self._nothing_left()):
             return False
         self._drain()
         self._check_workers()

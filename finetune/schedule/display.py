@@ -7,12 +7,20 @@ from rich.text import Text
 
 from finetune.schedule.store import StateStore
 
-STATE_STYLES = {"completed": "green", "running": "yellow", "failed": "red", "stopped": "magenta", "deleted": "dim"}
+STATE_STYLES = {"completed": "green", "running": "yellow", "failed": "red", "stopped": "magenta", "deleted": "dim",
+                "interrupted": "red"}
 SHOWN_METRICS = ("eval_loss", "loss", "reward")
 
 
-def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = ()) -> Table:
-    """`evaluated`: metrics shown after the usual ones (the ranking metric, when it is another)."""
+def shown_state(state: str, controller_alive: bool) -> str:
+    """A run's state as shown: a run left "running" by a controller that is gone (killed, interrupted while
+    it trained) is "interrupted"; `finetune run --resume` continues it."""
+    return "interrupted" if state == "running" and not controller_alive else state
+
+
+def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = (), controller_alive: bool = True) -> Table:
+    """`evaluated`: metrics shown after the usual ones (the ranking metric, when it is another).
+    `controller_alive`: whether a controller trains the experiment now (else running runs are interrupted)."""
     shown = tuple(dict.fromkeys([*SHOWN_METRICS, *evaluated]))
     table = Table(title=Text(title), title_justify="left")
     for column in ("run", "label", "chunks", "state", *shown):
@@ -20,12 +28,13 @@ def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = ()) -
     latest = _latest_train_metrics(store, shown)
     for row in store.runs():
         metrics = {**latest.get(row.run_id, {}), **row.latest_metrics}
-        style = STATE_STYLES.get(row.state, "")
+        state = shown_state(row.state, controller_alive)
+        style = STATE_STYLES.get(state, "")
         table.add_row(
             row.run_id,
             Text(row.label),  # a user's value: never read as markup
             f"{row.chunks_done}/{row.total_chunks}",
-            f"[{style}]{row.state}[/]" if style else row.state,
+            f"[{style}]{state}[/]" if style else state,
             *(f"{metrics[name]:.4f}" if name in metrics else "" for name in shown),
         )
     return table

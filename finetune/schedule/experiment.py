@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import shutil
 import time
@@ -14,29 +15,17 @@ from rich.live import Live
 from finetune.config.scheduling import ExperimentConfig
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller
-from finetune.schedule.display import runs_table
-from finetune.schedule.folder import LOCK_FILE, STATE_FILE, ExperimentLock
+from finetune.schedule.interrupts import Interrupted, Interrupts, catching_signals, interrupted_message, resume_summary
+from finetune.schedule.folder import LOCK_FILE, STATE_FILE, ExperimentLock, controller_alive
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
 from finetune.schedule.preparation import ExperimentError, experiment_dir, load_or_create_plan, start_up_problems
+from finetune.schedule.progress import PlainLog, Throttled, progress_view
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import Tracker
 
 REDRAW_SECONDS = 0.5
 TrackerFactory = Callable[[Path, RunPlan], Tracker]
-
-
-class Throttled:
-    """Calls `action` at most once every `seconds` (the live table is rebuilt from the store)."""
-
-    def __init__(self, action: Callable[[], None], seconds: float) -> None:
-        self.action, self.seconds, self.last = action, seconds, 0.0
-
-    def __call__(self) -> None:
-        now = time.monotonic()
-        if now - self.last >= self.seconds:
-            self.last = now
-            self.action()
 
 
 def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str, Any]:
@@ -98,12 +87,26 @@ def start_pool(settings: ExperimentConfig, root: Path, kinds: set[str]) -> SlotP
 
 def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None = None) -> Path:
     """Train the plan in its experiment directory (or continue the one in `resume_dir`), holding the
-    folder's lock throughout: a second controller on the same folder stops at once, saying who holds it."""
+    folder's lock throughout: a second controller on the same folder stops at once, saying who holds it.
+    Ctrl-C or SIGTERM: `Interrupted`, whose message says what was saved and how to resume."""
     from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     root = (resume_dir or experiment_dir(plan)).resolve()
+    interrupts = Interrupts()
+    with catching_signals(interrupts):
+        try:
+            return _start(plan, root, console, make_tracker, resume_dir, interrupts)
+        except Interrupted as interrupted:
+            raise Interrupted(interrupted.signum, interrupted_message(interrupted.signum, root, _runs_of(root))) from None
+
+
+def _start(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFactory, resume_dir: Path | None,
+           interrupts: Interrupts) -> Path:
     settings = plan.settings
+    if controller_alive(root):  # say who holds it, before any check (raises; released at once if it was let go)
+        with ExperimentLock(root):
+            pass
     configs = check_before_any_work(plan, resolve_devices(settings.devices) if settings.backend == "local" else None)
     created = make_folder(root)
     try:
@@ -112,10 +115,23 @@ def run_experiment(plan: RunPlan, console: Console, make_tracker: TrackerFactory
                 console.print(f"note: {root} holds an experiment that never trained a chunk (its start failed): "
                               "starting it afresh", highlight=False, soft_wrap=True)
                 clear_folder(root)
-            return _train(plan, root, console, make_tracker, resume_dir is not None, configs)
+            return _train(plan, root, console, make_tracker, resume_dir is not None, configs, interrupts)
     finally:
         if created and root.is_dir() and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
             shutil.rmtree(root, ignore_errors=True)
+
+
+def _runs_of(root: Path) -> list[Any] | None:
+    if not (root / STATE_FILE).is_file():
+        return None
+    try:
+        store = StateStore(root / STATE_FILE, create=False)
+    except Exception:
+        return None
+    try:
+        return store.runs()
+    finally:
+        store.close()
 
 
 def never_trained(root: Path) -> bool:
@@ -157,7 +173,7 @@ def make_folder(root: Path) -> bool:
 
 
 def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFactory, resume: bool,
-           configs: dict[str, Any]) -> Path:
+           configs: dict[str, Any], interrupts: Interrupts) -> Path:
     started = time.perf_counter()
     settings = plan.settings
     pool = start_pool(settings, root, {gang_kind(config.experiment) for config in configs.values()})
@@ -166,15 +182,43 @@ def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
         with console.status("preparing data (tokenised once per data setting)..."):
             plan = load_or_create_plan(plan, root, resume=resume)
         store = StateStore(root / STATE_FILE, create=True)
+        if resume and store.runs():
+            console.print(f"resuming {root}: {resume_summary(store.runs())}", highlight=False, soft_wrap=True)
         tracker = make_tracker(root, plan)
         title = f"{plan.experiment} on {', '.join(devices)}"
-        with Live(runs_table(store, title), console=console, refresh_per_second=4, transient=False) as live:
-            redraw = Throttled(lambda: live.update(runs_table(store, title)), REDRAW_SECONDS)
-            controller = Controller(plan, root, store, tracker, pool, on_change=redraw)
-            controller.start()
-            controller.run()
-            live.update(runs_table(store, f"{title}: done in {time.perf_counter() - started:.1f}s"))
+        controller = Controller(plan, root, store, tracker, pool)
+        controller.start()
+        view = progress_view(console, store, title)
+        redraw = Throttled(view.refresh, REDRAW_SECONDS)
+        controller.on_change, controller.on_progress = redraw, view.on_progress
+        live = Live(console=console, refresh_per_second=4, get_renderable=view.renderable) if view.renderable() else None
+        with live or contextlib.nullcontext():
+            interrupts.winding_down = True
+            abandoned = _loop(controller, interrupts)
+            redraw.flush()
+        if interrupts.requested:
+            controller.tracking.finish("KILLED")
+            if abandoned:
+                pool.abandon()
+            runs = store.runs()
+            store.close()
+            assert interrupts.signum is not None
+            raise Interrupted(interrupts.signum, interrupted_message(interrupts.signum, root, runs))
+        controller.tracking.finish()
+        if isinstance(view, PlainLog):
+            view.say(f"done in {time.perf_counter() - started:.1f}s")
         store.close()
     finally:
         pool.stop()
     return root
+
+
+def _loop(controller: Controller, interrupts: Interrupts) -> bool:
+    """The controller's turns until every run is done, or after an interrupt until its chunks in training
+    are durable (or abandoned: returns True)."""
+    while controller.step():
+        if interrupts.requested:
+            controller.winding_down = True
+            if interrupts.give_up():
+                return True
+    return False

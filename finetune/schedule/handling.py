@@ -17,6 +17,7 @@ from finetune.schedule.messages import (
     MetricsLogged,
     RankError,
     RunFailed,
+    StepProgress,
     UserCodeWarning,
     WorkerExit,
     WorkerMessage,
@@ -58,6 +59,11 @@ class WorkerReports(Base):
         return True
 
     def _dispatch_message(self, message: WorkerMessage) -> None:
+        if isinstance(message, StepProgress):  # only shown; one of a worker that is gone is dropped unsaid
+            worker = next((worker for worker in self.workers if worker.worker_id == message.worker), None)
+            if worker is not None and worker.incarnation == message.incarnation and worker.busy_with == message.run_id:
+                self.on_progress(message)
+            return
         if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError,
                                     WorkerExit)):
             raise TypeError(f"unknown worker message: {message!r}")
@@ -131,7 +137,8 @@ class WorkerReports(Base):
         message = dataclasses.replace(message, metrics=result.metrics)  # the chunk's one record, as the store keeps it
         record.trained_chunks = max(record.trained_chunks, message.chunk + 1)
         self.store.event("chunk_done", message.run_id, chunk=message.chunk, step=message.global_step, metrics=message.metrics,
-                         seconds=message.seconds, step_seconds=message.step_seconds, eval_seconds=message.eval_seconds)
+                         seconds=message.seconds, step_seconds=message.step_seconds, eval_seconds=message.eval_seconds,
+                         tokens=message.tokens)
         self._grow_slots(worker, message)
         if record.status is RunStatus.RUNNING:
             self._set_status(record, RunStatus.PENDING)

@@ -89,6 +89,27 @@ class ChunkDone:
     resident_runs: tuple[str, ...] = ()
     loaded_bases: tuple[str, ...] = ()
     incarnation: int = 0
+    tokens: int = 0  # trained in the chunk (attended positions)
+
+
+@dataclass(frozen=True)
+class StepProgress:
+    """Where a run is within the chunk its worker trains (at most one a second per run): `step` of the
+    run's `total_steps`, its chunk ending at `chunk_end`; tokens and seconds since the chunk began;
+    device memory in bytes (0 on the CPU). Only for showing progress: nothing is recorded."""
+
+    worker: str
+    run_id: str
+    chunk: int
+    step: int
+    chunk_start: int
+    chunk_end: int
+    total_steps: int
+    tokens: int
+    seconds: float
+    memory: int = 0
+    total_memory: int = 0
+    incarnation: int = 0
 
 
 @dataclass(frozen=True)
@@ -163,7 +184,8 @@ class WorkerExit:
     incarnation: int = 0
 
 
-WorkerMessage = Union[MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError, WorkerExit]
+WorkerMessage = Union[MetricsLogged, StepProgress, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError,
+                      WorkerExit]
 
 
 def is_stale(message: WorkerMessage, worker: tuple[int, int, str | None] | None) -> bool:

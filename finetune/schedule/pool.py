@@ -125,6 +125,10 @@ class SlotPool:
         """A new worker in a dead one's place, with its name and slot."""
         return self.spawn(worker.device, worker.slot, replacing=worker.worker_id)
 
+    def abandon(self) -> None:
+        """Stop every worker now, chunks in training or not (an interrupt whose grace time is over)."""
+        self.stop()
+
     def ensure_workers(self, kind: str) -> list[WorkerHandle]:
         """Workers for runs of `kind` ("" one device, "ddp:2" a gang), started on first need; the new ones.
         This pool always has one-device workers and no gangs."""
@@ -177,12 +181,15 @@ class WorkerPool(SlotPool):
                incarnation: int = 0) -> Any:
         from finetune.schedule.worker import worker_main
 
+        from finetune.schedule.interrupts import sigint_ignored
+
         process = self.context.Process(
             target=worker_main,
             args=(worker_id, device, str(self.root), memory, tasks, self.results, gang, True, os.getpid(), incarnation),
             daemon=True,
         )
-        process.start()
+        with sigint_ignored():  # a Ctrl-C is the controller's to handle; it stops the workers
+            process.start()
         return process
 
     def ensure_workers(self, kind: str) -> list[WorkerHandle]:
@@ -220,6 +227,13 @@ class WorkerPool(SlotPool):
             worker.process.terminate()  # ranks left waiting on a dead peer
             return self.spawn_gang(worker.gang, worker.layout, replacing=worker.worker_id)
         return super().respawn(worker)
+
+    def abandon(self) -> None:
+        for worker in self.workers:
+            if worker.process.is_alive():
+                worker.process.terminate()
+        for worker in self.workers:
+            worker.process.join(timeout=10)
 
     def stop(self) -> None:
         for worker in self.workers:

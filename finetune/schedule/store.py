@@ -318,6 +318,11 @@ class StateStore:
             raise damaged(self.path, "a row whose JSON this tool did not write")
         return value
 
+    def events_after(self, event_id: int) -> list[tuple[int, dict[str, Any]]]:
+        """(id, event) of the events recorded after `event_id`, in order: a log follows them."""
+        rows = self._db.execute("SELECT id, at, run_id, kind, detail FROM events WHERE id > ? ORDER BY id", (event_id,)).fetchall()
+        return [(row_id, {"at": at, "run_id": run_id, "kind": kind, **json.loads(detail)}) for row_id, at, run_id, kind, detail in rows]
+
 
 def _json_or_none(text: str) -> Any:
     try:

@@ -64,9 +64,9 @@ class ExperimentTracking:
         if (runs := self._wandb(record)) is not None:
             runs.end(record.run_id, record.mlflow_run_id, record.config, record.planned, status)
 
-    def finish(self) -> None:
+    def finish(self, status: str = "FINISHED") -> None:
         if self.parent_id:
-            self.tracker.finish(self.parent_id, "FINISHED")
+            self.tracker.finish(self.parent_id, status)
         if self.wandb is not None:
             self.wandb.close()
 

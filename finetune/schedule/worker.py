@@ -23,6 +23,7 @@ from finetune.schedule.messages import (
     MetricsLogged,
     RankError,
     RunFailed,
+    StepProgress,
     UserCodeWarning,
     WorkerExit,
     WorkerResources,
@@ -41,6 +42,9 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
     gone (killed, even with SIGKILL) rather than hold its memory and GPU for ever. The ML stack is
     imported first, while the controller is still preparing the plan.
     """
+    import signal
+
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # a Ctrl-C is the controller's: it stops the workers
     if parent_pid is not None:
         _exit_with(parent_pid)
     from finetune.runtime import freeze_long_lived_objects, quiet_libraries
@@ -85,11 +89,16 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
         results.put(UserCodeWarning(worker_id, run_id, chunk, failure.source, failure.name, failure.function, failure.problem,
                                     incarnation))
 
+    def on_progress(report: Any) -> None:
+        results.put(StepProgress(worker_id, report.run_id, report.chunk, report.step, report.chunk_start, report.chunk_end,
+                                 report.total_steps, report.tokens, report.seconds, report.memory, report.total_memory,
+                                 incarnation))
+
     speaks = rank is None or rank.rank == 0
     budgets = default_budgets(device, resources.gpu_share, resources.host_share, resources.gpu_gb, resources.cpu_gb)
     bench = Workbench(Path(experiment_dir), device, budgets, sink=sink if speaks else None, on_durable=on_durable,
                       on_write_failed=on_write_failed, gang_rank=rank.rank if rank else None,
-                      on_warning=on_warning if speaks else None)
+                      on_warning=on_warning if speaks else None, on_progress=on_progress if speaks else None)
     configs: dict[str, Any] = {}
     task: ChunkTask | FusedTask | None
     while (task := tasks.get()) is not None:
@@ -112,6 +121,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
                     worker_id, task.ticket, run.run_id, outcome.chunk, outcome.global_step, outcome.metrics, outcome.seconds,
                     outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
                     outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
+                    tokens=outcome.tokens,
                 ))
         except BaseException as error:  # torch's CheckpointException is a BaseException: the run's failure too
             if isinstance(error, (KeyboardInterrupt, SystemExit)):

@@ -123,6 +123,7 @@ class RunSession:
         handler.model, handler.optimizer, handler.lr_scheduler = trainer.model, trainer.optimizer, trainer.lr_scheduler
         handler.train_dataloader = loader
         trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
+        self.on_step: Callable[[int, list[Any]], None] | None = None  # (step, its micro-batches): progress
 
     def _wrap(self, trainer: Any) -> Any:
         """As Trainer.train does: mixed-precision autocast around the forward (and DDP in a gang).
@@ -184,6 +185,8 @@ class RunSession:
                 loss = self.micro_step(inputs, items)
             self.end_micro_step(loss, inputs, last)
         self.finish_step()
+        if self.on_step is not None:  # progress (a worker's StepMeter): the step and its micro-batches
+            self.on_step(self.step, batches)
 
     def begin_step(self) -> tuple[list[Any], Any]:
         """An optimizer step's micro-batches and their item count (the loss's denominator), in data order."""

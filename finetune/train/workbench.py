@@ -23,6 +23,7 @@ from finetune.evaluate.chunk import GenerationEvaluator, due, token_accuracy
 from finetune.plan.model import PlannedRun
 from finetune.train.bases import BaseCache, LoadedBase
 from finetune.train.checkpoint import DurableWriter, WriteJob, read_run_state, write_run_state
+from finetune.train.progress import StepMeter, StepReport
 from finetune.train.residency import Budgets
 from finetune.train.session import MetricsSink, RunSession, RunState
 from finetune.train.session_cache import SessionCache
@@ -50,6 +51,7 @@ class ChunkOutcome:
     finished_at: float
     peak_memory: int = 0
     total_memory: int = 0
+    tokens: int = 0  # trained in the chunk (attended positions)
 
 
 @dataclass
@@ -83,7 +85,8 @@ class Workbench:
     def __init__(self, root: Path, device: str, budgets: Budgets, writer: DurableWriter | None = None,
                  sink: MetricsSink | None = None, on_durable: DurableListener | None = None,
                  on_write_failed: WriteFailureListener | None = None, gang_rank: int | None = None,
-                 on_warning: WarningListener | None = None) -> None:
+                 on_warning: WarningListener | None = None,
+                 on_progress: Callable[[StepReport], None] | None = None) -> None:
         self.root, self.device, self.budgets = root, device, budgets
         self.strategy: SharingStrategy = SharedBaseStrategy() if gang_rank is None else GangStrategy(gang_rank)
         self.writer = writer or DurableWriter()
@@ -95,6 +98,7 @@ class Workbench:
         self.sessions = SessionCache(self.writer.wait_for)
         self.generation = GenerationEvaluator()
         self.fuse_refusals: set[str] = set()  # why groups did not fuse, as warned
+        self.on_progress = on_progress
 
     def resident_runs(self) -> tuple[str, ...]:
         return self.sessions.run_ids()
@@ -109,9 +113,13 @@ class Workbench:
         started, started_at = time.perf_counter(), time.time()
         session = self._session(run, config, chunk_boundary(run, chunk - 1), resume_from, max_eval_samples)
         self._place(run.run_id)
+        end = chunk_boundary(run, chunk)
+        meter = session.on_step = StepMeter(self.on_progress, run.run_id, chunk, chunk_boundary(run, chunk - 1), end,
+                                            run.derived.total_steps or end, self.device)
         try:
-            step_seconds = session.train_until(chunk_boundary(run, chunk))
+            step_seconds = session.train_until(end)
         finally:
+            session.on_step = None
             self._report_reward_failures(run.run_id, chunk)
         return self._end_chunk(run, config, session, chunk, evaluate, judged, started, started_at, step_seconds)
 
@@ -162,7 +170,7 @@ class Workbench:
             self.close(run.run_id, wait=False)
         peak, total = _memory(self.device)
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
-                            time.perf_counter() - started, started_at, time.time(), peak, total)
+                            time.perf_counter() - started, started_at, time.time(), peak, total, meter.tokens)
 
     def _report_reward_failures(self, run_id: str, chunk: int) -> None:
         """A user reward function that failed while the chunk trained: a warning each (the run goes on)."""

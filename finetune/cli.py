@@ -50,7 +50,27 @@ app = _App(
     no_args_is_help=True,
     pretty_exceptions_enable=False,
     add_completion=False,
+    rich_markup_mode=None,  # click's plain help: flags without typer's "<bool>", and it reads the same in a log
 )
+
+
+def _print_version(wanted: bool) -> None:
+    if wanted:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            number = version("finetune")
+        except PackageNotFoundError:
+            number = "unknown (not installed)"
+        console.print(f"finetune {number}", highlight=False)
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(
+    version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")] = False,
+) -> None:
+    """Declarative fine-tuning sweeps (SFT, DPO, GRPO) trained concurrently with a chunk scheduler."""
 def load_or_exit(config: Path, values_key: str | None, overrides: list[str] | None, as_json: bool) -> SourceDoc:
     """The loaded config; legacy keys read under their new names are noted on stderr (not with --json)."""
     try:
@@ -275,7 +295,7 @@ def report(
     console.print(f"wrote {target}" + "".join(f", {plot}" for plot in plots), highlight=False, markup=False)
 
 
-demo_app = typer.Typer(help="The offline demo: a tiny model and data built locally.", no_args_is_help=True)
+demo_app = typer.Typer(help="The offline demo: a tiny model and data built locally.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(demo_app, name="demo")
 
 
@@ -291,7 +311,7 @@ def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force
     console.print(f"demo model: {root / 'model'}\ndemo data: {root / 'data'}", highlight=False, markup=False)
 
 
-data_app = typer.Typer(help="Look at the data as the model will see it.", no_args_is_help=True)
+data_app = typer.Typer(help="Look at the data as the model will see it.", no_args_is_help=True, rich_markup_mode=None)
 app.add_typer(data_app, name="data")
 
 

@@ -44,7 +44,44 @@ def exit_with(message: str, code: int, label: str = "error") -> NoReturn:
 def experiment_or_exit(experiment: Path) -> Path:
     if (experiment / "state.db").exists():
         return experiment
-    if (experiment / "plan.json").is_file() or (experiment / "runs").is_dir():
+    inside = sorted({path.parent for pattern in ("*/state.db", "*/*/state.db") for path in experiment.glob(pattern)})
+    if inside:
+        shown = ", ".join(map(str, inside[:5])) + (f" and {len(inside) - 5} more" if len(inside) > 5 else "")
+        exit_with(f"{experiment} is not an experiment directory, but holds experiments: {shown}", EXIT_UNUSABLE)
+    if (experiment / "plan.json").is_file() or any((experiment / "runs").glob("*/chunk-*")):
         exit_with(f"{experiment / 'state.db'} is missing, but {experiment} holds an experiment's plan or runs: "
                   "restore it from a backup, or train again in a new folder", EXIT_UNUSABLE)
     exit_with(f"{experiment} is not an experiment directory (no state.db)", EXIT_UNUSABLE)
+
+
+class UnknownRun(KeyError):
+    """A run id that names no run, or several; the message lists what it could be."""
+
+    def __str__(self) -> str:
+        return str(self.args[0])
+
+
+def resolve_run_id(given: str, runs: dict[str, str], experiment: Path) -> str:
+    """The run `given` names: its id, or (as git's commits) an unambiguous prefix of it. `runs`: id -> label."""
+    if given in runs:
+        return given
+    matches = [run_id for run_id in runs if run_id.startswith(given)] if given else []
+    if len(matches) == 1:
+        return matches[0]
+    listed = matches or list(runs)
+    shown = ", ".join(f"{run_id} ({runs[run_id]})" if runs[run_id] else run_id for run_id in listed[:8])
+    shown += f" and {len(listed) - 8} more" if len(listed) > 8 else ""
+    if matches:
+        raise UnknownRun(f"{given!r} is the start of {len(matches)} runs of {experiment}: {shown}; give more of the id")
+    raise UnknownRun(f"{experiment} has no run {given!r}; its runs: {shown or 'none'} (see `finetune status {experiment}`)")
+
+
+def run_id_or_exit(experiment: Path, given: str) -> str:
+    """`resolve_run_id` over the runs of the experiment's plan (clones included); exit 1 with the list."""
+    from finetune.schedule.folder import read_plan
+
+    plan = read_plan(experiment)
+    try:
+        return resolve_run_id(given, {run.run_id: run.label for run in plan.runs}, experiment)
+    except UnknownRun as unknown:
+        exit_with(str(unknown), EXIT_INVALID)

@@ -8,9 +8,19 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from finetune.cli_common import EXIT_INVALID, EXIT_UNUSABLE, ExperimentArg, SetOpt, console, errors, exit_with, experiment_or_exit
+from finetune.cli_common import (
+    EXIT_INVALID,
+    EXIT_UNUSABLE,
+    ExperimentArg,
+    SetOpt,
+    console,
+    errors,
+    exit_with,
+    experiment_or_exit,
+    run_id_or_exit,
+)
 
-ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True)
+ctl_app = typer.Typer(help="Interactive control of a live (or stopped) experiment, applied at chunk boundaries.", no_args_is_help=True, rich_markup_mode=None)
 
 
 WaitOpt = Annotated[float, typer.Option("--wait", help="Seconds to wait for a live controller to apply the request (0: do not wait)")]
@@ -21,7 +31,11 @@ def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = No
     from finetune.schedule.control import RequestRejected
     from finetune.schedule.requests import submit_request, wait_for
 
+    from finetune.schedule.folder import open_store
+
     root = experiment_or_exit(experiment)
+    open_store(root).close()  # a damaged store is said before a run id is looked up
+    run_id = run_id_or_exit(root, run_id)
     try:
         submitted = submit_request(root, kind, run_id, payload)
     except KeyError:
@@ -39,7 +53,7 @@ def _control(experiment: Path, kind: str, run_id: str, payload: dict | None = No
         raise typer.Exit(EXIT_INVALID)
 
 
-RunIdArg = Annotated[str, typer.Argument(help="Run id (see `finetune status`)")]
+RunIdArg = Annotated[str, typer.Argument(help="Run id, or an unambiguous start of it (see `finetune status`)")]
 
 
 @ctl_app.command("stop")
@@ -131,10 +145,8 @@ def export(
     plan = read_plan(experiment_or_exit(experiment))
     if run_id == "best":
         run_id = _best_run(experiment, plan)
-    try:
-        name = (plan.run(run_id).config.get("run_conf") or {}).get("final_checkpoint_name", "checkpoint-final")
-    except KeyError:
-        exit_with(f"{experiment} has no run {run_id}", EXIT_UNUSABLE)
+    run_id = run_id_or_exit(experiment, run_id)
+    name = (plan.run(run_id).config.get("run_conf") or {}).get("final_checkpoint_name", "checkpoint-final")
     run_dir = experiment / "runs" / run_id
     final = run_dir / name
     if not final.is_dir():

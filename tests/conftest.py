@@ -38,6 +38,14 @@ def demo_dir(tmp_path_factory) -> Path:
 
 
 @pytest.fixture
+def demo_project(tmp_path, demo_dir) -> Path:
+    """A folder as after `finetune demo init demo` in it (the demo linked at demo/): the example configs'
+    paths resolve from there."""
+    (tmp_path / "demo").symlink_to(demo_dir)
+    return tmp_path
+
+
+@pytest.fixture
 def demo_tokenizer(demo_dir):
     from transformers import AutoTokenizer
 

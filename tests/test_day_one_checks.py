@@ -15,12 +15,11 @@ runner = CliRunner()
 
 
 @pytest.fixture
-def project(tmp_path, demo_dir, monkeypatch) -> Path:
+def project(demo_project, monkeypatch) -> Path:
     """A folder with the demo at demo/ (a link) and the grid example, as after `finetune demo init demo`."""
-    (tmp_path / "demo").symlink_to(demo_dir)
-    (tmp_path / "grid.yaml").write_text((EXAMPLES / "sft-lora-grid.yaml").read_text())
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
+    (demo_project / "grid.yaml").write_text((EXAMPLES / "sft-lora-grid.yaml").read_text())
+    monkeypatch.chdir(demo_project)
+    return demo_project
 
 
 def variant(project: Path, name: str, old: str, new: str) -> str:

@@ -269,7 +269,7 @@ def test_export_to_an_existing_folder_is_refused_and_text_in_brackets_is_printed
     assert result.returncode == 2 and "taken exists; give --output a path that does not exist yet" in result.stderr
     assert "Traceback" not in result.stderr
     result = cli(tmp_path, "ctl", "stop", str(root), "[bold]x[/bold]")
-    assert result.returncode == 1 and "no run [bold]x[/bold] in" in result.stderr and "[red]" not in result.stderr
+    assert result.returncode == 1 and "has no run '[bold]x[/bold]'; its runs: " in result.stderr and "[red]" not in result.stderr
 
 
 def test_wait_gives_the_controllers_answer_once_it_is_there(tmp_path) -> None:

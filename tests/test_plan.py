@@ -196,7 +196,8 @@ def test_every_planned_value_is_a_candidate_or_in_range(case) -> None:
                 assert RangeKnob.model_validate(knob["$range"]).contains(value)
 
 
-def test_plan_command_table_and_json() -> None:
+def test_plan_command_table_and_json(demo_project, monkeypatch) -> None:
+    monkeypatch.chdir(demo_project)
     runner = CliRunner()
     result = runner.invoke(app, ["plan", str(EXAMPLES / "sft-lora-grid.yaml")])
     assert result.exit_code == 0, result.output

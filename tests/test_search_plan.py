@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import os
 import subprocess
 import sys
 
@@ -51,14 +52,15 @@ def test_bad_study_settings_name_their_key(sweep: dict, path: str) -> None:
     assert [issue.path for issue in issues] == [path], issues
 
 
-def test_plan_command_shows_the_search_space_without_importing_optuna() -> None:
+def test_plan_command_shows_the_search_space_without_importing_optuna(demo_project) -> None:
     code = (
         "import sys; from typer.testing import CliRunner; from finetune.cli import app; "
         f"result = CliRunner().invoke(app, ['plan', {str(EXAMPLES / 'sft-optuna.yaml')!r}]); "
         "heavy = [m for m in ('optuna', 'torch', 'transformers', 'mlflow') if m in sys.modules]; "
         "print(result.exit_code, ','.join(heavy)); print(result.output)"
     )
-    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=REPO).stdout
+    output = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True, cwd=demo_project,
+                            env={**os.environ, "PYTHONPATH": str(REPO)}).stdout
     first, _, shown = output.partition("\n")
     assert first.strip() == "0", output
     text = " ".join(shown.split())
@@ -67,9 +69,9 @@ def test_plan_command_shows_the_search_space_without_importing_optuna() -> None:
     assert "peft_conf.peft_kwargs.r: one of 4, 8, 16" in text
 
 
-def test_plan_json_of_a_study_is_a_plan_with_its_search_space() -> None:
+def test_plan_json_of_a_study_is_a_plan_with_its_search_space(demo_project) -> None:
     result = subprocess.run([sys.executable, "-m", "finetune.cli", "plan", str(EXAMPLES / "sft-optuna.yaml"), "--json"],
-                            capture_output=True, text=True, cwd=REPO)
+                            capture_output=True, text=True, cwd=demo_project, env={**os.environ, "PYTHONPATH": str(REPO)})
     if result.returncode != 0 and "No module named finetune.cli.__main__" in result.stderr:
         pytest.skip("finetune.cli has no __main__")
     plan = json.loads(result.stdout)

@@ -324,6 +324,7 @@ def apply_override(doc: SourceDoc, override: str) -> None:
         child = node[part] if _has(node, part) else None
         if child is None:
             node[part] = child = {}
+            doc.positions[path[: depth + 1]] = Location(f"--set {dotted(path)}")  # a key the file lacks: the --set made it
         elif not isinstance(child, (dict, list)):
             raise ConfigLoadError(f"--set {dotted(path)}: {dotted(path[: depth + 1])} is {child!r}, not a mapping")
         node = child

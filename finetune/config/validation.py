@@ -9,6 +9,7 @@ index, e.g. `peft_conf.peft_kwargs.r[1]`.
 from __future__ import annotations
 
 import difflib
+import re
 import types
 import typing
 from typing import Any
@@ -152,11 +153,43 @@ def _issue_parts(error: dict[str, Any], loc_model: tuple[Any, ...], path: Path) 
         expected = str(ctx.get("expected_tags", ""))
         if kind == "union_tag_not_found":
             return (*path, key), f"missing key '{key}', which picks the kind of this section", None, expected
-        return (*path, key), f"unknown {key} '{ctx.get('tag')}'", short_repr(ctx.get("tag")), expected
+        tag = str(ctx.get("tag"))
+        return (*path, key), f"unknown {key} '{tag}'{did_you_mean(tag, expected)}", short_repr(ctx.get("tag")), short_choices(expected)
     if kind == "literal_error":
-        return path, "not one of the allowed values", given, str(ctx.get("expected"))
+        expected = str(ctx.get("expected"))
+        hint = did_you_mean(error.get("input"), expected)
+        return path, f"not one of the allowed values{hint}", given, short_choices(expected) if hint else expected
     message = error["msg"].removeprefix("Value error, ")
     return path, message, given, ctx.get("allowed")
+
+
+MAX_LISTED_CHOICES = 12
+
+
+def _choices(expected: str) -> list[str]:
+    """The names in pydantic's "'a', 'b' or 'c'"."""
+    return re.findall(r"'([^']*)'", expected)
+
+
+def did_you_mean(given: Any, expected: str) -> str:
+    """'; did you mean 'LORA'?' for `lora` (case and - or _ aside first, then a close spelling); '' if none."""
+    if not isinstance(given, str):
+        return ""
+    choices = _choices(expected)
+
+    def folded(text: str) -> str:
+        return re.sub(r"[-_ ]", "", text).lower()
+
+    same = [choice for choice in choices if folded(choice) == folded(given)]
+    close = same or [choice for choice in choices if folded(choice) in difflib.get_close_matches(
+        folded(given), [folded(c) for c in choices], n=1, cutoff=0.75)]
+    return f"; did you mean '{close[0]}'?" if close and close[0] != given else ""
+
+
+def short_choices(expected: str) -> str:
+    """The allowed names, or their number and where they are listed when there are many."""
+    choices = _choices(expected)
+    return expected if len(choices) <= MAX_LISTED_CHOICES else f"{len(choices)} values, see docs/config-reference.md"
 
 
 def issues_from_validation_error(
@@ -287,7 +320,7 @@ def validate_tree(tree: Any, locate: Locator) -> list[ConfigIssue]:
             owner = next((p for p in knob_at if raw[: len(p)] == p), None)
             if only_under is not None and owner != only_under:
                 continue
-            if owner is not None:
+            if owner is not None and not (raw == owner and issue.given is None):  # the key itself (a typo): said once
                 raw = _rebase(raw, owner, knob_at[owner], index if only_under is not None else 0)
             result.append(ConfigIssue(dotted(raw), str(locate(raw)), issue.message, issue.given, issue.allowed))
         return result
@@ -302,7 +335,7 @@ def validate_tree(tree: Any, locate: Locator) -> list[ConfigIssue]:
             variant = set_at(representative, path, first_candidates(candidate))
             found, raw_paths = _validate_with_paths(variant, locate)
             issues.extend(relocated(found, raw_paths, path, index))
-    return issues
+    return list(dict.fromkeys(issues))  # a problem of a knob's key, not of its values, is found once per candidate
 
 
 def _validate_with_paths(tree: dict[str, Any], locate: Locator) -> tuple[list[ConfigIssue], list[Path]]:

@@ -16,31 +16,44 @@ def plan_table(plan: RunPlan) -> Table:
     headers = short_knob_names(knob_names)
     proposed = " (more proposed as it goes)" if plan.search_spaces else ""
     table = Table(title=Text(f"{plan.experiment}: {len(plan.runs)} run(s){proposed} from {plan.source}"), title_justify="left")
-    table.add_column("run", style="cyan", no_wrap=True)
-    table.add_column("group", justify="right")
-    for name in knob_names:
-        table.add_column(headers[name], overflow="fold")
+    table.add_column("run", style="cyan", no_wrap=True, min_width=10)
+    groups = len({run.group for run in plan.runs}) > 1
+    if groups:
+        table.add_column("group", justify="right", no_wrap=True)
+    for name in knob_names:  # a value is never broken across lines; a long header folds
+        table.add_column(headers[name], no_wrap=True, overflow="ellipsis")
     gangs = any(run.derived.num_processes > 1 or _strategy(run) != "ddp" for run in plan.runs)
     if gangs:
         table.add_column("devices", justify="right")
     for column in ("batch", "accum", "lr", "steps", "chunks"):
-        table.add_column(column, justify="right")
+        table.add_column(column, justify="right", no_wrap=True)
     for run in plan.runs:
         derived = run.derived
         knob_cells = [_knob_cell(run.knobs.get(name, ""), name, run.label, headers) for name in knob_names]
         device_cells = [f"{derived.num_processes} {_strategy(run)}"] if gangs else []
         table.add_row(
             run.run_id,
-            str(run.group),
+            *([str(run.group)] if groups else []),
             *(Text(cell) for cell in knob_cells),  # user values: never read as markup
             *device_cells,
             f"{derived.per_device_train_batch_size}x{derived.num_processes}",
             str(derived.gradient_accumulation_steps),
             f"{derived.learning_rate:.3g}",
             str(derived.total_steps) if derived.total_steps is not None else "?",
-            "+".join(map(str, derived.chunk_steps)) if derived.chunk_steps else "?",
+            compact_steps(derived.chunk_steps) if derived.chunk_steps else "?",
         )
     return table
+
+
+def compact_steps(steps: list[int]) -> str:
+    """Chunk sizes, runs of equal ones counted: [16, 16, 16, 17] -> '3x16+17'."""
+    parts: list[list[int]] = []
+    for size in steps:
+        if parts and parts[-1][1] == size:
+            parts[-1][0] += 1
+        else:
+            parts.append([1, size])
+    return "+".join(f"{count}x{size}" if count > 1 else str(size) for count, size in parts)
 
 
 def plan_summary(plan: RunPlan) -> str:

@@ -157,7 +157,9 @@ def plan_clone(parent: CloneParent, request: CloneRequest, existing: set[str]) -
         derived = derive(validated, parent.planned.derived.train_examples)
     except DeriveError as error:
         raise RequestRejected([("", str(error))]) from None
-    changes = ",".join(request.changes) or "copy"
+    from finetune.plan.expand import format_value
+
+    changes = ",".join(f"{c.partition('=')[0].strip()}={format_value(parse_override(c)[1])}" for c in request.changes) or "copy"
     return PlannedRun(
         run_id=run_id,
         label=f"clone of {parent.run_id}: {changes}" + (" (warm)" if request.warm_start else ""),

@@ -24,7 +24,10 @@ def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = (), c
     shown = tuple(dict.fromkeys([*SHOWN_METRICS, *evaluated]))
     table = Table(title=Text(title), title_justify="left")
     for column in ("run", "label", "chunks", "state", *shown):
-        table.add_column(column, justify="right" if column in shown or column == "chunks" else "left")
+        # ids and numbers are never cut or broken across lines (at 80 columns the label folds instead)
+        table.add_column(column, justify="right" if column in shown or column == "chunks" else "left",
+                         no_wrap=column != "label", overflow="fold" if column == "label" else "ellipsis",
+                         min_width=10 if column == "run" else None)
     latest = _latest_train_metrics(store, shown)
     for row in store.runs():
         metrics = {**latest.get(row.run_id, {}), **row.latest_metrics}
@@ -32,7 +35,7 @@ def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = (), c
         style = STATE_STYLES.get(state, "")
         table.add_row(
             row.run_id,
-            Text(row.label),  # a user's value: never read as markup
+            Text(row.label.replace(",", ", ")),  # a user's value, never markup; knob=value pairs wrap between pairs
             f"{row.chunks_done}/{row.total_chunks}",
             f"[{style}]{state}[/]" if style else state,
             *(f"{metrics[name]:.4f}" if name in metrics else "" for name in shown),

@@ -39,7 +39,8 @@ def _flag_to(value: Any, when_true: Any) -> Any:
 
 TRAINING_ARGS: dict[str, Renamed | Dropped | Removed] = {
     "warmup_ratio": Renamed("warmup_steps", "transformers 5 removed warmup_ratio; a warmup_steps below 1 is a ratio of the total steps"),
-    "evaluation_strategy": Renamed("eval_strategy", "renamed in transformers 4.46"),
+    "evaluation_strategy": Renamed("eval_strategy", "renamed in transformers 4.46; like eval_strategy itself it has no "
+                                   "effect: finetune evaluates at chunk boundaries, every experiment.eval_every_chunks"),
     "no_cuda": Renamed("use_cpu", "renamed in transformers 4.34"),
     "push_to_hub_token": Renamed("hub_token", "renamed in transformers 4.x"),
     "push_to_hub_model_id": Renamed("hub_model_id", "renamed in transformers 4.x"),

@@ -241,8 +241,8 @@ def status(experiment: ExperimentArg, as_json: JsonOpt = False, watch: Annotated
     """The runs of an experiment: chunk progress, latest metrics and state ("interrupted": its controller is gone)."""
     import time as _time
 
-    from finetune.schedule.display import runs_table, shown_state
-    from finetune.schedule.folder import controller_alive, open_store, read_plan
+    from finetune.schedule.display import runs_table
+    from finetune.schedule.folder import controller_alive, open_store, read_plan, shown_state
     from finetune.track.ranking import ranking_metric
 
     root = experiment_or_exit(experiment)

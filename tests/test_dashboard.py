@@ -354,3 +354,15 @@ def test_infinite_metrics_and_unreadable_tracking_are_shown_not_errors(tmp_path)
     latest = next(run["latest"] for run in runs.json()["runs"] if run["run_id"] == run_id)
     assert latest["loss"] is None and latest["eval_loss"] is None and runs.json()["mlflow"]["uri"] == ""
     assert client(root).get("/api/curves").json()["loss"][run_id][-1] == [3, None]
+
+
+def test_a_run_left_running_by_a_controller_that_is_gone_is_interrupted(tmp_path) -> None:
+    """Issue 31: after a kill the page said "running", with a stop button that nothing would apply."""
+    root = experiment(tmp_path)
+    run_id = client(root).get("/api/runs").json()["runs"][0]["run_id"]
+    set_state(root, run_id, "running")
+    gone = next(run for run in client(root).get("/api/runs").json()["runs"] if run["run_id"] == run_id)
+    assert gone["state"] == "interrupted" and gone["actions"] == ["stop", "delete", "clone"]  # as a pending run
+    with ExperimentLock(root):
+        live = next(run for run in client(root).get("/api/runs").json()["runs"] if run["run_id"] == run_id)
+    assert live["state"] == "running"

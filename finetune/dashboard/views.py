@@ -14,7 +14,7 @@ from typing import Any, Iterator
 
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.control import ACTS_ON, RequestKind, RequestRejected
-from finetune.schedule.folder import open_store, read_plan
+from finetune.schedule.folder import controller_alive, open_store, read_plan, shown_state
 from finetune.schedule.records import RunStatus
 from finetune.schedule.requests import Submitted, submit_request
 from finetune.schedule.store import StateStore
@@ -67,23 +67,27 @@ def runs_view(root: Path) -> dict[str, Any]:
         rows = store.runs()
         chains = lineages({row.run_id: row.parent_run_id for row in rows})
         colors = run_colors(row.run_id for row in rows)
+        alive = controller_alive(root)
         for entry in ranked_runs(store, plan):
             row = entry.row
             planned = _planned(plan, row.run_id)
             latest = {name: values[row.run_id] for name, values in latest_logged.items() if row.run_id in values}
             runs.append({
-                "run_id": row.run_id, "label": row.label, "state": row.state, "rank": entry.rank, "value": entry.value,
+                "run_id": row.run_id, "label": row.label, "state": shown_state(row.state, alive), "rank": entry.rank,
+                "value": entry.value,
                 "chunks_done": row.chunks_done, "total_chunks": row.total_chunks, "error": row.error,
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
                 "parent_run_id": row.parent_run_id, "lineage": chains.get(row.run_id, []), "mlflow_run_id": row.mlflow_run_id,
-                "actions": actions(row.state), "color": colors[row.run_id],
+                "actions": actions(row.state, alive), "color": colors[row.run_id],
             })
     return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root),
             "eval_metrics": evaluated}
 
 
-def actions(state: str) -> list[str]:
-    """The requests a run in `state` accepts (the controller's own table), for the page's buttons."""
+def actions(state: str, controller_alive: bool = True) -> list[str]:
+    """The requests a run in `state` accepts (the controller's own table), for the page's buttons. A run left
+    running by a controller that is gone is pending for the next one (`finetune run --resume`)."""
+    state = "pending" if state == "running" and not controller_alive else state
     try:
         status = RunStatus(state)
     except ValueError:
@@ -130,13 +134,14 @@ def run_view(root: Path, run_id: str) -> dict[str, Any]:
         events = [event for event in store.events() if event.get("run_id") == run_id]
         metric, direction = ranking_metric(plan)
     return {
-        "experiment": plan.experiment, "run_id": run_id, "label": row.label, "state": row.state, "error": row.error,
+        "experiment": plan.experiment, "run_id": run_id, "label": row.label,
+        "state": shown_state(row.state, controller_alive(root)), "error": row.error,
         "color": run_colors(r.run_id for r in rows)[run_id], "chunks_done": row.chunks_done, "total_chunks": row.total_chunks,
         "parent_run_id": row.parent_run_id, "lineage": lineages({r.run_id: r.parent_run_id for r in rows}).get(run_id, []),
         "knobs": planned.knobs if planned else {}, "config": planned.config if planned else None,
         "latest": row.latest_metrics, "metric": metric, "direction": direction, "curves": curves, "chunks": chunks,
         "events": events, "samples": run_samples(root / "state.db", run_id), "mlflow": mlflow_info(root),
-        "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state),
+        "mlflow_run_id": row.mlflow_run_id, "actions": actions(row.state, controller_alive(root)),
     }
 
 

@@ -5,17 +5,12 @@ from __future__ import annotations
 from rich.table import Table
 from rich.text import Text
 
+from finetune.schedule.folder import shown_state
 from finetune.schedule.store import StateStore
 
 STATE_STYLES = {"completed": "green", "running": "yellow", "failed": "red", "stopped": "magenta", "deleted": "dim",
                 "interrupted": "red"}
 SHOWN_METRICS = ("eval_loss", "loss", "reward")
-
-
-def shown_state(state: str, controller_alive: bool) -> str:
-    """A run's state as shown: a run left "running" by a controller that is gone (killed, interrupted while
-    it trained) is "interrupted"; `finetune run --resume` continues it."""
-    return "interrupted" if state == "running" and not controller_alive else state
 
 
 def runs_table(store: StateStore, title: str, evaluated: tuple[str, ...] = (), controller_alive: bool = True) -> Table:

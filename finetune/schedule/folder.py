@@ -188,6 +188,12 @@ def controller_alive(root: Path) -> bool:
     return False
 
 
+def shown_state(state: str, controller_alive: bool) -> str:
+    """A run's state as shown: a run left "running" by a controller that is gone (killed, interrupted while
+    it trained) is "interrupted"; `finetune run --resume` continues it (as a pending run)."""
+    return "interrupted" if state == "running" and not controller_alive else state
+
+
 def _open_lock(path: Path, flags: int) -> int:
     """The lock file, never through a link (the lock would empty the file it points to) nor a folder."""
     try:

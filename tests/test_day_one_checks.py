@@ -73,7 +73,7 @@ def test_run_reads_the_records_and_applies_the_template_before_making_the_folder
     config = variant(project, "shape.yaml", "demo/data/sft_train.jsonl", "shape.jsonl")
     assert runner.invoke(app, ["plan", config]).exit_code == 0  # plan reads syntax only
     refused = runner.invoke(app, ["run", config])
-    assert refused.exit_code == 1 and "shape.jsonl:1: missing key 'messages'" in refused.output
+    assert refused.exit_code == 1 and "shape.jsonl:1:" in refused.output and "may name its format" in refused.output
     assert "nothing was started" in refused.output and not (project / "runs").exists()
 
 

@@ -38,7 +38,7 @@ def test_the_chat_template_is_applied_to_each_data_file_s_first_record(tmp_path,
     (tmp_path / "train.jsonl").write_text("{}\n")
     config = config_with(run_conf={"model": str(tmp_path)})
     conversation = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]
-    read = lambda path, method: [{"messages": conversation}]  # noqa: E731
+    read = lambda path, method, data_format: [{"messages": conversation}]  # noqa: E731
     monkeypatch.setattr("finetune.data.pipeline.prepare_tokenizer", lambda tokenizer, data_conf: 0)
 
     class Refusing:
@@ -49,7 +49,7 @@ def test_the_chat_template_is_applied_to_each_data_file_s_first_record(tmp_path,
     assert problem[0] == "data_conf.chat_template_name"
     assert "does not apply to the first record of train.jsonl" in problem[1] and "roles must alternate" in problem[1]
 
-    def unreadable(path, method):
+    def unreadable(path, method, data_format):
         raise ValueError(f"{path}:1: missing key 'messages'")
 
     assert preflight.check_data_and_template(config, lambda c: Refusing(), unreadable) == [

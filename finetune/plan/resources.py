@@ -118,6 +118,8 @@ def first_records_problem(path: Path, count: int) -> str | None:
             for number, raw in enumerate(stream, start=1):
                 if not raw.strip():
                     continue
+                if seen == 0 and raw.lstrip()[:1] == b"[":
+                    return None  # one JSON array: its reader parses it whole
                 try:
                     record = json.loads(raw)
                 except (ValueError, RecursionError) as error:

@@ -39,7 +39,7 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
     from finetune.train.model import load_tokenizer
 
     tokenizers: dict[str, Any] = {}
-    records: dict[tuple[str, str], Any] = {}
+    records: dict[tuple[str, str, str], Any] = {}
 
     def tokenizer_of(config: Any) -> Any:
         source = config.run_conf.tokenizer or config.run_conf.model
@@ -47,13 +47,14 @@ def check_before_any_work(plan: RunPlan, devices: list[str] | None) -> dict[str,
             tokenizers[source] = load_tokenizer(config)
         return copy.deepcopy(tokenizers[source])  # the template check prepares it: the next run gets it untouched
 
-    def records_of(path: str, method: str) -> Any:
-        if (path, method) not in records:
+    def records_of(path: str, method: str, data_format: str) -> Any:
+        key = (path, method, data_format)
+        if key not in records:
             try:
-                records[(path, method)] = read_records(path, method)
+                records[key] = read_records(path, method, data_format)
             except Exception as error:
-                records[(path, method)] = error
-        found = records[(path, method)]
+                records[key] = error
+        found = records[key]
         if isinstance(found, Exception):
             raise found
         return found

@@ -74,7 +74,7 @@ def prepare_run(plan: RunPlan, root: Path, run: PlannedRun, devices: list[str] |
 
 
 def start_up_problems(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any],
-                      read_records: Callable[[str, str], Any] | None = None) -> list[tuple[str, str]]:
+                      read_records: Callable[[str, str, str], Any] | None = None) -> list[tuple[str, str]]:
     """Every problem a run would hit at start-up, as (key path, problem): `train.preflight`'s (the data
     read and the chat template applied to its first records, with `read_records`), and a
     `resume_from_checkpoint` that is not a checkpoint."""

@@ -49,17 +49,20 @@ def check_hub_model(config: Any, seconds: float = HUB_SECONDS) -> list[Problem]:
     return problems
 
 
-def check_data_and_template(config: Any, load_tokenizer: Callable[[Any], Any], read_records: Callable[[str, str], Any]) -> list[Problem]:
+RecordReader = Callable[[str, str, str], Any]  # (path, method, data format) -> records, as `data.readers.read_records`
+
+
+def check_data_and_template(config: Any, load_tokenizer: Callable[[Any], Any], read_records: RecordReader) -> list[Problem]:
     """Every data file reads as records of the method's shape, and the chat template applies to the first
-    record of each (with the tokenizer prepared as training prepares it). `read_records(path, method)` may
-    cache: many runs share their data."""
+    record of each (with the tokenizer prepared as training prepares it). `read_records(path, method,
+    format)` may cache: many runs share their data."""
     from finetune.data.pipeline import prepare_tokenizer, preference_examples, prompt_examples, tokenize_conversation
 
     problems: list[Problem] = []
     firsts = []
-    for key, path in data_paths_of(config):
+    for key, path, data_format in datasets_of(config):
         try:
-            records = read_records(path, config.method)
+            records = read_records(path, config.method, data_format)
         except Exception as error:
             problems.append((key, str(error) or type(error).__name__))
             continue
@@ -94,10 +97,14 @@ class _Stats:
     filtered_too_long = 0
 
 
-def data_paths_of(config: Any) -> list[tuple[str, str]]:
-    from finetune.data.files import data_paths
-
-    return data_paths(config)
+def datasets_of(config: Any) -> list[tuple[str, str, str]]:
+    """(key path, data path, data format) of every dataset a validated config reads."""
+    found = []
+    for section in ("training_data", "validation_data"):
+        datasets = getattr(getattr(config.data_conf, section, None), "datasets", None) or []
+        found += [(f"data_conf.{section}.datasets[{index}].path", dataset.path, getattr(dataset, "format", "auto"))
+                  for index, dataset in enumerate(datasets)]
+    return found
 
 
 def check_attention(config: Any, devices: list[str]) -> list[Problem]:
@@ -259,7 +266,7 @@ def check_wandb(config: Any) -> list[Problem]:
 
 
 def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[Any], Any],
-              read_records: Callable[[str, str], Any] | None = None) -> list[Problem]:
+              read_records: RecordReader | None = None) -> list[Problem]:
     """Every problem this run would hit at start-up, found now.
 
     `devices` None: the devices are elsewhere (Ray actors on a cluster), so what depends on them

@@ -309,3 +309,27 @@ def test_a_warm_start_from_a_deleted_run_is_rejected_and_the_experiment_goes_on(
     statuses = [row[0] for row in controller.store._db.execute("SELECT status FROM requests ORDER BY id")]
     assert statuses[0] == "applied" and statuses[1] == "rejected: warm start copies the parent's checkpoint; the parent is deleted"
     assert pool.workers[0].busy_with == "b"
+
+
+def test_winding_down_dispatches_nothing_waits_for_the_chunk_in_training_and_ends(tmp_path) -> None:
+    """Issue 31 (Ctrl-C): no new chunk once interrupted; the loop ends when the chunk being trained is durable."""
+    from finetune.schedule.messages import StepProgress
+
+    controller, pool, _ = make_controller(tmp_path, [planned("a"), planned("b")])
+    worker = pool.workers[0]
+    shown = []
+    controller.on_progress = shown.append
+    controller.step()
+    assert [task.run.run_id for task in worker.tasks.items] == ["a"]
+    send(controller, pool, StepProgress(worker.worker_id, "a", 0, 1, 0, 1, 2, tokens=10, seconds=0.5))
+    assert [progress.step for progress in shown] == [1]  # shown, never recorded:
+    assert not any("progress" in event["kind"] for _, event in controller.store.events_after(0))
+    controller.winding_down = True
+    assert controller.step() is True  # the chunk of a is still being trained
+    send(controller, pool, done(controller, worker.worker_id, "a", 0), durable(controller, worker.worker_id, "a", 0))
+    assert controller.step() is False  # idle: the loop ends, b never started
+    assert [task.run.run_id for task in worker.tasks.items] == ["a"]
+    assert status(controller, "a") == "pending" and status(controller, "b") == "pending"
+    assert controller.store.run("a").chunks_done == 1
+    done_events = [event for _, event in controller.store.events_after(0) if event["kind"] == "chunk_done"]
+    assert done_events and "tokens" in done_events[0]

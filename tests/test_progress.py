@@ -140,6 +140,8 @@ def test_the_controller_winding_down_dispatches_nothing_and_ends_when_idle() -> 
     with pytest.raises(Exception) as raised:  # before the loop: at once
         interrupts.handle(signal.SIGINT, None)
     assert type(raised.value).__name__ == "Interrupted"
+    interrupts.handle(signal.SIGINT, None)  # a second one while the first unwinds: not raised again
+    interrupts = Interrupts()
     interrupts.winding_down = True
     interrupts.handle(signal.SIGTERM, None)
     assert interrupts.requested and not interrupts.give_up()

@@ -43,7 +43,10 @@ class Interrupts:
 
     def handle(self, signum: int, frame: Any) -> None:
         if not self.winding_down:
-            raise Interrupted(signum, "")
+            if self.signum is None:  # a second signal while the first unwinds is not raised again
+                self.signum = signum
+                raise Interrupted(signum, "")
+            return
         if self.signum is None:
             self.signum, self.deadline = signum, time.monotonic() + GRACE_SECONDS
         else:

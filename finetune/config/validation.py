@@ -9,7 +9,6 @@ index, e.g. `peft_conf.peft_kwargs.r[1]`.
 from __future__ import annotations
 
 import difflib
-import re
 import types
 import typing
 from typing import Any
@@ -31,7 +30,7 @@ from finetune.config.knobs import (
 )
 from finetune.config.guards import FINITE_FORM, bad_numbers, number_issue, run_count_issues, total_runs_issue
 from finetune.config.issues import ConfigInvalid as ConfigInvalid  # re-exported: callers import it from here
-from finetune.config.issues import ConfigIssue, Locator, short_repr
+from finetune.config.issues import ConfigIssue, Locator, did_you_mean, short_choices, short_repr
 from finetune.config.loading import Location, SourceDoc
 from finetune.config.metric_check import sweep_metric_issues
 from finetune.config.models import CONFIG_ADAPTER, DISCRIMINATOR_KEYS, FinetuneConfig, AnyFinetuneConfig
@@ -161,35 +160,6 @@ def _issue_parts(error: dict[str, Any], loc_model: tuple[Any, ...], path: Path) 
         return path, f"not one of the allowed values{hint}", given, short_choices(expected) if hint else expected
     message = error["msg"].removeprefix("Value error, ")
     return path, message, given, ctx.get("allowed")
-
-
-MAX_LISTED_CHOICES = 12
-
-
-def _choices(expected: str) -> list[str]:
-    """The names in pydantic's "'a', 'b' or 'c'"."""
-    return re.findall(r"'([^']*)'", expected)
-
-
-def did_you_mean(given: Any, expected: str) -> str:
-    """'; did you mean 'LORA'?' for `lora` (case and - or _ aside first, then a close spelling); '' if none."""
-    if not isinstance(given, str):
-        return ""
-    choices = _choices(expected)
-
-    def folded(text: str) -> str:
-        return re.sub(r"[-_ ]", "", text).lower()
-
-    same = [choice for choice in choices if folded(choice) == folded(given)]
-    close = same or [choice for choice in choices if folded(choice) in difflib.get_close_matches(
-        folded(given), [folded(c) for c in choices], n=1, cutoff=0.75)]
-    return f"; did you mean '{close[0]}'?" if close and close[0] != given else ""
-
-
-def short_choices(expected: str) -> str:
-    """The allowed names, or their number and where they are listed when there are many."""
-    choices = _choices(expected)
-    return expected if len(choices) <= MAX_LISTED_CHOICES else f"{len(choices)} values, see docs/config-reference.md"
 
 
 def issues_from_validation_error(

@@ -195,6 +195,7 @@ def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
         live = Live(console=console, refresh_per_second=4, get_renderable=view.renderable) if view.renderable() else None
         with live or contextlib.nullcontext():
             interrupts.winding_down = True
+            controller.winding_down = interrupts.requested  # a signal whose exception was swallowed (a finalizer)
             abandoned = _loop(controller, interrupts)
             redraw.flush()
         if interrupts.requested:

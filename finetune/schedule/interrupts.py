@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import signal
+import sys
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -63,15 +64,25 @@ class Interrupts:
 
 @contextmanager
 def catching_signals(interrupts: Interrupts) -> Iterator[Interrupts]:
-    """SIGINT and SIGTERM go to `interrupts` (in the main thread; elsewhere nothing changes)."""
+    """SIGINT and SIGTERM go to `interrupts` (in the main thread; elsewhere nothing changes). An `Interrupted`
+    raised where Python cannot pass it on (a finalizer, a weakref callback) is swallowed there without a
+    traceback; `interrupts.requested` still says it came, and the controller's loop winds down at its start."""
     try:
         previous = {signum: signal.signal(signum, interrupts.handle) for signum in (signal.SIGINT, signal.SIGTERM)}
     except ValueError:  # not the main thread
         yield interrupts
         return
+    unraisable = sys.unraisablehook
+
+    def quiet(info: Any) -> None:
+        if not isinstance(info.exc_value, Interrupted):
+            unraisable(info)
+
+    sys.unraisablehook = quiet
     try:
         yield interrupts
     finally:
+        sys.unraisablehook = unraisable
         for signum, handler in previous.items():
             signal.signal(signum, handler)
 

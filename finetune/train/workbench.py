@@ -121,7 +121,7 @@ class Workbench:
         finally:
             session.on_step = None
             self._report_reward_failures(run.run_id, chunk)
-        return self._end_chunk(run, config, session, chunk, evaluate, judged, started, started_at, step_seconds)
+        return self._end_chunk(run, config, session, chunk, evaluate, judged, started, started_at, step_seconds, meter.tokens)
 
     def train_fused(self, members: list[FusedMember]) -> list[ChunkOutcome | Exception]:
         """Chunks of several runs trained as one fused group (`fused.FusedGroup`), each then evaluated and
@@ -154,7 +154,7 @@ class Workbench:
                 for m, session in zip(members, sessions)]
 
     def _end_chunk(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, evaluate: bool, judged: bool,
-                   started: float, started_at: float, step_seconds: float) -> ChunkOutcome:
+                   started: float, started_at: float, step_seconds: float, tokens: int = 0) -> ChunkOutcome:
         """A trained chunk's evaluation, its snapshot handed to the background writer, and its outcome."""
         eval_started = time.perf_counter()
         metrics = self._measure(run, config, session, chunk, evaluate, judged)
@@ -170,7 +170,7 @@ class Workbench:
             self.close(run.run_id, wait=False)
         peak, total = _memory(self.device)
         return ChunkOutcome(run.run_id, chunk, session.step, str(target), metrics, final, step_seconds, eval_seconds,
-                            time.perf_counter() - started, started_at, time.time(), peak, total, meter.tokens)
+                            time.perf_counter() - started, started_at, time.time(), peak, total, tokens)
 
     def _report_reward_failures(self, run_id: str, chunk: int) -> None:
         """A user reward function that failed while the chunk trained: a warning each (the run goes on)."""

@@ -7,7 +7,7 @@ STAMP := $(VENV)/.installed
 TORCH_CPU_VERSION ?= 2.13.0
 DEMO_DIR ?= demo
 # The extras `make test` installs, so that their tests run; the lock covers exactly these.
-TEST_EXTRAS ?= dev,ray,eval,optuna,wandb
+TEST_EXTRAS ?= dev,ray,eval,optuna,wandb,gguf
 LOCK := requirements/lock.txt
 LATEST_VENV ?= .venv-latest
 export PIP_DISABLE_PIP_VERSION_CHECK = 1

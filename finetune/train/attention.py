@@ -84,7 +84,12 @@ def load_model_config(config: Any) -> Any | None:
     """The model's transformers config, or None when it cannot be read from here."""
     from transformers import AutoConfig
 
+    from finetune.train.gguf_bases import gguf_source
+    from finetune.train.gguf_bases import load_model_config as gguf_model_config
+
     try:
+        if gguf_source(config.run_conf) is not None:
+            return gguf_model_config(config)
         return AutoConfig.from_pretrained(config.run_conf.model)
     except (OSError, ValueError):
         return None

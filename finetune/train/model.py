@@ -1,8 +1,10 @@
-"""Loading the tokenizer and the base model from `run_conf` and `quant_conf` (path or hub id)."""
+"""Loading the tokenizer and the base model from `run_conf` and `quant_conf` (path, hub id or GGUF file)."""
 
 from __future__ import annotations
 
 from typing import Any
+
+from finetune.train.gguf_bases import GGUF_FILE_KEY
 
 
 class QuantizationUnavailable(RuntimeError):
@@ -20,10 +22,12 @@ def check_quantization(config: Any) -> None:
 def load_tokenizer(config: Any) -> Any:
     from transformers import AutoTokenizer
 
+    from finetune.train.gguf_bases import model_path
+
     run_conf = config.run_conf
     args = run_conf.model_args
     return AutoTokenizer.from_pretrained(
-        run_conf.tokenizer or run_conf.model,
+        run_conf.tokenizer or model_path(config),
         use_fast=run_conf.use_fast_tokenizer,
         revision=args.revision,
         trust_remote_code=args.trust_remote_code,
@@ -42,6 +46,7 @@ def model_kwargs(config: Any, device: str) -> dict[str, Any]:
     model_args = config.run_conf.model_args
     args = model_args.model_dump(exclude_unset=True, exclude_none=True)
     args.pop("dtype", None)
+    args.pop(GGUF_FILE_KEY, None)  # the GGUF file is loaded through its converted copy (`gguf_bases`)
     dtype = model_args.dtype
     kwargs: dict[str, Any] = {**args, "dtype": dtype if dtype == "auto" else getattr(torch, dtype)}
     if config.quant_conf.quantization_type == "bits-and-bytes":
@@ -65,8 +70,10 @@ def load_base_model(config: Any, tokenizer_size: int, device: str = "cpu") -> An
     """The base model, its embeddings grown (mean-initialised) when the template added tokens."""
     from transformers import AutoModelForCausalLM
 
+    from finetune.train.gguf_bases import model_path
+
     check_quantization(config)
-    model = AutoModelForCausalLM.from_pretrained(config.run_conf.model, **model_kwargs(config, device))
+    model = AutoModelForCausalLM.from_pretrained(model_path(config), **model_kwargs(config, device))
     if tokenizer_size > model.get_input_embeddings().weight.shape[0]:
         import torch
 

@@ -273,7 +273,9 @@ def preflight(config: Any, devices: list[str] | None, load_tokenizer: Callable[[
     (CUDA, bf16 support, flash-attention's package) is left to the workers. `read_records`: read and
     check the data files and apply the chat template to their first records (None: only that they exist).
     """
-    model_problems = check_model_source(config) or check_hub_model(config)
+    from finetune.train.gguf_bases import gguf_problems
+
+    model_problems = check_model_source(config) or gguf_problems(config) or check_hub_model(config)
     missing_data = data_problems(config)
     data_and_template = [] if model_problems or missing_data or read_records is None else (
         check_data_and_template(config, load_tokenizer, read_records))

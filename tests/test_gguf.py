@@ -94,7 +94,8 @@ def test_an_architecture_transformers_cannot_load_is_refused(tmp_path) -> None:
 
 @pytest.mark.slow
 def test_a_gguf_base_trains_and_evaluates_through_finetune_run(tiny_gguf, demo_dir, tmp_path) -> None:
-    """The real path: preflight, conversion once, workers that load the copy, two LoRA steps, an evaluation."""
+    """The real path: preflight, conversion once, workers that load the copy, an evaluation before training
+    (eval_on_start), two LoRA steps, an evaluation; base scores and kept answers in state.db, report and dashboard."""
     import json
 
     from tests.helpers import state_db
@@ -103,12 +104,24 @@ def test_a_gguf_base_trains_and_evaluates_through_finetune_run(tiny_gguf, demo_d
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "gguf")
     result = finetune(tmp_path, "run", str(config), *small("gguf", steps=2, chunks=1), "--set", f"run_conf.model={tiny_gguf}",
                       "--set", "training_args.learning_rate=!list [1.0e-3]", "--set", "peft_conf.peft_kwargs.r=!list [4]",
-                      "--set", "eval_conf={metrics: [eval_loss, exact_match], generation: {max_new_tokens: 4, max_samples: 4}}")
+                      "--set", "eval_conf={metrics: [eval_loss, exact_match], generation: {max_new_tokens: 4, max_samples: 4}}",
+                      "--set", "training_args.eval_on_start=true")
     assert result.stderr.count("to a safetensors model") == 1, result.stderr[-2000:]
     root = tmp_path / "runs" / "gguf"
     with state_db(root) as db:
         [(metrics,)] = db.execute("SELECT metrics FROM chunks").fetchall()
+        at_start = dict(db.execute("SELECT name, value FROM metrics WHERE step = 0").fetchall())
+        kept = db.execute("SELECT step, COUNT(*) FROM samples GROUP BY step ORDER BY step").fetchall()
     assert {"eval_loss", "exact_match"} <= json.loads(metrics).keys()
+    assert {"eval_loss", "exact_match"} <= at_start.keys() and at_start["eval_loss"] != json.loads(metrics)["eval_loss"]
+    assert kept == [(0, 4), (2, 4)]
+    report = finetune(tmp_path, "report", str(root)).stdout + (root / "report.md").read_text()
+    assert "| - | base | the model before training (step 0) |" in report and "## Answers" in report
+    from finetune.dashboard.views import runs_view, samples_view
+
+    [shown] = runs_view(root)["runs"]
+    assert shown["base"]["eval_loss"] == at_start["eval_loss"]
+    assert [sample["step"] for sample in samples_view(root, shown["run_id"])["samples"]] == [0] * 4 + [2] * 4
     [converted] = (tmp_path / "runs" / "gguf-bases").iterdir()
     [final] = root.glob("runs/*/checkpoint-final")
     adapter = json.loads((final / "adapter_config.json").read_text())

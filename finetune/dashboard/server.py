@@ -172,6 +172,10 @@ def create_app(root: Path, token: str, host: str) -> Starlette:
         run_id = request.path_params["run_id"]
         return await _answer(lambda: views.run_config_view(root, run_id), run_id)
 
+    async def samples(request: Request) -> Response:
+        run_id = request.path_params["run_id"]
+        return await _answer(lambda: views.samples_view(root, run_id), run_id)
+
     async def control(request: Request) -> Response:
         run_id, action = request.path_params["run_id"], request.path_params["action"]
         return await _answer(lambda: views.request_control(root, action, run_id), run_id, 202)
@@ -189,6 +193,7 @@ def create_app(root: Path, token: str, host: str) -> Starlette:
         Route("/api/curves", guarded(curves)),
         Route("/api/events", guarded(events)),
         Route("/api/runs/{run_id}/config", guarded(run_config)),
+        Route("/api/runs/{run_id}/samples", guarded(samples)),
         Route("/api/runs/{run_id}/clone", guarded(clone), methods=["POST"]),
         Route("/api/runs/{run_id}/{action}", guarded(control), methods=["POST"]),
         Mount("/static", StaticFiles(directory=STATIC)),

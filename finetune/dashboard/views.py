@@ -63,6 +63,7 @@ def runs_view(root: Path) -> dict[str, Any]:
         metric, direction = ranking_metric(plan)
         evaluated = [name for name in evaluation_metrics(plan) if name not in CURVES]
         latest_logged = {name: store.latest_metric(name) for name in (*CURVES, *evaluated)}
+        base = store.metrics_at(0)  # the evaluation before training (training_args.eval_on_start)
         runs = []
         rows = store.runs()
         chains = lineages({row.run_id: row.parent_run_id for row in rows})
@@ -79,6 +80,7 @@ def runs_view(root: Path) -> dict[str, Any]:
                 "knobs": planned.knobs if planned else {}, "latest": {**latest, **row.latest_metrics},
                 "parent_run_id": row.parent_run_id, "lineage": chains.get(row.run_id, []), "mlflow_run_id": row.mlflow_run_id,
                 "actions": actions(row.state, alive), "color": colors[row.run_id],
+                "base": {name: value for name, value in base.get(row.run_id, {}).items() if name in (*CURVES, *evaluated)},
             })
     return {"experiment": plan.experiment, "metric": metric, "direction": direction, "runs": runs, "mlflow": mlflow_info(root),
             "eval_metrics": evaluated}
@@ -101,6 +103,21 @@ def curves_view(root: Path) -> dict[str, dict[str, list[list[float]]]]:
         curves = {name: store.metric_series(name) for name in dict.fromkeys([*CURVES, *evaluation_metrics(plan)])}
     return {name: {run: [[step, value] for step, value in points] for run, points in series.items()}
             for name, series in curves.items() if series}
+
+
+def samples_view(root: Path, run_id: str) -> dict[str, Any]:
+    """The answers a run's generation evaluations kept (state.db's `samples` table), oldest step first; step 0
+    is the base model's, before training (eval_on_start). Each: step, position, prompt (the messages before
+    the answer), question (its last turn), completion, reference."""
+    with opened(root) as (store, plan):
+        if _planned(plan, run_id) is None:
+            raise KeyError(run_id)
+        answers = store.answers(run_id)
+    for answer in answers:
+        prompt = answer["prompt"] if isinstance(answer["prompt"], list) else []
+        answer["question"] = str(prompt[-1].get("content", "")) if prompt and isinstance(prompt[-1], dict) else ""
+        answer.pop("run_id")
+    return {"run_id": run_id, "samples": answers}
 
 
 def events_view(root: Path) -> list[dict[str, Any]]:

@@ -13,7 +13,7 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-from finetune.evaluate.samples import EvalSample, eval_samples
+from finetune.evaluate.samples import EvalSample, KeptAnswer, eval_samples, kept_answers
 
 logger = logging.getLogger(__name__)
 TOO_LONG_METRIC = "generation_prompts_too_long"
@@ -45,6 +45,26 @@ def token_accuracy(trainer: Any) -> dict[str, float]:
     return {} if value is None else {"token_accuracy": float(value)}
 
 
+@dataclass(frozen=True)
+class Measured:
+    """A generation evaluation: its metrics, and the first answers kept to be read."""
+
+    values: dict[str, float]
+    answers: tuple[KeptAnswer, ...] = ()
+
+
+def base_reusable(config: Any) -> bool:
+    """Whether a run at step 0 is its base model exactly, so that the base's scores of one run are every
+    such run's: a LoRA adapter initialised as PEFT does by default (B = 0) on a base of its own."""
+    peft = config.peft_conf
+    if getattr(peft, "peft_type", None) != "LORA":
+        return False
+    init = getattr(getattr(peft, "peft_kwargs", None), "init_lora_weights", True)
+    resume = config.run_conf.resume_from_checkpoint
+    starts_elsewhere = isinstance(resume, str) and resume.lower() not in ("auto", "true", "false")
+    return init is True and not starts_elsewhere
+
+
 class GenerationEvaluator:
     """A worker's generation metrics; the validation samples of each data set are read once. Custom metrics
     run in the worker's user-code process (`evaluate.sandbox`), kept warm between chunks (one per memory
@@ -64,7 +84,7 @@ class GenerationEvaluator:
             sandbox.close()
         self.sandboxes.clear()
 
-    def measure(self, session: Any, config: Any, tokenizer: Any, pad_id: int, data_key: str) -> dict[str, float]:
+    def measure(self, session: Any, config: Any, tokenizer: Any, pad_id: int, data_key: str) -> Measured:
         from finetune.evaluate.generation import generate_answers
         from finetune.evaluate.metrics import Scorer
 
@@ -73,7 +93,7 @@ class GenerationEvaluator:
         if key not in self.samples:
             self.samples[key] = eval_samples(config, settings.max_samples)
         if not self.samples[key]:
-            return {}
+            return Measured({})
         session.activate()
         answers = generate_answers(session.model, tokenizer, self.samples[key], settings, session.device, pad_id,
                                    synced=session.world > 1)
@@ -90,7 +110,7 @@ class GenerationEvaluator:
             if scorer_key not in self.scorers:
                 self.scorers[scorer_key] = Scorer.of(config.eval_conf, self._sandbox(config.eval_conf.custom_memory_gb))
             values.update(self.scorers[scorer_key].score(prompts, answers.completions, references))
-        return values
+        return Measured(values, kept_answers(session.step, answers.samples, answers.completions))
 
     def _sandbox(self, memory_gb: float) -> Any:
         from finetune.evaluate.sandbox import UserCodeSandbox

@@ -1,14 +1,21 @@
-"""The (prompt, reference answer) pairs that generation metrics are computed on.
+"""The (prompt, reference answer) pairs that generation metrics are computed on, and the answers kept.
 
 They come from the run's validation records, read as the loss evaluation reads them (the same
 files, the same automatic split): an SFT conversation's last assistant turn is the reference and
 everything before it the prompt; a DPO record's prompt and its chosen answer.
+
+Each evaluation that generates keeps its first `MAX_KEPT_ANSWERS` answers (`KeptAnswer`: prompt,
+completion, reference, at the run's step) so that people can read what a run answers: they travel
+with the chunk's report to the controller, which stores them in state.db's `samples` table.
 """
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from typing import Any
+
+MAX_KEPT_ANSWERS = 8
 
 Messages = list[dict[str, str]]
 
@@ -17,6 +24,29 @@ Messages = list[dict[str, str]]
 class EvalSample:
     prompt: Messages
     reference: str
+
+
+@dataclass(frozen=True)
+class KeptAnswer:
+    """One answer of an evaluation, kept to be read: `prompt` is the conversation before the answer
+    (JSON messages), `position` the sample's place among the evaluation's prompts."""
+
+    step: int
+    position: int
+    prompt: str
+    completion: str
+    reference: str
+
+    @property
+    def question(self) -> str:
+        """The prompt's last turn (what a reader wants to see next to the answers)."""
+        messages = json.loads(self.prompt)
+        return str(messages[-1].get("content", "")) if messages else ""
+
+
+def kept_answers(step: int, samples: list[EvalSample], completions: list[str], limit: int = MAX_KEPT_ANSWERS) -> tuple[KeptAnswer, ...]:
+    return tuple(KeptAnswer(step, index, json.dumps(sample.prompt), completion, sample.reference)
+                 for index, (sample, completion) in enumerate(zip(samples[:limit], completions[:limit])))
 
 
 def sample_of(record: dict[str, Any], method: str) -> EvalSample | None:

@@ -16,6 +16,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Union
 
+from finetune.evaluate.samples import KeptAnswer
 from finetune.plan.model import PlannedRun
 
 
@@ -90,6 +91,7 @@ class ChunkDone:
     loaded_bases: tuple[str, ...] = ()
     incarnation: int = 0
     tokens: int = 0  # trained in the chunk (attended positions)
+    answers: tuple[KeptAnswer, ...] = ()  # a few generated answers, to be read (the base's at step 0 included)
 
 
 @dataclass(frozen=True)

@@ -49,6 +49,11 @@ CREATE TABLE IF NOT EXISTS metrics (
 );
 CREATE INDEX IF NOT EXISTS metrics_by_name ON metrics (name, run_id);
 CREATE UNIQUE INDEX IF NOT EXISTS metrics_once ON metrics (run_id, name, step);
+CREATE TABLE IF NOT EXISTS samples (
+    run_id TEXT NOT NULL, step INTEGER NOT NULL, position INTEGER NOT NULL,
+    prompt TEXT NOT NULL, completion TEXT NOT NULL, reference TEXT NOT NULL,
+    PRIMARY KEY (run_id, step, position)
+);
 CREATE TABLE IF NOT EXISTS requests (
     id INTEGER PRIMARY KEY AUTOINCREMENT, kind TEXT NOT NULL, run_id TEXT NOT NULL,
     payload TEXT NOT NULL DEFAULT '{}', status TEXT NOT NULL DEFAULT 'pending', created_at REAL NOT NULL
@@ -248,6 +253,30 @@ class StateStore:
         (a diverged run) is not stored (SQLite reads it as NULL); the chunk's metrics and MLflow keep it."""
         rows = [(run_id, step, name, value) for name, value in metrics.items() if value == value]
         self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
+
+    def log_answers(self, run_id: str, answers: Any) -> None:
+        """Generated answers kept to be read (`evaluate.samples.KeptAnswer`); an evaluation done again
+        (a chunk retrained after a crash) replaces its rows."""
+        rows = [(run_id, a.step, a.position, a.prompt, a.completion, a.reference) for a in answers]
+        self._db.executemany("INSERT OR REPLACE INTO samples VALUES (?, ?, ?, ?, ?, ?)", rows)
+
+    def answers(self, run_id: str | None = None) -> list[dict[str, Any]]:
+        """The answers kept (`samples` table), by run, step and position: run_id, step, position, prompt (the
+        conversation before the answer, a list of messages), completion, reference."""
+        keys = ("run_id", "step", "position", "prompt", "completion", "reference")
+        query = f"SELECT {', '.join(keys)} FROM samples" + (" WHERE run_id = ?" if run_id else "") + " ORDER BY run_id, step, position"
+        try:
+            rows = self._db.execute(query, (run_id,) if run_id else ()).fetchall()
+        except sqlite3.OperationalError:  # a read-only store written before the samples table
+            return []
+        return [dict(zip(keys, row)) | {"prompt": _json_or_none(row[3])} for row in rows]
+
+    def metrics_at(self, step: int) -> dict[str, dict[str, float]]:
+        """Every run's metrics logged at `step` (step 0: the evaluation before training, eval_on_start)."""
+        found: dict[str, dict[str, float]] = {}
+        for run_id, name, value in self._db.execute("SELECT run_id, name, value FROM metrics WHERE step = ?", (step,)):
+            found.setdefault(run_id, {})[name] = value
+        return found
 
     def forget_metrics_after(self, run_id: str, step: int) -> None:
         """Drop metrics of steps that were lost with a worker; they are logged again when retrained."""

@@ -122,6 +122,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
                     outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
                     outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
                     tokens=outcome.tokens,
+                    answers=outcome.answers,
                 ))
         except BaseException as error:  # torch's CheckpointException is a BaseException: the run's failure too
             if isinstance(error, (KeyboardInterrupt, SystemExit)):

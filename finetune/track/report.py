@@ -12,6 +12,7 @@ from finetune.plan.model import RunPlan
 from finetune.schedule.folder import open_store, read_plan
 from finetune.schedule.store import StateStore
 from finetune.track.colors import run_colors
+from finetune.track.answers import answers_markdown, base_row, base_scores
 from finetune.track.lineage import lineage_text, lineages
 from finetune.search.ranking import ranking_rule
 from finetune.track.ranking import Ranked, evaluation_metrics, ranked_runs
@@ -30,6 +31,8 @@ def report_markdown(root: Path) -> str:
     others = [name for name in evaluation_metrics(plan) if name != metric]
     logged = {name: store.latest_metric(name) for name in others}
     measured = any(entry.value is not None for entry in ranked) or not ranked
+    base = base_scores(store, [metric, *others])
+    common = base_row(base, [entry.row.run_id for entry in ranked], [metric, *others])
     lines = [
         f"# {plan.experiment}",
         "",
@@ -39,16 +42,22 @@ def report_markdown(root: Path) -> str:
         f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} | note |",
         "|---|---|---|---|---|---|" + "---|" * len(others) + "---|",
     ]
+    if common is not None:  # the evaluation before training (eval_on_start), the same for every run
+        lines.append(f"| - | base | the model before training (step 0) | | 0 | "
+                     f"{' | '.join(_shown(common.get(name)) for name in [metric, *others])} | |")
     for entry in ranked:
         row = entry.row
-        shown = " | ".join(_shown(value) for value in [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id))
-                                                                       for name in others)])
+        values = [entry.value, *(row.latest_metrics.get(name, logged[name].get(row.run_id)) for name in others)]
+        own_base = base.get(row.run_id, {}) if common is None else {}
+        shown = " | ".join(_shown(value) + (f" (base {_shown(own_base[name])})" if name in own_base else "")
+                           for name, value in zip([metric, *others], values))
         lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} | {entry.note} |")
     if measured and ranked and ranked[0].checkpoint and Path(ranked[0].checkpoint).is_dir():
         top = ranked[0]
         lines += ["", f"Best run `{top.row.run_id}`: its {rule.rank_by} checkpoint (chunk {top.chunk}) is `{top.checkpoint}`; "
                   f"`finetune export {root} best` exports it."]
     lines += cost_and_knobs(store, plan, ranked)
+    lines += answers_markdown(store, ranked)
     chains = lineages({row.run_id: row.parent_run_id for row in store.runs()})
     if chains:
         lines += ["", "## Lineage", "", "Runs made from other runs (clones, population-based training), first ancestor first.",

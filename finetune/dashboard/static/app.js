@@ -104,6 +104,12 @@ function renderMetricColumns(names) {
   for (const name of names) header.insertBefore(element("th", { class: "eval-metric", title: name }, ...breakable(name)), actions);
 }
 
+// The base model's value before training (training_args.eval_on_start, step 0), under the run's own.
+function baseNote(run, name) {
+  const value = (run.base || {})[name];
+  return value === undefined ? [] : [element("div", { class: "muted base", title: "before training (step 0)" }, `base ${number(value)}`)];
+}
+
 function renderRuns(data) {
   renderMetricColumns(data.eval_metrics || []);
   const body = document.querySelector("#runs tbody");
@@ -121,9 +127,11 @@ function renderRuns(data) {
       element("td", { title: run.label, class: "knobs" }, knobText(run), ...lineageNote(run)),
       element("td", { class: `state-${run.state}`, title: run.error || "" }, run.state),
       element("td", {}, progress, `${run.chunks_done}/${run.total_chunks}`),
-      element("td", { class: "number" }, number(run.latest.eval_loss)), element("td", { class: "number" }, number(run.latest.loss)),
+      element("td", { class: "number" }, number(run.latest.eval_loss), ...baseNote(run, "eval_loss")),
+      element("td", { class: "number" }, number(run.latest.loss)),
       element("td", { class: "number" }, number(run.latest.reward)),
-      ...(data.eval_metrics || []).map((name) => element("td", { class: "number", "data-metric": name }, number(run.latest[name]))),
+      ...(data.eval_metrics || []).map((name) => element("td", { class: "number", "data-metric": name }, number(run.latest[name]),
+        ...baseNote(run, name))),
       element("td", { class: "actions" }, ...controls(run)));
   }));
 }

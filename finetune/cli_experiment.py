@@ -199,3 +199,45 @@ def _writable_place(path: Path) -> bool:
     while not parent.exists() and parent != parent.parent:
         parent = parent.parent
     return parent.is_dir() and os.access(parent, os.W_OK)
+
+
+def chat(
+    experiment: ExperimentArg,
+    run_id: Annotated[str, typer.Argument(help="The run (see `finetune report`), or best: the first of the ranking")],
+    prompt: Annotated[Optional[list[str]], typer.Option("--prompt", "-p", help="Answer this and exit (repeatable); "
+                                                        "without it, each line read from the terminal is a prompt")] = None,
+    system: Annotated[Optional[str], typer.Option(help="A system message before each prompt")] = None,
+    max_new_tokens: Annotated[int, typer.Option(min=1, max=4096, help="The longest answer, in tokens")] = 64,
+) -> None:
+    """Answer prompts with a run's model: its adapter on its base model (checkpoint-final, else its latest chunk)."""
+    import sys
+
+    from finetune.runtime import quiet_libraries
+    from finetune.train.chat import ChatUnavailable, load_chat_model, pick_run
+
+    root = experiment_or_exit(experiment)
+    quiet_libraries()
+    try:
+        with console.status(f"loading run {run_id} of {root}..."):
+            loaded = load_chat_model(root, pick_run(root, run_id))
+    except ChatUnavailable as error:
+        exit_with(str(error), EXIT_UNUSABLE)
+    console.print(f"run {loaded.run_id}, {loaded.checkpoint}", highlight=False, soft_wrap=True, style="dim")
+
+    def reply(text: str) -> None:
+        messages = ([{"role": "system", "content": system}] if system else []) + [{"role": "user", "content": text}]
+        console.print(loaded.answer(messages, max_new_tokens), highlight=False, soft_wrap=True, markup=False)
+
+    if prompt:
+        for text in prompt:
+            reply(text)
+        return
+    interactive = sys.stdin.isatty()
+    while True:
+        if interactive:
+            console.print("> ", end="", highlight=False)
+        line = sys.stdin.readline()
+        if not line:
+            break
+        if line.strip():
+            reply(line.strip())

@@ -61,17 +61,47 @@ def write_final(config: Any, run_id: str, root: Path, trainable: dict[str, Any],
 
 
 def export_merged(adapter_dir: Path, target: Path) -> Path:
-    """The adapter merged into its base model: a plain transformers model directory."""
+    """The adapter merged into its base model: a plain transformers model directory whose generation
+    config and tokenizer end generation at the chat template's end-of-turn token."""
     from peft import AutoPeftModelForCausalLM
     from transformers import AutoTokenizer
 
     model = AutoPeftModelForCausalLM.from_pretrained(adapter_dir).merge_and_unload()
+    tokenizer = AutoTokenizer.from_pretrained(adapter_dir)
+    stop_at_end_of_turn(model, tokenizer)
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
     model.save_pretrained(tmp)
-    AutoTokenizer.from_pretrained(adapter_dir).save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
     publish(tmp, target)
     return target
+
+
+def end_of_turn_token(tokenizer: Any) -> str | None:
+    """The token that ends a turn in the tokenizer's chat template (`<|im_end|>` for chat-ml), when it is not EOS."""
+    from finetune.evaluate.generation import TURN_END_TOKENS
+
+    template = tokenizer.chat_template if isinstance(tokenizer.chat_template, str) else ""
+    vocab = tokenizer.get_vocab()
+    found = next((token for token in TURN_END_TOKENS if token in vocab and token in template), None)
+    return None if found == tokenizer.eos_token else found
+
+
+def stop_at_end_of_turn(model: Any, tokenizer: Any) -> None:
+    """Make what serving reads stop at the end of the assistant's turn: the tokenizer's eos becomes the
+    end-of-turn token and the generation config's eos_token_id lists it first, the old EOS after it
+    (vLLM, TGI and transformers' pipelines read these files). Without it a chat-ml model whose EOS is
+    `</s>` answers `... <|im_end|><|im_end|>.<|im_end|>...` up to its token limit."""
+    turn_end = end_of_turn_token(tokenizer)
+    if turn_end is None:
+        return
+    old_eos = tokenizer.eos_token_id
+    tokenizer.eos_token = turn_end
+    turn_end_id = tokenizer.convert_tokens_to_ids(turn_end)
+    generation = model.generation_config
+    generation.eos_token_id = [turn_end_id, *([old_eos] if old_eos is not None and old_eos != turn_end_id else [])]
+    if generation.pad_token_id is None:
+        generation.pad_token_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else old_eos
 
 
 def load_initial_checkpoint(session: Any, checkpoint: str) -> None:

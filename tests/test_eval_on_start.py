@@ -87,3 +87,30 @@ def test_answers_are_stored_replaced_when_measured_again_and_read_back(tmp_path)
     assert len(answers) == 8 and [answer["completion"] for answer in answers][:2] == ["again 0", "again 1"]
     assert answers[0]["prompt"] == [{"role": "user", "content": "q0"}] and answers[0]["reference"] == "r0"
     assert [answer["run_id"] for answer in store.answers()] == ["a"] * 8 + ["b"] * 2
+
+
+def test_the_report_shows_base_scores_and_the_best_runs_answers_side_by_side(tmp_path) -> None:
+    from finetune.evaluate.samples import EvalSample, kept_answers
+    from finetune.schedule.store import StateStore
+    from finetune.track.report import report_markdown
+    from tests.test_evaluation import halving
+    from tests.test_evaluation_runs import evaluated_experiment
+
+    root, run_ids = evaluated_experiment(tmp_path, halving(num_runs=3, metric="cost"))
+    samples = [EvalSample([{"role": "user", "content": f"Date: day {index}"}], f"2021-01-0{index}") for index in (1, 2)]
+    store = StateStore(root / "state.db")
+    for index, run_id in enumerate(run_ids):
+        store.log_metrics(run_id, 0, {"exact_match": 0.0, "rouge_l": 0.05, "cost": 20.0})
+        store.log_answers(run_id, kept_answers(0, samples, ["The date is", "The date is"]))
+        store.log_answers(run_id, kept_answers(2, samples, [f"run {index} a", f"run {index} | b"]))
+    store.close()
+    report = report_markdown(root)
+    assert "| - | base | the model before training (step 0) | | 0 | 20.0000 | 0.0500 | 0.0000 |" in report
+    best = run_ids[-1]  # the lowest cost
+    assert f"| prompt | reference | base (step 0) | `{best}` (step 2) |" in report
+    assert "| Date: day 2 | 2021-01-02 | The date is | run 2 \\| b |" in report
+    # Runs from different base models: each run's own base value next to its value.
+    store = StateStore(root / "state.db")
+    store.log_metrics(run_ids[0], 0, {"cost": 30.0})
+    store.close()
+    assert "(base 30.0000)" in report_markdown(root) and "| - | base |" not in report_markdown(root)

@@ -18,6 +18,8 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import resource
 import shutil
 import sqlite3
 import subprocess
@@ -45,9 +47,9 @@ def sweep_config(work: Path, demo: Path, steps: int) -> Path:
 
 def with_finetune(work: Path, demo: Path, steps: int) -> dict:
     config = sweep_config(work, demo, steps)
-    start = time.time()
+    start, cpu = time.time(), children_cpu()
     subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(config)], capture_output=True, text=True, check=True, cwd=work)
-    total = time.time() - start
+    total, cpu = time.time() - start, children_cpu() - cpu
     root = work / "runs" / "decision"
     report = subprocess.run([sys.executable, "-m", "finetune.cli", "report", str(root)], capture_output=True, text=True,
                             check=True, cwd=work).stdout
@@ -60,22 +62,30 @@ def with_finetune(work: Path, demo: Path, steps: int) -> dict:
     db.close()
     chosen = max(finished, key=lambda run_id: finished[run_id][2].get("exact_match", -1.0))
     knobs = next(run["knobs"] for run in plan["runs"] if run["run_id"] == chosen)
-    return {"total": total, "chosen": chosen, "knobs": knobs, "chosen_end": finished[chosen][1] - start,
+    return {"total": total, "cpu": cpu, "chosen": chosen, "knobs": knobs, "chosen_end": finished[chosen][1] - start,
             "chosen_exact_match": finished[chosen][2]["exact_match"], "base_exact_match": base.get("exact_match"),
             "report": report}
+
+
+def children_cpu() -> float:
+    """CPU seconds of finished child processes (and theirs): a measure the other load of a shared machine
+    changes less than wall time."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def sequential(work: Path, model: Path, demo: Path, steps: int) -> list[dict]:
     runs = []
     for r in RANKS:
         for lr in RATES:
-            start = time.time()
+            start, cpu = time.time(), children_cpu()
             output = subprocess.run(
                 [sys.executable, str(HERE / "plain_trl_dates.py"), "--model", str(model), "--train", str(demo / "data/dates_train.jsonl"),
                  "--valid", str(demo / "data/dates_valid.jsonl"), "--r", str(r), "--lr", str(lr), "--steps", str(steps),
                  "--output", str(work / f"seq-{r}-{lr}")], capture_output=True, text=True, check=True).stdout
             final = next(json.loads(line) for line in output.splitlines() if line.startswith('{"event": "final"'))
-            runs.append({"r": r, "lr": lr, "seconds": time.time() - start, "exact_match": final["exact_match"]})
+            runs.append({"r": r, "lr": lr, "seconds": time.time() - start, "cpu": children_cpu() - cpu,
+                         "exact_match": final["exact_match"]})
             print(f"  sequential r {r} lr {lr}: exact match {final['exact_match']:.3f} in {runs[-1]['seconds']:.0f}s", flush=True)
     return runs
 
@@ -112,12 +122,15 @@ def main() -> None:
           f"{ours['chosen_end']:.0f}s, exact match {ours['chosen_exact_match']:.3f} (base {ours['base_exact_match']})", flush=True)
     runs = sequential(work, model, demo, args.steps)
     seq_total = sum(run["seconds"] for run in runs)
+    seq_cpu = sum(run["cpu"] for run in runs)
     best = max(run["exact_match"] for run in runs)
     if args.json_out:
         args.json_out.write_text(json.dumps({"sequential": runs, "finetune": {k: v for k, v in ours.items() if k != "report"}}, indent=2))
     print(ours["report"])
     print(f"(a) time to a decision: sequential {seq_total:.0f}s / finetune's chosen run at its end {ours['chosen_end']:.0f}s "
           f"= {seq_total / ours['chosen_end']:.2f}x")
+    print(f"CPU seconds (less sensitive to other load on the machine): sequential {seq_cpu:.0f}, finetune's whole sweep "
+          f"{ours['cpu']:.0f} = {seq_cpu / ours['cpu']:.2f}x; load average at the end {os.getloadavg()[0]:.1f}")
     print(f"(b) quality of the decision: chosen run's exact match {ours['chosen_exact_match']:.3f} / best of all configs "
           f"trained fully {best:.3f} = {ours['chosen_exact_match'] / best if best else float('nan'):.2f}")
 

@@ -115,6 +115,11 @@ def test_a_gguf_base_trains_and_evaluates_through_finetune_run(tiny_gguf, demo_d
     assert {"eval_loss", "exact_match"} <= json.loads(metrics).keys()
     assert {"eval_loss", "exact_match"} <= at_start.keys() and at_start["eval_loss"] != json.loads(metrics)["eval_loss"]
     assert kept == [(0, 4), (2, 4)]
+    import sqlite3
+
+    tracked = sqlite3.connect(root / "mlflow.db")  # MLflow's own store: the base's values at step 0 too
+    assert {"eval_loss", "exact_match"} <= {key for (key,) in tracked.execute("SELECT key FROM metrics WHERE step = 0")}
+    tracked.close()
     report = finetune(tmp_path, "report", str(root)).stdout + (root / "report.md").read_text()
     assert "| - | base | the model before training (step 0) |" in report and "## Answers" in report
     from finetune.dashboard.views import runs_view, samples_view

@@ -136,6 +136,7 @@ class WorkerReports(Base):
         result = chunk_result(record, message.chunk + 1, message.global_step, message.metrics, logged)
         message = dataclasses.replace(message, metrics=result.metrics)  # the chunk's one record, as the store keeps it
         record.trained_chunks = max(record.trained_chunks, message.chunk + 1)
+        self.store.log_answers(message.run_id, message.answers)
         self.store.event("chunk_done", message.run_id, chunk=message.chunk, step=message.global_step, metrics=message.metrics,
                          seconds=message.seconds, step_seconds=message.step_seconds, eval_seconds=message.eval_seconds,
                          tokens=message.tokens)

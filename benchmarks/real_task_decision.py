@@ -34,19 +34,21 @@ RANKS = (4, 16)
 RATES = (1e-4, 3e-4, 1e-3, 1e-2)
 
 
-def sweep_config(work: Path, demo: Path, steps: int) -> Path:
+def sweep_config(work: Path, demo: Path, steps: int, threads: int | None = None) -> Path:
     text = CONFIG.read_text().replace("demo-real/", f"{demo}/").replace("name: smollm2-dates", "name: decision")
     text = text.replace("output_dir: runs", f"output_dir: {work / 'runs'}")
     text = text.replace("learning_rate: !list [1.0e-4, 1.0e-3, 1.0e-2]", f"learning_rate: !list {list(RATES)}")
     text = text.replace("r: !list [4, 16]", f"r: !list {list(RANKS)}").replace("num_runs: 6", f"num_runs: {len(RANKS) * len(RATES)}")
     text = text.replace("max_steps: 32", f"max_steps: {steps}")
+    if threads:
+        text = text.replace("  num_chunks: 4\n", f"  num_chunks: 4\n  threads_per_worker: {threads}\n")
     path = work / "decision.yaml"
     path.write_text(text)
     return path
 
 
-def with_finetune(work: Path, demo: Path, steps: int) -> dict:
-    config = sweep_config(work, demo, steps)
+def with_finetune(work: Path, demo: Path, steps: int, threads: int | None) -> dict:
+    config = sweep_config(work, demo, steps, threads)
     start, cpu = time.time(), children_cpu()
     subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(config)], capture_output=True, text=True, check=True, cwd=work)
     total, cpu = time.time() - start, children_cpu() - cpu
@@ -74,7 +76,8 @@ def children_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def sequential(work: Path, model: Path, demo: Path, steps: int) -> list[dict]:
+def sequential(work: Path, model: Path, demo: Path, steps: int, threads: int | None) -> list[dict]:
+    env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
     runs = []
     for r in RANKS:
         for lr in RATES:
@@ -82,7 +85,7 @@ def sequential(work: Path, model: Path, demo: Path, steps: int) -> list[dict]:
             output = subprocess.run(
                 [sys.executable, str(HERE / "plain_trl_dates.py"), "--model", str(model), "--train", str(demo / "data/dates_train.jsonl"),
                  "--valid", str(demo / "data/dates_valid.jsonl"), "--r", str(r), "--lr", str(lr), "--steps", str(steps),
-                 "--output", str(work / f"seq-{r}-{lr}")], capture_output=True, text=True, check=True).stdout
+                 "--output", str(work / f"seq-{r}-{lr}")], capture_output=True, text=True, check=True, env=env).stdout
             final = next(json.loads(line) for line in output.splitlines() if line.startswith('{"event": "final"'))
             runs.append({"r": r, "lr": lr, "seconds": time.time() - start, "cpu": children_cpu() - cpu,
                          "exact_match": final["exact_match"]})
@@ -96,6 +99,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=32, help="optimizer steps per config")
     parser.add_argument("--fresh-cache", action="store_true", help="convert the GGUF file inside the sweep's time")
     parser.add_argument("--json-out", type=Path, default=None)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads of the sweep's worker and of each script "
+                        "(1 helps on a machine shared with other jobs); default: torch's and finetune's own")
     args = parser.parse_args()
     work = (args.work or Path(tempfile.mkdtemp(prefix="finetune-decision-"))).resolve()
     work.mkdir(parents=True, exist_ok=True)
@@ -117,10 +122,10 @@ def main() -> None:
             shutil.copytree(model, cached)
         shutil.rmtree(model)
         model = cached
-    ours = with_finetune(work, demo, args.steps)
+    ours = with_finetune(work, demo, args.steps, args.threads)
     print(f"finetune: {ours['total']:.0f}s in all; chosen run {ours['chosen']} {ours['knobs']} trained to its end at "
           f"{ours['chosen_end']:.0f}s, exact match {ours['chosen_exact_match']:.3f} (base {ours['base_exact_match']})", flush=True)
-    runs = sequential(work, model, demo, args.steps)
+    runs = sequential(work, model, demo, args.steps, args.threads)
     seq_total = sum(run["seconds"] for run in runs)
     seq_cpu = sum(run["cpu"] for run in runs)
     best = max(run["exact_match"] for run in runs)

@@ -52,11 +52,11 @@ def test_a_gguf_file_is_converted_once_into_the_models_own_weights(tiny_gguf, de
 def test_a_missing_gguf_file_is_refused_naming_the_key(tmp_path) -> None:
     from finetune.train.preflight import preflight
 
-    problems = preflight(config_for(str(tmp_path / "absent.gguf"), tmp_path), ["cpu"], lambda config: None)
-    assert problems and problems[0][0] == "run_conf.model" and "absent.gguf" in problems[0][1]
+    problems = dict(preflight(config_for(str(tmp_path / "absent.gguf"), tmp_path), ["cpu"], lambda config: None))
+    assert "absent.gguf" in problems["run_conf.model"]
     folder_form = config_for(str(tmp_path), tmp_path, gguf_file="absent.gguf")
-    assert preflight(folder_form, ["cpu"], lambda config: None) == [
-        ("run_conf.model_args.gguf_file", f"{tmp_path / 'absent.gguf'} does not exist (a GGUF file was expected there)")]
+    problems = dict(preflight(folder_form, ["cpu"], lambda config: None))
+    assert problems["run_conf.model_args.gguf_file"] == f"{tmp_path / 'absent.gguf'} does not exist (a GGUF file was expected there)"
 
 
 def test_without_the_gguf_package_the_error_says_what_to_install(tiny_gguf, tmp_path, monkeypatch) -> None:

@@ -221,14 +221,14 @@ def test_fsdp_shards_the_decoder_layers_of_a_model_and_of_its_adapter(demo_dir) 
 def test_a_checkpoint_is_read_by_a_run_of_its_own_kind(tmp_path, files, sharded, initial, problem) -> None:
     from finetune.train.session import RunSession
     from finetune.train.sharded import ShardedSession
-    from finetune.train.workbench import _resume
+    from finetune.train.resume import resume_session
 
     for name in files:
         (tmp_path / name).write_bytes(b"")
     session = (ShardedSession if sharded else RunSession).__new__(ShardedSession if sharded else RunSession)
     session.run_id, session.strategy = "r1", "fsdp"
     with pytest.raises(RuntimeError, match=problem.replace("(", r"\(").replace(")", r"\)")):
-        _resume(session, str(tmp_path), initial)
+        resume_session(session, str(tmp_path), initial)
 
 
 def test_a_new_run_starts_from_a_whole_chunk_and_does_not_continue_it(tmp_path, monkeypatch) -> None:
@@ -236,7 +236,7 @@ def test_a_new_run_starts_from_a_whole_chunk_and_does_not_continue_it(tmp_path, 
     weights and optimizer, not its step, which would not be this run's."""
     import finetune.train.export
     from finetune.train.session import RunSession
-    from finetune.train.workbench import _resume
+    from finetune.train.resume import resume_session
 
     for name in ("state.pt", "model.safetensors", "optimizer.pt"):
         (tmp_path / name).write_bytes(b"")
@@ -244,7 +244,7 @@ def test_a_new_run_starts_from_a_whole_chunk_and_does_not_continue_it(tmp_path, 
     monkeypatch.setattr(finetune.train.export, "load_initial_checkpoint", lambda session, checkpoint: started.append(checkpoint))
     session = RunSession.__new__(RunSession)
     session.run_id = "r1"
-    _resume(session, str(tmp_path), initial=True)
+    resume_session(session, str(tmp_path), initial=True)
     assert started == [str(tmp_path)]
 
 

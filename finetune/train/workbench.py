@@ -23,12 +23,13 @@ from finetune.evaluate.chunk import GenerationEvaluator, base_reusable, due, tok
 from finetune.evaluate.samples import KeptAnswer
 from finetune.plan.model import PlannedRun
 from finetune.train.bases import BaseCache, LoadedBase
-from finetune.train.checkpoint import DurableWriter, WriteJob, read_run_state, write_run_state
+from finetune.train.checkpoint import DurableWriter, WriteJob, write_run_state
 from finetune.train.progress import StepMeter, StepReport
 from finetune.train.residency import Budgets
 from finetune.train.session import MetricsSink, RunSession, RunState
 from finetune.train.session_cache import SessionCache
-from finetune.train.sharded import ShardedSession, ShardedState, is_shard_checkpoint, is_sharded, publish_shards, start_problem
+from finetune.train.resume import resume_session
+from finetune.train.sharded import ShardedSession, ShardedState, is_sharded, publish_shards
 from finetune.train.sharing import GangStrategy, SharedBaseStrategy, SharingStrategy
 
 logger = logging.getLogger(__name__)
@@ -316,7 +317,7 @@ class Workbench:
         session = self._open(run, config, max_eval_samples)
         if resume_from:
             # A run's chunk 0 has no durable chunk of its own: what it is given is where it starts from.
-            _resume(session, resume_from, initial=start_step == 0)
+            resume_session(session, resume_from, initial=start_step == 0)
         if session.step != start_step:
             raise RuntimeError(f"run {run.run_id} is at step {session.step}, its chunk starts at step {start_step}: "
                                "its durable checkpoint is missing")
@@ -372,32 +373,6 @@ def _outcome_or_error(chunk: Callable[[], ChunkOutcome]) -> ChunkOutcome | Excep
 def _eval_on_start(config: Any, session: RunSession) -> bool:
     """An evaluation before the run's first optimizer step (not again when a run resumes at a later chunk)."""
     return bool(getattr(config.training_args, "eval_on_start", False)) and session.step == 0
-
-
-def _resume(session: RunSession, checkpoint: str, initial: bool) -> None:
-    """`initial` (the run is at its step 0): `checkpoint` is `run_conf.resume_from_checkpoint`, whose
-    weights and optimizer state the run starts from. Otherwise it is the run's own last durable chunk,
-    which it continues, read by a run of its own kind (whole or sharded)."""
-    if initial:
-        problem = start_problem(checkpoint, session.strategy if isinstance(session, ShardedSession) else "ddp")
-        if problem:
-            raise RuntimeError(f"run {session.run_id}: run_conf.resume_from_checkpoint: {problem}")
-        if isinstance(session, ShardedSession):
-            session.start_from_shards(checkpoint)
-        else:
-            from finetune.train.export import load_initial_checkpoint
-
-            load_initial_checkpoint(session, checkpoint)
-        return
-    shards = is_shard_checkpoint(checkpoint)
-    if shards != isinstance(session, ShardedSession):
-        written = "sharded (fsdp)" if shards else "whole (ddp or one device)"
-        raise RuntimeError(f"run {session.run_id}: {checkpoint} was written {written}; resume it with the "
-                           "experiment.distributed it was trained with")
-    if isinstance(session, ShardedSession):
-        session.restore_shards(checkpoint)
-    else:
-        session.restore(read_run_state(checkpoint))
 
 
 def _memory(device: str) -> tuple[int, int]:

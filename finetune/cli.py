@@ -172,7 +172,7 @@ def plan(config: ConfigArg, values_key: ValuesKeyOpt = None, set_: SetOpt = None
         console.print_json(run_plan.model_dump_json())
         return
     if run_plan.runs:
-        console.print(plan_table(run_plan))
+        console.print(plan_table(run_plan, console.width))
     for line in search_space_lines(run_plan):
         console.print(line, highlight=False, markup=False)
     console.print(plan_summary(run_plan), highlight=False, markup=False)

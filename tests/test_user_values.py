@@ -29,6 +29,9 @@ def test_plan_status_and_requests_show_user_values_as_written(tmp_path) -> None:
     (tmp_path / "train.jsonl").write_text((json.dumps({"messages": [{"role": "user", "content": "hi"}]}) + "\n") * 8)
     tree["data_conf"]["training_data"]["datasets"][0]["path"] = str(tmp_path / "train.jsonl")
     (tmp_path / "c:x:.json").write_text(json.dumps(tree))
+    for folder in ODD:  # plan checks the models exist before it shows them (a local folder passes)
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / "config.json").write_text("{}")
     shown = finetune(tmp_path, "plan", "c:x:.json")
     assert all(value in shown.stdout for value in ODD) and "c:x:.json" in shown.stdout, shown.stdout + shown.stderr
     assert "❌" not in shown.stdout + shown.stderr and "😄" not in shown.stdout

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rich import box
 from rich.table import Table
 from rich.text import Text
 
@@ -11,37 +12,50 @@ from finetune.plan.expand import format_value
 from finetune.plan.model import PlannedRun, RunPlan
 
 
-def plan_table(plan: RunPlan) -> Table:
+def plan_table(plan: RunPlan, width: int | None = None) -> Table:
+    """The plan as a table for a terminal `width` columns wide (None: as wide as it needs)."""
     knob_names = list(dict.fromkeys(name for run in plan.runs for name in run.knobs))
     headers = short_knob_names(knob_names)
     proposed = " (more proposed as it goes)" if plan.search_spaces else ""
     table = Table(title=Text(f"{plan.experiment}: {len(plan.runs)} run(s){proposed} from {plan.source}"), title_justify="left")
-    table.add_column("run", style="cyan", no_wrap=True, min_width=10)
-    groups = len({run.group for run in plan.runs}) > 1
-    if groups:
-        table.add_column("group", justify="right", no_wrap=True)
-    for name in knob_names:  # a value is never broken across lines; a long header folds
-        table.add_column(headers[name], no_wrap=True, overflow="ellipsis")
     gangs = any(run.derived.num_processes > 1 or _strategy(run) != "ddp" for run in plan.runs)
-    if gangs:
-        table.add_column("devices", justify="right")
-    for column in ("batch", "accum", "lr", "steps", "chunks"):
-        table.add_column(column, justify="right", no_wrap=True)
+    groups = len({run.group for run in plan.runs}) > 1
+    rows = []
     for run in plan.runs:
         derived = run.derived
-        knob_cells = [_knob_cell(run.knobs.get(name, ""), name, run.label, headers) for name in knob_names]
-        device_cells = [f"{derived.num_processes} {_strategy(run)}"] if gangs else []
-        table.add_row(
-            run.run_id,
-            *([str(run.group)] if groups else []),
-            *(Text(cell) for cell in knob_cells),  # user values: never read as markup
-            *device_cells,
-            f"{derived.per_device_train_batch_size}x{derived.num_processes}",
-            str(derived.gradient_accumulation_steps),
-            f"{derived.learning_rate:.3g}",
-            str(derived.total_steps) if derived.total_steps is not None else "?",
-            compact_steps(derived.chunk_steps) if derived.chunk_steps else "?",
-        )
+        rows.append((
+            [run.run_id, *([str(run.group)] if groups else [])],
+            [_knob_cell(run.knobs.get(name, ""), name, run.label, headers) for name in knob_names],
+            [*([f"{derived.num_processes} {_strategy(run)}"] if gangs else []),
+             f"{derived.per_device_train_batch_size}x{derived.num_processes}",
+             str(derived.gradient_accumulation_steps),
+             f"{derived.learning_rate:.3g}",
+             str(derived.total_steps) if derived.total_steps is not None else "?",
+             compact_steps(derived.chunk_steps) if derived.chunk_steps else "?"],
+        ))
+
+    def widest(cells: list[str], cap: int = 40) -> int:
+        return min(max((len(cell) for cell in cells), default=1), cap)
+
+    # Ids and numbers keep their whole width (never cut, never broken across lines); on a narrow terminal
+    # the knob columns give way first (their headers fold; only values past 12 characters fold too), and
+    # where even that does not fit, the table drops its vertical rules.
+    knob_widths = [widest([row[1][index] for row in rows], cap=12) for index in range(len(knob_names))]
+    derived_names = (["devices"] if gangs else []) + ["batch", "accum", "lr", "steps", "chunks"]
+    derived_widths = [widest([row[2][index] for row in rows] + [column]) for index, column in enumerate(derived_names)]
+    columns = 1 + int(groups) + len(knob_names) + len(derived_names)
+    needed = 10 + 5 * int(groups) + sum(knob_widths) + sum(derived_widths) + 3 * columns + 1
+    if width is not None and needed > width:
+        table.box, table.padding = box.SIMPLE_HEAD, (0, 1, 0, 0)
+    table.add_column("run", style="cyan", no_wrap=True, min_width=10)
+    if groups:
+        table.add_column("group", justify="right", no_wrap=True)
+    for name, knob_width in zip(knob_names, knob_widths):
+        table.add_column(headers[name], overflow="fold", min_width=knob_width)
+    for column, derived_width in zip(derived_names, derived_widths):
+        table.add_column(column, justify="right", no_wrap=True, min_width=derived_width)
+    for ids, knob_cells, derived_cells in rows:
+        table.add_row(*ids, *(Text(cell) for cell in knob_cells), *derived_cells)  # user values: never read as markup
     return table
 
 

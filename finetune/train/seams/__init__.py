@@ -14,5 +14,6 @@ checked against (lower: the first release that has every seam; upper: the next m
 - `seams.trl`: `GRPOTrainer._step` (its generation counter), the `training_step` overrides that only wrap
   `Trainer.training_step`.
 - `seams.peft`: `TrainableTokensWrapper._hasattr_wrapped` / `_getattr_wrapped` (a monkeypatch).
-- Optuna's (`study._storage`, `_study_id`, `trial._trial_id`) are with the Optuna searcher.
+- Optuna: no private attribute is read; the study is reached through the public storage interface of a
+  storage finetune creates itself (`finetune/search/optuna_storage.py`).
 """

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import os
 import shutil
 import time
 from pathlib import Path
@@ -16,6 +17,7 @@ from finetune.config.scheduling import ExperimentConfig
 from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller
 from finetune.schedule.interrupts import Interrupted, Interrupts, catching_signals, interrupted_message, resume_summary
+from finetune.schedule.faults import read_only
 from finetune.schedule.folder import LOCK_FILE, STATE_FILE, ExperimentLock, controller_alive
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
@@ -108,6 +110,8 @@ def _start(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
     if controller_alive(root):  # say who holds it, before any check (raises; released at once if it was let go)
         with ExperimentLock(root):
             pass
+    if resume_dir is not None and root.is_dir() and not os.access(root, os.W_OK):  # said before the slower checks
+        raise read_only(root, "training (`finetune run --resume`)")
     configs = check_before_any_work(plan, resolve_devices(settings.devices) if settings.backend == "local" else None)
     created = make_folder(root)
     try:

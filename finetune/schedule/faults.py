@@ -108,6 +108,8 @@ class PatientConnection:
             except sqlite3.OperationalError as error:
                 if is_disk_full(error):
                     raise disk_full(self.path.parent, f" (writing {self.path.name})") from None
+                if "readonly" in str(error) and os.access(self.path.parent, os.W_OK):  # the file, not its folder
+                    raise damaged(self.path, f"SQLite will only read it: {error}") from None
                 if "readonly" in str(error):
                     raise read_only(self.path.parent, "this command") from None
                 if "locked" not in str(error) and "busy" not in str(error):

@@ -85,7 +85,7 @@ def test_a_run_page_has_its_config_knobs_curves_chunks_events_and_no_samples_yet
     assert [chunk["chunk"] for chunk in run["chunks"]] == [0] and run["chunks"][0]["metrics"] == {"eval_loss": 1.0}
     (failure,) = [event for event in run["events"] if event["kind"] == "run_failed"]
     assert failure["traceback"] == TRACEBACK and all(event["run_id"] == failed for event in run["events"])
-    assert run["samples"] is None  # the experiment keeps no samples: the page says so
+    assert not run["samples"]  # no evaluation kept an answer yet: the page says so
     missing = client(root).get("/api/runs/nope")
     assert missing.status_code == 404 and missing.json() == {"error": "no run nope"}
 
@@ -95,7 +95,6 @@ def test_a_run_page_shows_the_generation_samples_state_db_keeps(tmp_path) -> Non
     root = rich_experiment(tmp_path)
     first, second = run_ids(root)[:2]
     with sqlite3.connect(root / "state.db") as db:
-        db.execute("CREATE TABLE samples (run_id TEXT, step INTEGER, position INTEGER, prompt TEXT, completion TEXT, reference TEXT)")
         db.executemany("INSERT INTO samples VALUES (?, ?, ?, ?, ?, ?)", [
             (first, 4, 1, '[{"role": "user", "content": "3 plus 2?"}]', "5", "5"),
             (first, 2, 0, '[{"role": "user", "content": "1 plus 2?"}]', "3", "3"), (first, 4, 0, '[{"role": "user", "content": "2 plus 2?"}]', "5", "4"),

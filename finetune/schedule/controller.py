@@ -163,12 +163,12 @@ class Controller(WorkerReports):
         try:
             while self.step():
                 pass
+            self.tracking.finish()  # MLflow's last writes: a folder moved meanwhile is said as such too
         except Exception as error:  # MLflow's store, say, finding the disk full: the environment's fault too
             self.folder.check(error)
             raise
         finally:
             self.folder.close()
-        self.tracking.finish()
 
     def step(self) -> bool:
         """One turn: requests, tasks, worker messages, dead workers. False once all is done (`folder`: the environment),

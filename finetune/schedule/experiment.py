@@ -210,7 +210,11 @@ def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
             store.close()
             assert interrupts.signum is not None
             raise Interrupted(interrupts.signum, interrupted_message(interrupts.signum, root, runs))
-        controller.tracking.finish()
+        try:
+            controller.tracking.finish()
+        except Exception as error:  # as in _loop: the environment's faults are said as such
+            controller.folder.check(error)
+            raise
         if isinstance(view, PlainLog):
             view.say(f"done in {time.perf_counter() - started:.1f}s")
         store.close()
@@ -222,9 +226,13 @@ def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
 def _loop(controller: Controller, interrupts: Interrupts) -> bool:
     """The controller's turns until every run is done, or after an interrupt until its chunks in training
     are durable (or abandoned: returns True)."""
-    while controller.step():
-        if interrupts.requested:
-            controller.winding_down = True
-            if interrupts.give_up():
-                return True
+    try:
+        while controller.step():
+            if interrupts.requested:
+                controller.winding_down = True
+                if interrupts.give_up():
+                    return True
+    except Exception as error:  # MLflow's store failing in a folder that moved or a full disk: said as such
+        controller.folder.check(error)
+        raise
     return False

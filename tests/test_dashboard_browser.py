@@ -64,9 +64,16 @@ def dashboard(root: Path, cwd: Path) -> tuple[subprocess.Popen, str]:
 
 
 def wait_until(condition, timeout: float = 60.0):
+    """Poll `condition` until it is true. The page redraws its tables as it polls the experiment, so an element
+    found a moment ago may be replaced before it is read: that is asked again, not a failure."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+
     deadline = time.time() + timeout
     while time.time() < deadline:
-        value = condition()
+        try:
+            value = condition()
+        except (StaleElementReferenceException, NoSuchElementException):
+            value = None
         if value:
             return value
         time.sleep(0.3)
@@ -285,8 +292,8 @@ def test_the_stop_button_stops_a_run_of_a_live_experiment(tmp_path, demo_dir, br
         try:
             browser.get(url)
             wait_until(lambda: len(rows(browser)) == 2)
-            target = rows(browser)[0].get_attribute("data-run")
-            browser.find_element("css selector", f"button[data-action=stop][data-run='{target}']").click()
+            target = wait_until(lambda: rows(browser)[0].get_attribute("data-run"))
+            wait_until(lambda: browser.find_element("css selector", f"button[data-action=stop][data-run='{target}']").click() or True)
             wait_until(lambda: "stopped" in browser.find_element("css selector", f"tr[data-run='{target}']").text, timeout=180)
             assert states(root)[target] == "stopped"
             with sqlite3.connect(root / "state.db") as db:

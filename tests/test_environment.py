@@ -202,6 +202,29 @@ def test_a_chunk_written_after_its_folder_moved_does_not_recreate_the_old_path(t
     assert not root.exists()
 
 
+def test_a_library_that_makes_its_output_dir_after_the_folder_moved_leaves_no_ghost(tmp_path) -> None:
+    """The Trainer makes its output_dir (runs/<run>) as it is built; a worker opening a run while the experiment
+    folder moves removes what that recreated at the old path, and only that."""
+    from finetune.io import identity, mkdir_under, remove_ghost
+
+    root = tmp_path / "exp"
+    root.mkdir()
+    known = identity(root)
+    run_dir = mkdir_under(root, root / "runs" / "a")
+    remove_ghost(root, known, run_dir)  # not moved: kept
+    assert run_dir.is_dir()
+    root.rename(tmp_path / "moved")
+    with pytest.raises(FileNotFoundError, match="is gone"):
+        mkdir_under(root, root / "runs" / "b")
+    os.makedirs(run_dir / "completions")  # what the Trainer (and GRPO's) does with its output_dir
+    remove_ghost(root, known, run_dir)
+    assert not root.exists() and (tmp_path / "moved" / "runs" / "a").is_dir()
+    os.makedirs(run_dir)
+    (root / "runs" / "user-file").write_text("not ours")
+    remove_ghost(root, known, run_dir)
+    assert (root / "runs" / "user-file").is_file() and not run_dir.exists()
+
+
 # ---------------------------------------------------------------- a read-only folder
 
 
@@ -263,7 +286,7 @@ def test_a_folder_moved_while_it_trains_ends_the_run_command_with_the_new_place_
     # finetune's own last word is the one line (MLflow may log its store's failure, traceback included, before it)
     last = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr.split("error:")[-1] and f"finetune run --resume {moved}" in stderr.split("error:")[-1], last
-    assert not root.exists()
+    assert not root.exists(), sorted(str(path.relative_to(root)) for path in root.rglob("*"))
 
 
 @pytest.mark.slow

@@ -39,6 +39,7 @@ def test_the_base_is_evaluated_at_step_0_once_per_base_and_answers_are_kept(tmp_
 
     monkeypatch.setattr(GenerationEvaluator, "measure", counted)
     logged: list = []
+    (tmp_path / "exp").mkdir(exist_ok=True)
     bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40), sink=lambda run_id, step, metrics: logged.append((run_id, step, metrics)))
     outcomes = [bench.train_chunk(run, CONFIG_ADAPTER.validate_python(run.config), 0, None, 10) for run in runs]
     bench.writer.close()
@@ -68,6 +69,7 @@ def test_without_eval_on_start_nothing_is_logged_at_step_0(tmp_path, demo_dir) -
 
     run = planned(tmp_path, demo_dir, "training_args.learning_rate=!list [1.0e-3]", "peft_conf.peft_kwargs.r=!list [4]")[0]
     logged: list = []
+    (tmp_path / "exp").mkdir(exist_ok=True)
     bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40), sink=lambda run_id, step, metrics: logged.append(step))
     outcome = bench.train_chunk(run, CONFIG_ADAPTER.validate_python(run.config), 0, None, 10)
     bench.writer.close()

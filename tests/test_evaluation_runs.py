@@ -134,6 +134,7 @@ def test_a_chunk_logs_its_generation_metrics(tmp_path, demo_dir) -> None:
     plan = build_plan(load_document(tmp_path / "c.yaml", overrides=["training_args.max_steps=2", "experiment.num_chunks=1", eval_conf]))
     run = plan.runs[0]
     logged: list = []
+    (tmp_path / "exp").mkdir(exist_ok=True)
     bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40), sink=lambda run_id, step, metrics: logged.append((step, metrics)))
     outcome = bench.train_chunk(run, CONFIG_ADAPTER.validate_python(run.config), 0, None, 4)
     bench.writer.close()
@@ -158,6 +159,7 @@ def test_a_broken_custom_metric_leaves_the_chunk_saved_and_training_on(tmp_path,
     overrides = ["training_args.max_steps=2", "experiment.num_chunks=2", eval_conf]
     run = build_plan(load_document(tmp_path / "c.yaml", overrides=overrides)).runs[0]
     config = CONFIG_ADAPTER.validate_python(run.config)
+    (tmp_path / "exp").mkdir(exist_ok=True)
     bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40))
     with caplog.at_level("WARNING"):
         outcomes = [bench.train_chunk(run, config, chunk, None, 2) for chunk in (0, 1)]

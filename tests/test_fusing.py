@@ -217,6 +217,7 @@ def test_a_worker_trains_a_group_that_cannot_fuse_one_run_after_another_and_says
     config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "refused")
     runs = build_plan(load_document(config, overrides=["training_args.max_steps=2", "experiment.num_chunks=2",
                                                        "experiment.fuse=2"])).runs[:2]
+    (tmp_path / "exp").mkdir(exist_ok=True)
     bench = Workbench(tmp_path / "exp", "cpu", Budgets(0, 1 << 40))
     members = [FusedMember(run, CONFIG_ADAPTER.validate_python(run.config), 0, None, 8, evaluate=False) for run in runs]
     with caplog.at_level(logging.WARNING, logger="finetune.train.workbench"):

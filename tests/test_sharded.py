@@ -119,6 +119,7 @@ def resume_on_one_rank(root: str, run_id: str, checkpoint: str, out: str) -> Non
     derived = derive(config, run.derived.train_examples)
     derived.total_steps, derived.chunk_steps = run.derived.total_steps, run.derived.chunk_steps
     run = run.model_copy(update={"derived": derived})
+    Path(out).mkdir(parents=True, exist_ok=True)
     bench = Workbench(Path(out), "cpu", Budgets(0, 1 << 40), gang_rank=0)
     first = int(Path(checkpoint).name.removeprefix("chunk-")) + 1
     for chunk in range(first, len(derived.chunk_steps)):

@@ -100,6 +100,7 @@ def test_a_run_that_moves_between_slots_and_back_trains_as_if_it_had_stayed(tmp_
 
     def train(directory: str, order: list[int]) -> dict:
         root = tmp_path / directory
+        root.mkdir(exist_ok=True)
         benches = [Workbench(root, "cpu", Budgets(0, 1 << 40)) for _ in range(2)]
         checkpoint = None
         for chunk, slot in enumerate(order):

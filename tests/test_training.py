@@ -149,6 +149,7 @@ def _bench(root: Path, cpu_budget_bytes: int | None = None):
     from finetune.train.residency import Budgets
     from finetune.train.workbench import Workbench
 
+    root.mkdir(parents=True, exist_ok=True)
     return Workbench(root, "cpu", Budgets(0, cpu_budget_bytes if cpu_budget_bytes is not None else 1 << 40))
 
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
+from finetune.io import mkdir_under
 from finetune.train.data_order import DataPosition
 from finetune.train.session import RunState
 
@@ -31,11 +32,7 @@ def _tmp_dir(target: Path) -> Path:
     be there: one moved away while it trains is not created again, empty, at its old path."""
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}-{threading.get_ident()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    experiment = target.parent.parent.parent
-    if not experiment.is_dir():
-        raise FileNotFoundError(f"the experiment folder {experiment} is gone (moved or deleted while it trains)")
-    tmp.mkdir(parents=True)
-    return tmp
+    return mkdir_under(target.parent.parent.parent, tmp)
 
 
 

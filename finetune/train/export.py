@@ -14,6 +14,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
+from finetune.io import mkdir_under
 from finetune.train.checkpoint import ADAPTER_WEIGHTS, FULL_WEIGHTS, own_hyperparameters, publish, save_weights
 
 
@@ -43,7 +44,7 @@ def write_final(config: Any, run_id: str, root: Path, trainable: dict[str, Any],
     final = run_dir / config.run_conf.final_checkpoint_name
     tmp = final.with_name(f".{final.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
+    mkdir_under(root, tmp)
     if full_model is not None:
         full_model.save_pretrained(tmp, state_dict=trainable)
     else:

@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
+from finetune.io import identity, mkdir_under, remove_ghost
 from finetune.evaluate.chunk import GenerationEvaluator, base_reusable, due, token_accuracy
 from finetune.evaluate.samples import KeptAnswer
 from finetune.plan.model import PlannedRun
@@ -91,6 +92,7 @@ class Workbench:
                  on_warning: WarningListener | None = None,
                  on_progress: Callable[[StepReport], None] | None = None) -> None:
         self.root, self.device, self.budgets = root, device, budgets
+        self.root_identity = identity(root)
         self.strategy: SharingStrategy = SharedBaseStrategy() if gang_rank is None else GangStrategy(gang_rank)
         self.writer = writer or DurableWriter()
         self.sink = sink
@@ -330,10 +332,11 @@ class Workbench:
         data = self.bases.data(base, run.run_id, config)
         seed = int(config.training_args.seed if getattr(config.training_args, "seed", None) is not None else 42)
         model, adapter_name = self.strategy.make_model(base, config, run.run_id, seed, self.sessions)
-        run_dir = self.root / "runs" / run.run_id
+        run_dir = mkdir_under(self.root, self.root / "runs" / run.run_id)
         callbacks = [_metrics_callback(run.run_id, self.sink)]
         trainer = build_trainer(config, run.derived, model, base.tokenizer, data.train, eval_subset(data.eval, max_eval_samples),
                                 run_dir, self.device, callbacks, base.input_pad_id)
+        remove_ghost(self.root, self.root_identity, run_dir)  # the Trainer makes its output_dir, wherever it went
         assert run.derived.total_steps is not None
         opened = (run.run_id, trainer, adapter_name, self.device, run.derived.total_steps)
         experiment = config.experiment

@@ -7,6 +7,7 @@ const POLL_MS = 2000;
 const hidden = new Set();  // runs left out of the charts
 let unreadable = false;  // the status line shows why the experiment cannot be read
 let drawnCharts = "";  // what the charts show now: they are redrawn only when it changes (a hover survives a poll)
+let drawnRuns = "";  // what the runs table shows now: redrawn only when it changes (a click or a selection survives a poll)
 let latest = null;  // the last answers, to redraw the charts at a new window width
 
 async function api(path, options = {}) {
@@ -111,6 +112,9 @@ function baseNote(run, name) {
 }
 
 function renderRuns(data) {
+  const shown = JSON.stringify([data.runs, data.eval_metrics, data.mlflow, [...hidden]]);
+  if (shown === drawnRuns) return;
+  drawnRuns = shown;
   renderMetricColumns(data.eval_metrics || []);
   const body = document.querySelector("#runs tbody");
   body.replaceChildren(...data.runs.map((run) => {

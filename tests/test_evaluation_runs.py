@@ -285,6 +285,26 @@ def test_the_report_says_when_the_sweep_metric_was_never_measured(tmp_path) -> N
     assert "Ranked by `cost` (minimize)" in report_markdown(measured)
 
 
+def test_the_report_of_an_experiment_whose_every_run_failed_says_so_and_each_error(tmp_path) -> None:
+    from finetune.schedule.store import StateStore
+    from finetune.track.report import report_markdown
+
+    root, run_ids = evaluated_experiment(tmp_path, halving(num_runs=3, metric="cost"), drop=("cost",))
+    store = StateStore(root / "state.db", create=False)
+    for index, run_id in enumerate(run_ids[:-1]):
+        store.set_state(run_id, "failed", f"Traceback (most recent call last):\n  ...\nValueError: bad | row {index}")
+    store.close()
+    report = report_markdown(root)
+    assert "every run failed" not in report  # one run did not fail: its metric is missing for another reason
+    assert "has not been measured for any run" in report and "ValueError: bad \\| row 0 |" in report
+    store = StateStore(root / "state.db", create=False)
+    store.set_state(run_ids[-1], "failed", "RuntimeError: out of memory")
+    store.close()
+    report = report_markdown(root)
+    assert "Not ranked: every run failed before `cost` was measured" in report and "generation metric" not in report
+    assert "RuntimeError: out of memory |" in report and "Traceback" not in report
+
+
 def test_the_example_custom_metric_compares_final_numbers() -> None:
     from finetune.evaluate.examples import final_number_match
 

@@ -37,7 +37,8 @@ def report_markdown(root: Path) -> str:
         f"# {plan.experiment}",
         "",
         (f"Ranked by `{metric}` ({direction}), the {rule.rank_by} value of each run; completed runs first, a run "
-         "stopped early below every run that got further, a diverged one last." if measured else _never_measured(metric)),
+         "stopped early below every run that got further, a diverged one last." if measured
+         else _never_measured(metric, [entry.row.state for entry in ranked])),
         "",
         f"| rank | run | label | state | chunks | {' | '.join([metric, *others])} | note |",
         "|---|---|---|---|---|---|" + "---|" * len(others) + "---|",
@@ -51,7 +52,7 @@ def report_markdown(root: Path) -> str:
         own_base = base.get(row.run_id, {}) if common is None else {}
         shown = " | ".join(_shown(value) + (f" (base {_shown(own_base[name])})" if name in own_base else "")
                            for name, value in zip([metric, *others], values))
-        lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} | {entry.note} |")
+        lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} | {_note(entry.note, row)} |")
     if measured and ranked and ranked[0].checkpoint and Path(ranked[0].checkpoint).is_dir():
         top = ranked[0]
         lines += ["", f"Best run `{top.row.run_id}`: its {rule.rank_by} checkpoint (chunk {top.chunk}) is `{top.checkpoint}`; "
@@ -147,8 +148,19 @@ def _knob_text(value: Any) -> str:
     return text.replace("|", "\\|")
 
 
-def _never_measured(metric: str) -> str:
+def _note(note: str, row: Any) -> str:
+    """The ranking's note, and a failed run's error (its last line: the exception and its message)."""
+    if row.state != "failed" or not row.error:
+        return note
+    error = row.error.strip().splitlines()[-1][:200].replace("|", "\\|")
+    return f"{note}: {error}" if note else error
+
+
+def _never_measured(metric: str, states: list[str]) -> str:
     """Said instead of a ranking when no run has a value of the metric the runs are ranked by."""
+    if states and all(state == "failed" for state in states):
+        return (f"**Not ranked: every run failed before `{metric}` was measured.** Each run's error is in its note below; "
+                "its traceback is on the dashboard's run page (`finetune dashboard`).")
     return (f"**Not ranked: `{metric}` has not been measured for any run.** A generation metric is missing when "
             "every prompt was skipped (`generation_prompts_too_long`: max_new_tokens leaves no room in the model's "
             "context), a custom metric when its function failed (see Warnings below).")

@@ -43,6 +43,13 @@ class LossLog:
 
     def __init__(self) -> None:
         self.curves: dict[str, list[tuple[int, float]]] = {}
+        self.progress: dict[str, list[tuple[int, int]]] = {}  # (step, tokens of its micro-batches), as a StepMeter sees it
+
+    def meter(self, run_id: str) -> Any:
+        from finetune.train.progress import batch_tokens
+
+        steps = self.progress.setdefault(run_id, [])
+        return lambda step, batches: steps.append((step, sum(batch_tokens(batch) for batch in batches)))
 
     def callback(self, run_id: str) -> Any:
         from transformers import TrainerCallback
@@ -80,6 +87,7 @@ def build_sessions(configs: dict[str, Any], out: Path, shared: bool, log: LossLo
         derived = derive(config, data.stats.train_rows)
         trainer = build_trainer(config, derived, model, tokenizer, data.train, None, out / name, "cpu", [log.callback(name)], pad)
         sessions.append(RunSession(name, trainer, name, "cpu", derived.total_steps))
+        sessions[-1].on_step = log.meter(name)
     return sessions
 
 
@@ -120,6 +128,10 @@ def test_each_member_of_a_fused_group_trains_bitwise_as_it_would_alone(demo_dir,
         mine, theirs = alone.trainable_state(), together.trainable_state()
         assert mine.keys() == theirs.keys() and all(torch_equal(mine[key], theirs[key]) for key in mine), alone.run_id
         assert fused_log.curves[alone.run_id] == solo_log.curves[alone.run_id] and len(solo_log.curves[alone.run_id]) == 5
+        # progress (a terminal's bars, tokens/s) is reported at each of a member's own steps, as alone
+        assert fused_log.progress[alone.run_id] == solo_log.progress[alone.run_id]
+        assert [step for step, _ in fused_log.progress[alone.run_id]] == [1, 2, 3, 4, 5]
+        assert all(tokens > 0 for _, tokens in fused_log.progress[alone.run_id])
         assert alone.rng["cpu"].equal(together.rng["cpu"])  # the dropout drew as much from the member's stream
         trained = [key for key in theirs if "lora_B" in key]
         assert trained and all(theirs[key].abs().sum() > 0 for key in trained)

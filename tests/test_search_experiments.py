@@ -83,10 +83,14 @@ def test_an_optuna_study_with_pruning_survives_sigkill_and_resumes_the_same_stud
     assert "trial 0" in report
 
 
-def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_the_best(tmp_path, demo_dir) -> None:
+@pytest.mark.parametrize("distributed", ["ddp", "fsdp"])
+def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_the_best(tmp_path, demo_dir, distributed) -> None:
+    """Whole runs and sharded ones (their checkpoints are read by other code): a clone continues its donor's
+    state with its own, perturbed, learning rate."""
     config = demo_config(tmp_path, demo_dir, "sft-pbt.yaml", "pbt")
     finetune(tmp_path, "run", str(config), *small("pbt", steps=8, chunks=4), "--set", "sweep.quantile_fraction=0.5",
-             "--set", "training_args.lr_scheduler_type=linear")  # one schedule: a clone's rate is comparable with its donor's
+             "--set", "training_args.lr_scheduler_type=linear",  # one schedule: a clone's rate is comparable with its donor's
+             "--set", f"experiment.distributed={distributed}")
     root = tmp_path / "runs" / "pbt"
     final = states(root)
     exploits = events(root, "pbt_exploit")

@@ -134,7 +134,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
             results.put(RunFailed(worker_id, run.run_id, f"{type(error).__name__}: {error}", traceback.format_exc(), task.ticket,
                                   incarnation))
     bench.writer.close()
-    bench.generation.close()
+    bench.evaluation.generation.close()
     from finetune.train.rewards import FENCE
 
     FENCE.close()

@@ -85,6 +85,7 @@ class RunSession:
         handler.train_dataloader = loader
         trainer.control = handler.on_train_begin(args, trainer.state, trainer.control)
         self.on_step: Callable[[int, list[Any]], None] | None = None  # (step, its micro-batches): progress
+        self._step_batches: list[Any] = []  # the micro-batches of the step under way (`begin_step`)
 
     def _wrap(self, trainer: Any) -> Any:
         """As Trainer.train does: mixed-precision autocast around the forward (and DDP in a gang).
@@ -146,8 +147,6 @@ class RunSession:
                 loss = self.micro_step(inputs, items)
             self.end_micro_step(loss, inputs, last)
         self.finish_step()
-        if self.on_step is not None:  # progress (a worker's StepMeter): the step and its micro-batches
-            self.on_step(self.step, batches)
 
     def begin_step(self) -> tuple[list[Any], Any]:
         """An optimizer step's micro-batches and their item count (the loss's denominator), in data order."""
@@ -158,6 +157,7 @@ class RunSession:
                                                    args.gradient_accumulation_steps, args.device)
         trainer.current_gradient_accumulation_steps = len(batches)
         self._event("on_step_begin")
+        self._step_batches = batches
         return batches, items
 
     def end_micro_step(self, loss: Any, inputs: dict[str, Any], last: bool) -> None:
@@ -194,6 +194,8 @@ class RunSession:
         if self.stream.at_epoch_end() or self.step >= self.total_steps:  # HF's loop ends its epoch at its last step too
             self._event("on_epoch_end")
             self._maybe_log(grad_norm, learning_rate)
+        if self.on_step is not None:  # progress (a worker's StepMeter): the step and its micro-batches
+            self.on_step(self.step, self._step_batches)
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
         """`include_num_input_tokens_seen`, counted as HF's loop counts it (every rank's tokens)."""

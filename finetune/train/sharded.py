@@ -25,6 +25,7 @@ from typing import Any
 from finetune.train.checkpoint import own_hyperparameters, publish
 from finetune.train.data_order import DataPosition
 from finetune.train.distributed import gather_to_first
+from finetune.train.run_state import with_own_hyperparameters
 from finetune.train.session import RunSession, RunState
 
 # strategy -> reshard_after_forward
@@ -261,12 +262,21 @@ class ShardedSession(RunSession):
             extra = torch.load(directory / "state.pt", weights_only=False)  # written by this tool
         except Exception as error:
             raise checkpoint_failure(directory, "read", error) from None
+        optimizer = self._optimizer()
+        configured = [{key: value for key, value in group.items() if key != "params"} for group in optimizer.param_groups]
         self._load_shards(directory)
+        # As `RunSession.restore`: the moments and the schedule's position are the checkpoint's, the hyperparameters
+        # this run's own (the same for its own chunk; the perturbed ones for a PBT clone continuing its donor).
+        saved = {"param_groups": [{key: value for key, value in group.items() if key != "params"}
+                                  for group in optimizer.param_groups]}
+        own, scheduler = with_own_hyperparameters(saved, extra["scheduler"], configured)
+        for group, settings in zip(optimizer.param_groups, own["param_groups"]):
+            group.update(settings)
         ranks = extra["rng"]["ranks"]
         # Another gang size cannot replay the same random draws; each rank continues from one saved stream.
         self.rng = ranks[self.rank % len(ranks)]
         position = self._position(DataPosition(*extra["position"]), extra["layout"])
-        self.continue_at(RunState(int(extra["step"]), position, {}, {}, extra["scheduler"], self.rng, extra["counters"]))
+        self.continue_at(RunState(int(extra["step"]), position, {}, {}, scheduler, self.rng, extra["counters"]))
 
     def _position(self, saved: DataPosition, layout: dict[str, int]) -> DataPosition:
         if layout["world"] == self.world:

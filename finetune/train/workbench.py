@@ -19,11 +19,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from finetune.io import identity, mkdir_under, remove_ghost
-from finetune.evaluate.chunk import GenerationEvaluator, base_reusable, due, token_accuracy
 from finetune.evaluate.samples import KeptAnswer
+from finetune.io import identity, mkdir_under, remove_ghost
 from finetune.plan.model import PlannedRun
 from finetune.train.bases import BaseCache, LoadedBase
+from finetune.train.bench_evaluation import BenchEvaluation
 from finetune.train.checkpoint import DurableWriter, WriteJob, write_run_state
 from finetune.train.progress import StepMeter, StepReport
 from finetune.train.residency import Budgets
@@ -101,10 +101,10 @@ class Workbench:
         self.on_warning = on_warning or (lambda run_id, chunk, failure: None)
         self.bases = BaseCache(root, device, self.strategy.writes_files, self.strategy.freeze_bases)
         self.sessions = SessionCache(self.writer.wait_for)
-        self.generation = GenerationEvaluator()
+        self.evaluation = BenchEvaluation(sink, lambda run_id, chunk, failure: self.on_warning(run_id, chunk, failure),
+                                          self._base_of)
         self.fuse_refusals: set[str] = set()  # why groups did not fuse, as warned
         self.on_progress = on_progress
-        self.base_scores: dict[str, tuple[dict[str, float], tuple[KeptAnswer, ...]]] = {}
 
     def resident_runs(self) -> tuple[str, ...]:
         return self.sessions.run_ids()
@@ -119,12 +119,10 @@ class Workbench:
         started, started_at = time.perf_counter(), time.time()
         session = self._session(run, config, chunk_boundary(run, chunk - 1), resume_from, max_eval_samples)
         self._place(run.run_id)
-        base = self._start_evaluation(run, config, session, max_eval_samples)
-        end = chunk_boundary(run, chunk)
-        meter = session.on_step = StepMeter(self.on_progress, run.run_id, chunk, chunk_boundary(run, chunk - 1), end,
-                                            run.derived.total_steps or end, self.device)
+        base = self.evaluation.at_start(run, config, session, max_eval_samples)
+        meter = session.on_step = self._meter(run, chunk)
         try:
-            step_seconds = session.train_until(end)
+            step_seconds = session.train_until(chunk_boundary(run, chunk))
         finally:
             session.on_step = None
             self._report_reward_failures(run.run_id, chunk)
@@ -154,22 +152,37 @@ class Workbench:
         for session in sessions:  # every member trains now: all their state on the device
             if self.device.startswith("cuda"):
                 session.move_state(self.device)
-        bases = [self._start_evaluation(m.run, m.config, session, m.max_eval_samples) for m, session in zip(members, sessions)]
-        step_seconds = FusedGroup(sessions).train_until({m.run.run_id: chunk_boundary(m.run, m.chunk) for m in members})
+        bases = [self.evaluation.at_start(m.run, m.config, session, m.max_eval_samples) for m, session in zip(members, sessions)]
+        meters = []
+        for member, session in zip(members, sessions):
+            meters.append(self._meter(member.run, member.chunk))
+            session.on_step = meters[-1]
+        try:
+            step_seconds = FusedGroup(sessions).train_until({m.run.run_id: chunk_boundary(m.run, m.chunk) for m in members})
+        finally:
+            for session in sessions:
+                session.on_step = None
         for member in members:
             self._report_reward_failures(member.run.run_id, member.chunk)
-        return [_outcome_or_error(lambda m=m, session=session, base=base: self._end_chunk(
-                    m.run, m.config, session, m.chunk, m.evaluate, m.judged, started, started_at, step_seconds, base=base))
-                for m, session, base in zip(members, sessions, bases)]
+        return [_outcome_or_error(lambda m=m, session=session, base=base, meter=meter: self._end_chunk(
+                    m.run, m.config, session, m.chunk, m.evaluate, m.judged, started, started_at, step_seconds, meter.tokens,
+                    base))
+                for m, session, base, meter in zip(members, sessions, bases, meters)]
+
+    def _meter(self, run: PlannedRun, chunk: int) -> StepMeter:
+        """What counts a chunk's tokens and reports its steps' progress."""
+        end = chunk_boundary(run, chunk)
+        return StepMeter(self.on_progress, run.run_id, chunk, chunk_boundary(run, chunk - 1), end,
+                         run.derived.total_steps or end, self.device)
 
     def _end_chunk(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, evaluate: bool, judged: bool,
                    started: float, started_at: float, step_seconds: float, tokens: int = 0,
                    base: tuple[tuple[KeptAnswer, ...], float] = ((), 0.0)) -> ChunkOutcome:
         """A trained chunk's evaluation, its snapshot handed to the background writer, and its outcome (`base`:
-        the answers and seconds of the evaluation before the run's first step, `_start_evaluation`)."""
+        the answers and seconds of the evaluation before the run's first step, `BenchEvaluation.at_start`)."""
         answers, eval_seconds = base
         eval_started = time.perf_counter()
-        metrics, kept = self._measure(run, config, session, chunk, evaluate, judged)
+        metrics, kept = self.evaluation.measure(run, config, session, chunk, evaluate, judged)
         eval_seconds += time.perf_counter() - eval_started
         final = chunk == len(run.derived.chunk_steps or []) - 1
         target = self.root / "runs" / run.run_id / f"chunk-{chunk}"
@@ -190,63 +203,6 @@ class Workbench:
 
         for failure in FENCE.take_failures():
             self.on_warning(run_id, chunk, failure)
-
-    def _measure(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, asked: bool,
-                 judged: bool = False) -> tuple[dict[str, float], tuple[KeptAnswer, ...]]:
-        """The chunk's metrics (`evaluate.chunk.due` says which; `asked`: the controller's evaluation cadence;
-        `judged`: the search compares runs here) and the answers kept. What the trainer's own evaluation does
-        not log (token_accuracy under its eval_conf name, the generation metrics) goes to the sink here, for
-        the curves and MLflow."""
-        what = due(config, chunk, len(run.derived.chunk_steps or []), asked, judged)
-        return self._evaluate(run, config, session, chunk, what.teacher_forced, what.generation)
-
-    def _evaluate(self, run: PlannedRun, config: Any, session: RunSession, chunk: int, teacher_forced: bool,
-                  generation: bool) -> tuple[dict[str, float], tuple[KeptAnswer, ...]]:
-        metrics = session.evaluate() if teacher_forced and session.trainer.eval_dataset is not None else {}
-        extra = token_accuracy(session.trainer) if metrics and "token_accuracy" in config.eval_conf.metrics else {}
-        answers: tuple[KeptAnswer, ...] = ()
-        if generation:
-            base = self._base_of(run.run_id)
-            try:
-                measured = self.generation.measure(session, config, base.tokenizer, base.input_pad_id,
-                                                   base.data_keys[run.run_id])
-            finally:
-                for failure in self.generation.take_failures():  # a custom metric that failed: the run goes on
-                    self.on_warning(run.run_id, chunk, failure)
-            extra.update(measured.values)
-            answers = measured.answers
-        if extra and self.sink is not None:
-            self.sink(run.run_id, session.step, extra)
-        return {**metrics, **extra}, answers
-
-    def _start_evaluation(self, run: PlannedRun, config: Any, session: RunSession,
-                          max_eval_samples: int | None) -> tuple[tuple[KeptAnswer, ...], float]:
-        """With eval_on_start, at the run's step 0: the base evaluation's kept answers and its seconds."""
-        if not _eval_on_start(config, session):
-            return (), 0.0
-        started = time.perf_counter()
-        answers = self._measure_base(run, config, session, 0, max_eval_samples)
-        return answers, time.perf_counter() - started
-
-    def _measure_base(self, run: PlannedRun, config: Any, session: RunSession, chunk: int,
-                      max_eval_samples: int | None) -> tuple[KeptAnswer, ...]:
-        """`training_args.eval_on_start`: every evaluation of eval_conf on the untrained run, logged at step 0
-        (the trainer's evaluation logs itself there; the rest goes to the sink). Runs that are their base
-        model exactly at step 0 (`base_reusable`) and share base, data and eval_conf reuse one measurement."""
-        if config.method == "grpo":
-            return ()
-        base = self._base_of(run.run_id)
-        key = "\n".join([base.key, base.data_keys[run.run_id], config.eval_conf.model_dump_json(), str(max_eval_samples)])
-        if base_reusable(config) and key in self.base_scores:
-            metrics, answers = self.base_scores[key]
-            if metrics and self.sink is not None:
-                self.sink(run.run_id, 0, metrics)
-            return answers
-        metrics, answers = self._evaluate(run, config, session, chunk, bool(config.eval_conf.teacher_forced),
-                                          config.eval_conf.needs_generation)
-        if base_reusable(config):
-            self.base_scores[key] = (metrics, answers)
-        return answers
 
     def _write_durably(self, run: PlannedRun, config: Any, session: RunSession, state: RunState, chunk: int,
                        target: Path, final: bool) -> None:
@@ -371,11 +327,6 @@ def _outcome_or_error(chunk: Callable[[], ChunkOutcome]) -> ChunkOutcome | Excep
     except Exception as error:  # noqa: BLE001 - the member's own failure, reported for it alone
         error.__traceback_text__ = traceback.format_exc()  # type: ignore[attr-defined]
         return error
-
-
-def _eval_on_start(config: Any, session: RunSession) -> bool:
-    """An evaluation before the run's first optimizer step (not again when a run resumes at a later chunk)."""
-    return bool(getattr(config.training_args, "eval_on_start", False)) and session.step == 0
 
 
 def _memory(device: str) -> tuple[int, int]:

@@ -310,7 +310,7 @@ def data_preview(
     set_: SetOpt = None,
 ) -> None:
     """The first examples rendered with the chat template, loss-carrying tokens highlighted, and counts."""
-    from finetune.data.preview import preview
+    from finetune.train.preview import preview
 
     doc = load_or_exit(config, values_key, set_, False)
     run_plan = build_plan_or_exit(doc, config, False)

@@ -172,23 +172,42 @@ def export(
     console.print(str(target), highlight=False, soft_wrap=True, markup=False)
 
 
-def _best_run(experiment: Path, plan: Any) -> str:
-    """The top-ranked completed run, said on stderr with its value; exits when no run has completed."""
+def _best_run(experiment: Path, plan: Any, completed: bool = True) -> str:
+    """The top-ranked completed run (`completed`: else the top-ranked evaluated one, which may have stopped early),
+    said on stderr with its value; exits when there is none."""
     from finetune.schedule.folder import open_store
     from finetune.track.ranking import ranked_runs, ranking_metric
 
     store = open_store(experiment)
     try:
-        ranked = [entry for entry in ranked_runs(store, plan) if entry.row.state == "completed"]
+        ranked = [entry for entry in ranked_runs(store, plan)
+                  if (entry.row.state == "completed" if completed else entry.value is not None)]
     finally:
         store.close()
     if not ranked:
-        exit_with(f"{experiment} has no completed run to export yet", EXIT_UNUSABLE)
+        exit_with(f"{experiment} has no {'completed run to export' if completed else 'evaluated run'} yet", EXIT_UNUSABLE)
     top, (metric, _) = ranked[0], ranking_metric(plan)
     value = "not measured" if top.value is None else f"{top.value:.4g}"
     errors.print(f"best run: {top.row.run_id} ({metric} {value}{'; ' + top.note if top.note else ''})",
                       markup=False, emoji=False, highlight=False)
     return top.row.run_id
+
+
+def _chat_checkpoint(root: Path, run_id: str, final_name: str) -> Path:
+    """The run's checkpoint-final, else its latest durable chunk (a run that successive halving stopped)."""
+    from finetune.schedule.folder import open_store
+
+    final = root / "runs" / run_id / final_name
+    if final.is_dir():
+        return final
+    store = open_store(root)
+    try:
+        checkpoint = store.run(run_id).last_checkpoint
+    finally:
+        store.close()
+    if checkpoint is None:
+        exit_with(f"run {run_id} has no durable chunk yet", EXIT_UNUSABLE)
+    return Path(checkpoint)
 
 
 def _writable_place(path: Path) -> bool:
@@ -212,16 +231,19 @@ def chat(
     """Answer prompts with a run's model: its adapter on its base model (checkpoint-final, else its latest chunk)."""
     import sys
 
+    from finetune.config.validation import CONFIG_ADAPTER
     from finetune.runtime import quiet_libraries
-    from finetune.train.chat import ChatUnavailable, load_chat_model, pick_run
+    from finetune.schedule.folder import read_plan
+    from finetune.train.chat import load_chat_model
 
     root = experiment_or_exit(experiment)
+    plan = read_plan(root)
+    run_id = _best_run(root, plan, completed=False) if run_id == "best" else run_id_or_exit(root, run_id)
+    config = CONFIG_ADAPTER.validate_python(plan.run(run_id).located(root).config)
+    checkpoint = _chat_checkpoint(root, run_id, config.run_conf.final_checkpoint_name)
     quiet_libraries()
-    try:
-        with console.status(f"loading run {run_id} of {root}..."):
-            loaded = load_chat_model(root, pick_run(root, run_id))
-    except ChatUnavailable as error:
-        exit_with(str(error), EXIT_UNUSABLE)
+    with console.status(f"loading run {run_id} of {root}..."):
+        loaded = load_chat_model(run_id, config, checkpoint)
     console.print(f"run {loaded.run_id}, {loaded.checkpoint}", highlight=False, soft_wrap=True, style="dim")
 
     def reply(text: str) -> None:

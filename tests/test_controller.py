@@ -79,6 +79,12 @@ class FakeTracker:
     def finish(self, run_id: str, status: str) -> None:
         self.finished[run_id] = status
 
+    def mirror(self, config: Any) -> None:
+        return None
+
+    def close(self) -> None:
+        pass
+
 
 def planned(run_id: str, chunks: int = 2, learning_rate: float = 1e-4) -> PlannedRun:
     config = copy.deepcopy(BASE_SFT)
@@ -314,6 +320,7 @@ def test_a_warm_start_from_a_deleted_run_is_rejected_and_the_experiment_goes_on(
 def test_winding_down_dispatches_nothing_waits_for_the_chunk_in_training_and_ends(tmp_path) -> None:
     """Issue 31 (Ctrl-C): no new chunk once interrupted; the loop ends when the chunk being trained is durable."""
     from finetune.schedule.messages import StepProgress
+    from finetune.train.progress import StepReport
 
     controller, pool, _ = make_controller(tmp_path, [planned("a"), planned("b")])
     worker = pool.workers[0]
@@ -321,7 +328,7 @@ def test_winding_down_dispatches_nothing_waits_for_the_chunk_in_training_and_end
     controller.on_progress = shown.append
     controller.step()
     assert [task.run.run_id for task in worker.tasks.items] == ["a"]
-    send(controller, pool, StepProgress(worker.worker_id, "a", 0, 1, 0, 1, 2, tokens=10, seconds=0.5))
+    send(controller, pool, StepProgress(worker.worker_id, StepReport("a", 0, 1, 0, 1, 2, tokens=10, seconds=0.5)))
     assert [progress.step for progress in shown] == [1]  # shown, never recorded:
     assert not any("progress" in event["kind"] for _, event in controller.store.events_after(0))
     controller.winding_down = True

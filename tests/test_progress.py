@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from finetune.schedule.messages import StepProgress
+from finetune.train.progress import StepReport
 from finetune.schedule.progress import PlainLog, TerminalProgress, number, progress_view
 from finetune.schedule.store import StateStore
 from finetune.train.progress import StepMeter, batch_tokens
@@ -83,8 +83,7 @@ def test_a_terminal_shows_a_bar_per_run_with_speed_memory_and_time_left(tmp_path
     view = progress_view(console, store, "exp")
     assert isinstance(view, TerminalProgress)
     assert isinstance(progress_view(Console(file=io.StringIO()), store, "exp"), PlainLog)
-    view.on_progress(StepProgress("cuda:0/0", "aaaa", 1, 24, 16, 32, 64, tokens=12000, seconds=4.0,
-                                  memory=3 * 2**30, total_memory=80 * 2**30))
+    view.on_progress(StepReport("aaaa", 1, 24, 16, 32, 64, tokens=12000, seconds=4.0, memory=3 * 2**30, total_memory=80 * 2**30))
     console.print(view.renderable())
     shown = console.file.getvalue()
     assert "aaaa" in shown and "24/64" in shown and "2.00 it/s" in shown and "3,000 tok/s" in shown

@@ -91,10 +91,10 @@ def _generate_batch(model: Any, tokenizer: Any, prompts: list[list[int]], settin
         generation_config=config, synced_gpus=synced,
     )
     new_tokens = output[:, len(ids[0]):].tolist()
-    return [tokenizer.decode(_until_stop(tokens, stops), skip_special_tokens=True).strip() for tokens in new_tokens]
+    return [tokenizer.decode(until_stop(tokens, stops), skip_special_tokens=True).strip() for tokens in new_tokens]
 
 
-def _until_stop(tokens: list[int], stops: list[int]) -> list[int]:
+def until_stop(tokens: list[int], stops: list[int]) -> list[int]:
     for index, token in enumerate(tokens):
         if token in stops:
             return tokens[:index]

@@ -26,7 +26,7 @@ from finetune.schedule.folder import FolderWatch, remove_leftovers
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.fusing import fuse_groups, fuse_key, waiting_views
 from finetune.schedule.handling import WorkerReports
-from finetune.schedule.messages import ChunkDone, ChunkTask, FusedTask, StepProgress
+from finetune.schedule.messages import ChunkDone, ChunkTask, FusedTask
 from finetune.schedule.policy import RunView, Task, WorkerView, assign, slots_for
 from finetune.schedule.pool import SlotPool, WorkerHandle
 from finetune.schedule.preparation import RunUnprepared, initial_checkpoint, prepare_run
@@ -35,6 +35,7 @@ from finetune.schedule.search import SearchDriver
 from finetune.schedule.keeping import CheckpointKeeper, inherit_chunks
 from finetune.schedule.store import StateStore
 from finetune.schedule.tracking import ExperimentTracking, Tracker
+from finetune.train.progress import StepReport
 
 POLL_SECONDS = 0.2
 MAX_LOST_CHUNKS = 1  # a chunk whose worker dies again (out of memory, say) fails its run rather than loops
@@ -48,7 +49,7 @@ class Controller(WorkerReports):
     tracker: Tracker
     pool: SlotPool
     on_change: Callable[[], None] = lambda: None
-    on_progress: Callable[[StepProgress], None] = lambda progress: None  # a worker's step progress, to show
+    on_progress: Callable[[StepReport], None] = lambda progress: None  # a worker's step progress, to show
     # How a clone is prepared as a new run (`preparation.prepare_run`: preflight, data, derived values).
     prepare_run: Callable[[RunPlan, Path, PlannedRun, list[str] | None], PlannedRun] = prepare_run
     search: SearchDriver = field(default_factory=SearchDriver)  # successive halving, optuna, pbt

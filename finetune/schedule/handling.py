@@ -62,7 +62,7 @@ class WorkerReports(Base):
         if isinstance(message, StepProgress):  # only shown; one of a worker that is gone is dropped unsaid
             worker = next((worker for worker in self.workers if worker.worker_id == message.worker), None)
             if worker is not None and worker.incarnation == message.incarnation and worker.busy_with == message.run_id:
-                self.on_progress(message)
+                self.on_progress(message.report)
             return
         if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError,
                                     WorkerExit)):

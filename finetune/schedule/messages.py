@@ -18,6 +18,7 @@ from typing import Union
 
 from finetune.evaluate.samples import KeptAnswer
 from finetune.plan.model import PlannedRun
+from finetune.train.progress import StepReport
 
 
 @dataclass(frozen=True)
@@ -96,22 +97,16 @@ class ChunkDone:
 
 @dataclass(frozen=True)
 class StepProgress:
-    """Where a run is within the chunk its worker trains (at most one a second per run): `step` of the
-    run's `total_steps`, its chunk ending at `chunk_end`; tokens and seconds since the chunk began;
-    device memory in bytes (0 on the CPU). Only for showing progress: nothing is recorded."""
+    """A worker's report of where a run is within the chunk it trains (at most one a second per run). Only for
+    showing progress: nothing is recorded."""
 
     worker: str
-    run_id: str
-    chunk: int
-    step: int
-    chunk_start: int
-    chunk_end: int
-    total_steps: int
-    tokens: int
-    seconds: float
-    memory: int = 0
-    total_memory: int = 0
+    report: StepReport
     incarnation: int = 0
+
+    @property
+    def run_id(self) -> str:
+        return self.report.run_id
 
 
 @dataclass(frozen=True)

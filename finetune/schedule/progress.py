@@ -15,7 +15,7 @@ from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from finetune.schedule.display import runs_table
-from finetune.schedule.messages import StepProgress
+from finetune.train.progress import StepReport
 from finetune.schedule.store import StateStore
 
 # Events that are a decision of the search or the user, or an outcome: said in the plain log.
@@ -57,7 +57,7 @@ class PlainLog:
     def say(self, text: str) -> None:
         self.console.print(f"[{time.monotonic() - self.started:7.1f}s] {text}", highlight=False, markup=False, soft_wrap=True)
 
-    def on_progress(self, progress: StepProgress) -> None:
+    def on_progress(self, progress: StepReport) -> None:
         """Step progress is for the terminal's bars; a log gets a line per chunk."""
 
     def refresh(self) -> None:
@@ -115,7 +115,7 @@ class TerminalProgress:
             self.tasks[run_id] = self.progress.add_task(run_id, total=total, speed="")
         return self.tasks[run_id]
 
-    def on_progress(self, progress: StepProgress) -> None:
+    def on_progress(self, progress: StepReport) -> None:
         steps = progress.step - progress.chunk_start
         rate = f"{steps / progress.seconds:.2f} it/s" if progress.seconds > 0 else ""
         tokens = f"{progress.tokens / progress.seconds:,.0f} tok/s" if progress.seconds > 0 and progress.tokens else ""

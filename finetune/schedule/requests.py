@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from finetune.schedule.control import CloneParent, CloneRequest, RequestKind, RequestRejected, check_state, plan_clone, request_kind
+from finetune.schedule.control import CloneParent, CloneRequest, RequestKind, check_state, plan_clone, request_kind
 from finetune.schedule.folder import controller_alive, open_store, read_plan
 from finetune.schedule.records import RunStatus
 

@@ -1,8 +1,9 @@
 """The controller's side of experiment tracking: one parent run per experiment, one child per run.
 
-`Tracker` is what it needs of a tracking backend (`finetune.track.mlflow_tracker.Tracker`); the
-parent run's id is kept in `tracking.json` so that `finetune run --resume` continues it. Runs whose
-`training_args.report_to` names wandb also log the same metrics to W&B (`finetune.track.wandb_tracker`).
+`Tracker` is what it needs of a tracking backend (`finetune.track.mlflow_tracker.Tracker`, which the command
+gives it: nothing here imports `finetune.track`, a layer above); the parent run's id is kept in `tracking.json`
+so that `finetune run --resume` continues it. A run whose backend offers a mirror for it (W&B, for runs whose
+`training_args.report_to` names wandb) logs the same metrics there.
 """
 
 from __future__ import annotations
@@ -25,13 +26,14 @@ class Tracker(Protocol):
     def log_metrics(self, run_id: str, step: int, metrics: dict[str, float]) -> None: ...
     def log_artifacts(self, run_id: str, directory: str) -> None: ...
     def finish(self, run_id: str, status: str) -> None: ...
+    def mirror(self, config: Any) -> Any: ...  # where else this run's metrics go (W&B's runs), or None
+    def close(self) -> None: ...
 
 
 class ExperimentTracking:
     def __init__(self, tracker: Tracker, root: Path, store: StateStore) -> None:
         self.tracker, self.root, self.store = tracker, root, store
         self.parent_id: str | None = None
-        self.wandb: Any = None  # WandbRuns, made when a run asks for W&B
 
     def start(self, records: list[RunRecord]) -> None:
         state_file = self.root / "tracking.json"
@@ -51,7 +53,7 @@ class ExperimentTracking:
     def log_metrics(self, record: RunRecord | None, step: int, metrics: dict[str, float]) -> None:
         if record is not None and record.mlflow_run_id:
             self.tracker.log_metrics(record.mlflow_run_id, step, metrics)
-            if (runs := self._wandb(record)) is not None:
+            if (runs := self.tracker.mirror(record.config)) is not None:
                 runs.log(record.run_id, record.mlflow_run_id, record.config, record.planned, step, metrics)
 
     def end(self, record: RunRecord, status: str, final_checkpoint: str | None = None) -> None:
@@ -61,25 +63,13 @@ class ExperimentTracking:
         if final_checkpoint and tracking is not None and tracking.log_artifacts:
             self.tracker.log_artifacts(record.mlflow_run_id, final_checkpoint)
         self.tracker.finish(record.mlflow_run_id, status)
-        if (runs := self._wandb(record)) is not None:
+        if (runs := self.tracker.mirror(record.config)) is not None:
             runs.end(record.run_id, record.mlflow_run_id, record.config, record.planned, status)
 
     def finish(self, status: str = "FINISHED") -> None:
         if self.parent_id:
             self.tracker.finish(self.parent_id, status)
-        if self.wandb is not None:
-            self.wandb.close()
-
-    def _wandb(self, record: RunRecord) -> Any:
-        """The experiment's W&B runs when this run's report_to names wandb, else None."""
-        from finetune.track.wandb_tracker import WandbRuns, wants_wandb
-
-        if not wants_wandb(record.config):
-            return None
-        if self.wandb is None:
-            tracking = record.config.tracking
-            self.wandb = WandbRuns(self.root, tracking.experiment_name if tracking else record.config.experiment.name)
-        return self.wandb
+        self.tracker.close()
 
 
 def _known_parent(state_file: Path) -> str | None:

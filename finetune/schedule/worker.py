@@ -90,9 +90,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
                                     incarnation))
 
     def on_progress(report: Any) -> None:
-        results.put(StepProgress(worker_id, report.run_id, report.chunk, report.step, report.chunk_start, report.chunk_end,
-                                 report.total_steps, report.tokens, report.seconds, report.memory, report.total_memory,
-                                 incarnation))
+        results.put(StepProgress(worker_id, report, incarnation))
 
     speaks = rank is None or rank.rank == 0
     budgets = default_budgets(device, resources.gpu_share, resources.host_share, resources.gpu_gb, resources.cpu_gb)

@@ -64,6 +64,8 @@ class Tracker:
             if location and experiment.artifact_location != location and uri == local_uri(artifact_dir.parent):
                 relocate_artifacts(artifact_dir.parent / LOCAL_STORE, experiment.artifact_location, location)
         self.parent_run_name = parent_run_name or experiment_name
+        self.root = artifact_dir.parent
+        self._wandb: Any = None  # the experiment's W&B runs, made when a run asks for W&B
 
     def parent_run(self, existing: str | None) -> str:
         if existing:
@@ -104,6 +106,22 @@ class Tracker:
 
     def finish(self, mlflow_run_id: str, status: str = "FINISHED") -> None:
         self.client.set_terminated(mlflow_run_id, status=status)
+
+    def mirror(self, config: Any) -> Any:
+        """The experiment's W&B runs (`wandb_tracker.WandbRuns`) when this run's report_to names wandb, else None:
+        they get the metrics MLflow gets."""
+        from finetune.track.wandb_tracker import WandbRuns, wants_wandb
+
+        if not wants_wandb(config):
+            return None
+        if self._wandb is None:
+            tracking = config.tracking
+            self._wandb = WandbRuns(self.root, tracking.experiment_name if tracking else config.experiment.name)
+        return self._wandb
+
+    def close(self) -> None:
+        if self._wandb is not None:
+            self._wandb.close()
 
 
 def tracker_for(root: Path, plan: Any) -> Tracker:

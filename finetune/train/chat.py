@@ -1,9 +1,9 @@
 """`finetune chat EXP RUN`: a run's model answering prompts in a terminal.
 
-The run's adapter is loaded on its base model as training had it: the checkpoint-final of a
-completed run, else its latest durable chunk (a run that successive halving stopped), with the
-run's tokenizer (the chat template and tokens it trained with). Answers are greedy and end at the
-template's end-of-turn token, as the evaluation's answers do.
+The run's adapter is loaded on its base model as training had it, with the run's tokenizer (the chat
+template and tokens it trained with); which checkpoint (checkpoint-final of a completed run, else its
+latest durable chunk) the command finds in the experiment. Answers are greedy and end at the template's
+end-of-turn token, as the evaluation's answers do.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
-
-
-class ChatUnavailable(RuntimeError):
-    pass
 
 
 @dataclass
@@ -28,7 +24,7 @@ class ChatModel:
     def answer(self, messages: list[dict[str, str]], max_new_tokens: int = 64) -> str:
         import torch
 
-        from finetune.evaluate.generation import _until_stop
+        from finetune.evaluate.generation import until_stop
 
         encoded = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True, return_dict=True)
         ids = torch.tensor([list(encoded["input_ids"])])
@@ -36,57 +32,16 @@ class ChatModel:
         with torch.no_grad():
             output = self.model.generate(input_ids=ids, attention_mask=torch.ones_like(ids), max_new_tokens=max_new_tokens,
                                          do_sample=False, eos_token_id=self.stops, pad_token_id=pad)
-        return self.tokenizer.decode(_until_stop(output[0, ids.shape[1]:].tolist(), self.stops), skip_special_tokens=True).strip()
+        return self.tokenizer.decode(until_stop(output[0, ids.shape[1]:].tolist(), self.stops), skip_special_tokens=True).strip()
 
 
-def pick_run(root: Path, run_id: str) -> str:
-    """`best`: the first run of the ranking that `finetune report` shows; otherwise the id as given."""
-    if run_id != "best":
-        return run_id
-    from finetune.schedule.folder import open_store, read_plan
-    from finetune.track.ranking import ranked_runs
-
-    store = open_store(root)
-    try:
-        ranked = [entry for entry in ranked_runs(store, read_plan(root)) if entry.value is not None]
-    finally:
-        store.close()
-    if not ranked:
-        raise ChatUnavailable(f"no run of {root} has been evaluated yet")
-    return ranked[0].row.run_id
-
-
-def run_checkpoint(root: Path, run_id: str, config: Any) -> Path:
-    from finetune.schedule.folder import open_store
-
-    final = root / "runs" / run_id / config.run_conf.final_checkpoint_name
-    if final.is_dir():
-        return final
-    store = open_store(root)
-    try:
-        row = store.run(run_id)
-    finally:
-        store.close()
-    if row.last_checkpoint is None:
-        raise ChatUnavailable(f"run {run_id} has no durable chunk yet")
-    return Path(row.last_checkpoint)
-
-
-def load_chat_model(root: Path, run_id: str) -> ChatModel:
-    """The run's model on the CPU (its base as training loaded it, the adapter or full weights on it)."""
-    from finetune.config.validation import CONFIG_ADAPTER
+def load_chat_model(run_id: str, config: Any, checkpoint: Path) -> ChatModel:
+    """The run's model on the CPU (its base as training loaded it, the adapter or full weights of `checkpoint`
+    on it). `config`: the run's validated config, with its paths located."""
     from finetune.data.pipeline import prepare_tokenizer
     from finetune.evaluate.generation import stop_token_ids
-    from finetune.schedule.folder import read_plan
     from finetune.train.model import load_base_model, load_tokenizer
 
-    plan = read_plan(root)
-    try:
-        planned = plan.run(run_id)
-    except KeyError:
-        raise ChatUnavailable(f"{root} has no run {run_id} (see `finetune status {root}`)") from None
-    config = CONFIG_ADAPTER.validate_python(planned.located(root).config)
-    checkpoint = run_checkpoint(root, run_id, config)
     tokenizer = load_tokenizer(config)
     prepare_tokenizer(tokenizer, config.data_conf)
     if (checkpoint / "adapter_config.json").is_file():

@@ -11,6 +11,8 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
+from finetune.evaluate.sandbox import SandboxUser
+
 Messages = list[dict[str, str]]
 MetricFn = Callable[[list[str], list[str]], float]
 logger = logging.getLogger(__name__)
@@ -83,7 +85,7 @@ class CustomFunction:
 
 
 @dataclass
-class Scorer:
+class Scorer(SandboxUser):
     """The generation metrics of one run: built-in names, and the user's custom functions, which run in
     `sandbox` (`evaluate.sandbox`: a child process, on copies of the sample, with a time limit)."""
 
@@ -119,11 +121,3 @@ class Scorer:
 
                 self.failures.append(UserCodeFailure(metric.source, metric.name, metric.path, outcome.problem))
         return values
-
-    def take_failures(self) -> list[Any]:
-        failures, self.failures = self.failures, []
-        return failures
-
-    def close(self) -> None:
-        if self.sandbox is not None:
-            self.sandbox.close()

@@ -180,6 +180,23 @@ class UserCodeSandbox:
 # ---------------------------------------------------------------- the child's side
 
 
+class SandboxUser:
+    """What holds a sandbox (a run's custom metrics, this process's reward fence): the failures of its calls
+    since the worker last took them, and the sandbox's end."""
+
+    sandbox: UserCodeSandbox | None
+    failures: list[UserCodeFailure]
+
+    def take_failures(self) -> list[UserCodeFailure]:
+        failures, self.failures = self.failures, []
+        return failures
+
+    def close(self) -> None:
+        if self.sandbox is not None:
+            self.sandbox.close()
+            self.sandbox = None
+
+
 def _finite(value: Any) -> bool:
     return not isinstance(value, bool) and isinstance(value, (int, float)) and math.isfinite(value)
 

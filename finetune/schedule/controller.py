@@ -160,17 +160,6 @@ class Controller(WorkerReports):
 
     # ------------------------------------------------------------ the loop
 
-    def run(self) -> None:
-        try:
-            while self.step():
-                pass
-            self.tracking.finish()  # MLflow's last writes: a folder moved meanwhile is said as such too
-        except Exception as error:  # MLflow's store, say, finding the disk full: the environment's fault too
-            self.folder.check(error)
-            raise
-        finally:
-            self.folder.close()
-
     def step(self) -> bool:
         """One turn: requests, tasks, worker messages, dead workers. False once all is done (`folder`: the environment),
         or, winding down, once no chunk is being trained or written."""

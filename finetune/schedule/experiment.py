@@ -218,6 +218,7 @@ def _train(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
         if isinstance(view, PlainLog):
             view.say(f"done in {time.perf_counter() - started:.1f}s")
         store.close()
+        controller.folder.close()
     finally:
         pool.stop()
     return root

@@ -10,6 +10,7 @@ import re
 from typing import Any, Callable
 
 from finetune.config.rewards_catalog import BUILTIN_REWARDS
+from finetune.evaluate.sandbox import SandboxUser
 
 RewardFn = Callable[..., list[float]]
 
@@ -45,7 +46,7 @@ REWARD_MEMORY_BYTES = 8 * 2**30
 logger = logging.getLogger(__name__)
 
 
-class RewardFence:
+class RewardFence(SandboxUser):
     """This process's fence for user reward functions: one warm child process, and the failures since the
     worker last took them (`take_failures`)."""
 
@@ -59,15 +60,6 @@ class RewardFence:
         if self.sandbox is None:
             self.sandbox = UserCodeSandbox(REWARD_MEMORY_BYTES)
         return self.sandbox.call(function, timeout_s, many=True, namespaces=("trainer_state",), **arguments)
-
-    def take_failures(self) -> list[Any]:
-        failures, self.failures = self.failures, []
-        return failures
-
-    def close(self) -> None:
-        if self.sandbox is not None:
-            self.sandbox.close()
-            self.sandbox = None
 
 
 FENCE = RewardFence()

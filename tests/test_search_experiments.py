@@ -103,6 +103,7 @@ def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_
         for run_id, step in db.execute("SELECT run_id, global_step FROM chunks ORDER BY run_id, chunk"):
             steps.setdefault(run_id, []).append(step)
         lr_rows = db.execute("SELECT run_id, step, value FROM metrics WHERE name = 'learning_rate'").fetchall()
+        losses = db.execute("SELECT run_id, step, value FROM metrics WHERE name = 'loss'").fetchall()
     lrs = [(run_id, step, "learning_rate") for run_id, step, _ in lr_rows]
     lr_at = {(run_id, step): value for run_id, step, value in lr_rows}
     replacements = checked = 0
@@ -120,6 +121,10 @@ def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_
         assert plan[clone]["derived"]["chunk_steps"] == plan[donor]["derived"]["chunk_steps"]
         inherited = detail["progress"]
         assert steps[clone][:inherited] == steps[donor][:inherited]
+        # and its curves start with the donor's, up to where it continues from (the lineage's whole training)
+        curve = {run: {step: value for run_id, step, value in losses if run_id == run and step <= steps[donor][inherited - 1]}
+                 for run in (clone, donor)}
+        assert curve[donor] and curve[clone] == curve[donor]
         assert final[clone] in ("completed", "stopped")
         if final[clone] == "completed":  # on main: a fresh schedule of the remaining steps from batch 0 (6 steps, not 8)
             assert steps[clone][-1] == 8 and len(steps[clone]) == 4

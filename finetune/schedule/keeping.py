@@ -80,6 +80,8 @@ def inherit_chunks(store: StateStore, root: Path, run: PlannedRun, parent: Clone
     store.add_run(run.run_id, run.label, len(run.derived.chunk_steps or []), run.parent_run_id)
     rows = sorted((row for row in store.chunk_rows(parent.run_id) if row["chunk"] < parent.durable_chunks),
                   key=lambda row: row["chunk"])
+    if rows:
+        store.inherit_metrics(run.run_id, parent.run_id, rows[-1]["global_step"])
     for row in rows:
         checkpoint = str(target) if row["chunk"] == parent.durable_chunks - 1 else row["checkpoint"]
         store.record_chunk(run.run_id, row["chunk"], row["global_step"], checkpoint, row["metrics"], 0.0, 0.0, 0.0,

@@ -254,6 +254,12 @@ class StateStore:
         rows = [(run_id, step, name, value) for name, value in metrics.items() if value == value]
         self._db.executemany("INSERT OR REPLACE INTO metrics VALUES (?, ?, ?, ?)", rows)
 
+    def inherit_metrics(self, run_id: str, parent: str, up_to_step: int) -> None:
+        """A clone that continues its parent (PBT's exploit) starts with the parent's curves up to where it
+        continues from: its curves (dashboard, report) show the whole lineage's training."""
+        self._db.execute("INSERT OR REPLACE INTO metrics SELECT ?, step, name, value FROM metrics WHERE run_id = ? AND step <= ?",
+                         (run_id, parent, up_to_step))
+
     def log_answers(self, run_id: str, answers: Any) -> None:
         """Generated answers kept to be read (`evaluate.samples.KeptAnswer`); an evaluation done again
         (a chunk retrained after a crash) replaces its rows."""

@@ -15,8 +15,8 @@ from rich.console import Console, Group, RenderableType
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeRemainingColumn
 
 from finetune.schedule.display import runs_table
-from finetune.train.progress import StepReport
 from finetune.schedule.store import StateStore
+from finetune.train.progress import StepReport
 
 # Events that are a decision of the search or the user, or an outcome: said in the plain log.
 LOGGED_EVENTS = ("run_completed", "run_failed", "chunk_lost", "search_added", "search_rejected", "workers_started")

@@ -283,7 +283,12 @@ def report(
     from finetune.track.report import report_markdown, write_report
 
     experiment_or_exit(experiment)
-    console.print(Markdown(report_markdown(experiment)))
+    text = report_markdown(experiment)
+    widest = max((len(line) for line in text.splitlines() if line.startswith("|")), default=0)
+    if console.is_terminal and widest <= console.width - 4:
+        console.print(Markdown(text))
+    else:  # a pipe, a file or a narrow terminal: the Markdown as written, no id or number cut to fit
+        console.print(text, highlight=False, markup=False, soft_wrap=True)
     if output is None and not os.access(experiment, os.W_OK):  # an archived experiment: the report on stdout only
         say_error(f"{experiment} is read-only: report.md and the curves were not written; give --output DIR to write "
                   "them elsewhere", "note")

@@ -285,6 +285,19 @@ def test_the_report_says_when_the_sweep_metric_was_never_measured(tmp_path) -> N
     assert "Ranked by `cost` (minimize)" in report_markdown(measured)
 
 
+def test_the_report_command_cuts_no_run_id_nor_number_at_any_width(tmp_path) -> None:
+    import os
+    import subprocess
+    import sys
+
+    root, run_ids = evaluated_experiment(tmp_path, halving(num_runs=3, metric="cost"))
+    result = subprocess.run([sys.executable, "-m", "finetune.cli", "report", str(root)], capture_output=True, text=True,
+                            timeout=120, env={**os.environ, "COLUMNS": "60"})
+    assert result.returncode == 0, result.stderr
+    assert all(f"`{run_id}`" in result.stdout for run_id in run_ids) and "…" not in result.stdout
+    assert "| rank | run | label | state | chunks | cost | rouge_l | exact_match | note |" in result.stdout
+
+
 def test_the_report_of_an_experiment_whose_every_run_failed_says_so_and_each_error(tmp_path) -> None:
     from finetune.schedule.store import StateStore
     from finetune.track.report import report_markdown
@@ -292,17 +305,18 @@ def test_the_report_of_an_experiment_whose_every_run_failed_says_so_and_each_err
     root, run_ids = evaluated_experiment(tmp_path, halving(num_runs=3, metric="cost"), drop=("cost",))
     store = StateStore(root / "state.db", create=False)
     for index, run_id in enumerate(run_ids[:-1]):
-        store.set_state(run_id, "failed", f"Traceback (most recent call last):\n  ...\nValueError: bad | row {index}")
+        store.set_state(run_id, "failed", f"ValidationError: 1 validation error for row {index}\n  bad | value\n" + "x" * 300)
     store.close()
     report = report_markdown(root)
     assert "every run failed" not in report  # one run did not fail: its metric is missing for another reason
-    assert "has not been measured for any run" in report and "ValueError: bad \\| row 0 |" in report
+    assert "has not been measured for any run" in report and "ValidationError: 1 validation error for row 0 bad \\| value x" in report
+    assert "x" * 300 not in report and "…" in report  # a long message is cut
     store = StateStore(root / "state.db", create=False)
     store.set_state(run_ids[-1], "failed", "RuntimeError: out of memory")
     store.close()
     report = report_markdown(root)
     assert "Not ranked: every run failed before `cost` was measured" in report and "generation metric" not in report
-    assert "RuntimeError: out of memory |" in report and "Traceback" not in report
+    assert "RuntimeError: out of memory |" in report
 
 
 def test_the_example_custom_metric_compares_final_numbers() -> None:

@@ -106,7 +106,9 @@ def test_a_fused_sweep_killed_mid_group_resumes_to_the_same_adapters_as_the_swee
     assert len(chunk_rows(fused)) == 16
     with state_db(fused) as db:
         groups = [json.loads(row[0]) for row in db.execute("SELECT detail FROM events WHERE kind = 'fused_group'").fetchall()]
+        done = [json.loads(row[0]) for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_done'").fetchall()]
     assert len(groups) >= 4 and all(len(set(group["runs"])) == 4 for group in groups)
+    assert done and all(event["tokens"] > 0 for event in done), "each member's chunk counts the tokens it trained"
     with state_db(turns) as db:
         assert not db.execute("SELECT count(*) FROM events WHERE kind = 'fused_group'").fetchone()[0]
     assert _adapters(turns) == _adapters(fused)
@@ -153,6 +155,22 @@ def test_compatible_runs_train_as_one_group_whose_members_report_alone(tmp_path)
     _finish(controller, pool, "b", 0)
     controller.step()
     assert _last_group(pool) == [("c", 0), ("a", 1)]  # fewest chunks first: c leads, a rides
+
+
+def test_every_member_of_a_group_shows_its_step_progress(tmp_path) -> None:
+    """A worker sends progress for each member it trains at once: the riders' is shown, not only the leader's."""
+    from finetune.schedule.messages import StepProgress
+    from finetune.train.progress import StepReport
+    from tests.test_controller import send
+
+    controller, pool = _fused_controller(tmp_path, ["a", "b", "c"], fuse=2)
+    shown: list[str] = []
+    controller.on_progress = lambda report: shown.append(report.run_id)
+    controller.step()
+    assert _last_group(pool) == [("a", 0), ("b", 0)]
+    worker = pool.workers[0].worker_id
+    send(controller, pool, *[StepProgress(worker, StepReport(run, 0, 1, 0, 1, 2, tokens=10, seconds=0.5)) for run in "abc"])
+    assert shown == ["a", "b"]  # c is not being trained by that worker: dropped
 
 
 def test_a_member_stopped_mid_group_leaves_it_at_the_boundary_and_a_clone_joins(tmp_path) -> None:

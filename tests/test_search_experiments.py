@@ -104,6 +104,8 @@ def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_
             steps.setdefault(run_id, []).append(step)
         lr_rows = db.execute("SELECT run_id, step, value FROM metrics WHERE name = 'learning_rate'").fetchall()
         losses = db.execute("SELECT run_id, step, value FROM metrics WHERE name = 'loss'").fetchall()
+        # a clone's inherited chunks took no time of its own: the donor's durable chunks when it was made
+        copied = dict(db.execute("SELECT run_id, MAX(global_step) FROM chunks WHERE seconds = 0 GROUP BY run_id").fetchall())
     lrs = [(run_id, step, "learning_rate") for run_id, step, _ in lr_rows]
     lr_at = {(run_id, step): value for run_id, step, value in lr_rows}
     replacements = checked = 0
@@ -122,9 +124,10 @@ def test_population_based_training_replaces_the_worst_runs_by_clones_continuing_
         inherited = detail["progress"]
         assert steps[clone][:inherited] == steps[donor][:inherited]
         # and its curves start with the donor's, up to where it continues from (the lineage's whole training)
-        curve = {run: {step: value for run_id, step, value in losses if run_id == run and step <= steps[donor][inherited - 1]}
+        curve = {run: {step: value for run_id, step, value in losses if run_id == run and step <= copied[clone]}
                  for run in (clone, donor)}
         assert curve[donor] and curve[clone] == curve[donor]
+        assert any(step > copied[clone] for run_id, step, _ in losses if run_id == clone)  # then its own
         assert final[clone] in ("completed", "stopped")
         if final[clone] == "completed":  # on main: a fresh schedule of the remaining steps from batch 0 (6 steps, not 8)
             assert steps[clone][-1] == 8 and len(steps[clone]) == 4

@@ -11,7 +11,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
-from finetune.evaluate.sandbox import SandboxUser
+from finetune.evaluate.sandbox import SandboxUser, UserCodeFailure, UserCodeSandbox
 
 Messages = list[dict[str, str]]
 MetricFn = Callable[[list[str], list[str]], float]
@@ -100,8 +100,6 @@ class Scorer(SandboxUser):
         """`sandbox`: the worker's (`evaluate.sandbox.UserCodeSandbox`); None: one of its own, when there are custom metrics."""
         custom = tuple(CustomFunction(index, metric.name, metric.function) for index, metric in enumerate(eval_conf.custom))
         if sandbox is None and custom:
-            from finetune.evaluate.sandbox import UserCodeSandbox
-
             sandbox = UserCodeSandbox(int(eval_conf.custom_memory_gb * 2**30))
         return cls(tuple(eval_conf.generated), custom, sandbox, eval_conf.custom_timeout_s)
 
@@ -117,7 +115,5 @@ class Scorer(SandboxUser):
                 missing = "no" if outcome.value is None else "still has its"
                 logger.warning("custom metric %s: %s; %s %s for this evaluation", metric.label, outcome.problem,
                                missing, metric.name)
-                from finetune.evaluate.sandbox import UserCodeFailure
-
                 self.failures.append(UserCodeFailure(metric.source, metric.name, metric.path, outcome.problem))
         return values

@@ -61,7 +61,8 @@ class WorkerReports(Base):
     def _dispatch_message(self, message: WorkerMessage) -> None:
         if isinstance(message, StepProgress):  # only shown; one of a worker that is gone is dropped unsaid
             worker = next((worker for worker in self.workers if worker.worker_id == message.worker), None)
-            if worker is not None and worker.incarnation == message.incarnation and worker.busy_with == message.run_id:
+            if (worker is not None and worker.incarnation == message.incarnation
+                    and message.run_id in (worker.busy_with, *worker.riders)):  # riders: a fused group's other members
                 self.on_progress(message.report)
             return
         if not isinstance(message, (MetricsLogged, ChunkDone, ChunkDurable, RunFailed, WriteFailed, UserCodeWarning, RankError,

@@ -115,13 +115,7 @@ def worker_main(worker_id: str, device: str, experiment_dir: str, resources: Wor
             outcome = bench.train_chunk(run, configs[run.run_id], task.chunk, task.resume_from, task.max_eval_samples, task.evaluate,
                                        task.judged)
             if speaks:
-                results.put(ChunkDone(
-                    worker_id, task.ticket, run.run_id, outcome.chunk, outcome.global_step, outcome.metrics, outcome.seconds,
-                    outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
-                    outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
-                    tokens=outcome.tokens,
-                    answers=outcome.answers,
-                ))
+                results.put(_done(worker_id, task, outcome, bench, incarnation))
         except BaseException as error:  # torch's CheckpointException is a BaseException: the run's failure too
             if isinstance(error, (KeyboardInterrupt, SystemExit)):
                 raise
@@ -186,10 +180,12 @@ def _train_alone(worker_id: str, bench: Any, task: ChunkTask, config: Any, ticke
 
 
 def _done(worker_id: str, task: ChunkTask, outcome: Any, bench: Any, incarnation: int) -> ChunkDone:
+    """A trained chunk's report (`workbench.ChunkOutcome`), whichever way it was trained (alone or fused)."""
     return ChunkDone(
         worker_id, task.ticket, task.run.run_id, outcome.chunk, outcome.global_step, outcome.metrics, outcome.seconds,
         outcome.step_seconds, outcome.eval_seconds, outcome.started_at, outcome.finished_at,
         outcome.peak_memory, outcome.total_memory, bench.resident_runs(), bench.loaded_bases(), incarnation,
+        tokens=outcome.tokens, answers=outcome.answers,
     )
 
 

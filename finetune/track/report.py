@@ -149,10 +149,12 @@ def _knob_text(value: Any) -> str:
 
 
 def _note(note: str, row: Any) -> str:
-    """The ranking's note, and a failed run's error (its last line: the exception and its message)."""
+    """The ranking's note, and a failed run's error ("Type: message", as the worker stored it; a message of several
+    lines is folded onto one, the whole of it on the dashboard's run page)."""
     if row.state != "failed" or not row.error:
         return note
-    error = row.error.strip().splitlines()[-1][:200].replace("|", "\\|")
+    folded = " ".join(row.error.split())
+    error = (folded if len(folded) <= 200 else folded[:199] + "…").replace("|", "\\|")
     return f"{note}: {error}" if note else error
 
 

@@ -24,6 +24,7 @@ def save_base_once(model: Any, tokenizer: Any, target: Path) -> Path:
         return target.resolve()
     tmp = target.with_name(f".{target.name}.tmp-{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
+    mkdir_under(target.parent.parent, tmp)  # <experiment>/base-models/: not made again where a moved folder was
     model.save_pretrained(tmp)
     tokenizer.save_pretrained(tmp)
     try:

@@ -10,7 +10,7 @@ import re
 from typing import Any, Callable
 
 from finetune.config.rewards_catalog import BUILTIN_REWARDS
-from finetune.evaluate.sandbox import SandboxUser
+from finetune.evaluate.sandbox import SandboxUser, UserCodeFailure, UserCodeSandbox
 
 RewardFn = Callable[..., list[float]]
 
@@ -55,8 +55,6 @@ class RewardFence(SandboxUser):
         self.failures: list[Any] = []
 
     def call(self, function: str, timeout_s: float, **arguments: Any) -> Any:
-        from finetune.evaluate.sandbox import UserCodeSandbox
-
         if self.sandbox is None:
             self.sandbox = UserCodeSandbox(REWARD_MEMORY_BYTES)
         return self.sandbox.call(function, timeout_s, many=True, namespaces=("trainer_state",), **arguments)
@@ -84,8 +82,6 @@ class FencedReward:
                 arguments[key] = value
         outcome = self.fence.call(self.path, self.timeout_s, **arguments)
         if outcome.problem:
-            from finetune.evaluate.sandbox import UserCodeFailure
-
             source = f"grpo_args.reward_functions[{self.index}]"
             logger.warning("reward function %s (%s): %s", source, self.path, outcome.problem)
             self.fence.failures.append(UserCodeFailure(source, self.__name__, self.path, outcome.problem))

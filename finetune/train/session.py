@@ -196,6 +196,7 @@ class RunSession:
             self._maybe_log(grad_norm, learning_rate)
         if self.on_step is not None:  # progress (a worker's StepMeter): the step and its micro-batches
             self.on_step(self.step, self._step_batches)
+        self._step_batches = []  # not kept alive while the session waits for its next chunk
 
     def _count_tokens(self, inputs: dict[str, Any]) -> None:
         """`include_num_input_tokens_seen`, counted as HF's loop counts it (every rank's tokens)."""

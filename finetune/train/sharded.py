@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from finetune.io import mkdir_under
 from finetune.train.checkpoint import own_hyperparameters, publish
 from finetune.train.data_order import DataPosition
 from finetune.train.distributed import gather_to_first
@@ -198,6 +199,7 @@ class ShardedSession(RunSession):
         staging = staging_dir(target)
         if self.rank == 0:
             shutil.rmtree(staging, ignore_errors=True)  # a try of this chunk that did not finish
+            mkdir_under(target.parent.parent.parent, staging)  # DCP's writer makes it with makedirs: not at a moved folder's place
         dist.barrier()
         written = _Saves.start(self._sharded_state(), staging)
         final_weights = self.whole_weights() if final else None

@@ -231,6 +231,20 @@ def test_completions_only_with_a_template_that_marks_no_turns_is_an_error(demo_t
         build_examples(config, demo_tokenizer, DataStats())
 
 
+def test_a_length_limit_that_leaves_no_example_names_its_key(demo_dir, base_config, demo_tokenizer) -> None:
+    """Found late otherwise: every run fails at its data with a number and no key to change."""
+    from finetune.config.validation import CONFIG_ADAPTER
+    from finetune.data.pipeline import DataStats, build_examples
+
+    base_config["data_conf"]["training_data"]["datasets"] = [{"path": str(demo_dir / "data" / "sft_train.jsonl")}]
+    base_config["run_conf"]["model"] = str(demo_dir / "model")
+    base_config["sft_args"] = {"max_seq_length": 4}
+    config = CONFIG_ADAPTER.validate_python(base_config)
+    prepare_tokenizer(demo_tokenizer, config.data_conf)
+    with pytest.raises(ValueError, match=r"longer than 4 tokens \(sft_args.max_seq_length\); raise sft_args.max_seq_length"):
+        build_examples(config, demo_tokenizer, DataStats())
+
+
 def test_a_line_that_is_not_utf8_names_its_line_and_byte(tmp_path) -> None:
     path = tmp_path / "train.jsonl"
     path.write_bytes(json.dumps(GOOD).encode() + b"\n" + b'{"messages": "caf\xe9"}\n')

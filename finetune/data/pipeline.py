@@ -280,7 +280,9 @@ def build_examples(config: Any, tokenizer: Any, stats: DataStats) -> tuple[list[
         train = prompt_examples(train_records, tokenizer, max_length, stats)
         evaluation = prompt_examples(eval_records, tokenizer, max_length, stats)
     if not train:
-        raise ValueError(f"no training example is left after filtering those longer than {max_length} tokens")
+        key = {"sft": "sft_args.max_seq_length", "dpo": "dpo_args.max_seq_length"}.get(config.method, "grpo_args.max_prompt_length")
+        raise ValueError(f"no training example is left after filtering those longer than {max_length} tokens ({key}); "
+                         f"raise {key} or shorten the examples (`finetune data preview` shows their lengths)")
     stats.train_examples, stats.eval_examples = len(train), len(evaluation)
     return train, evaluation
 

@@ -55,7 +55,8 @@ def report_markdown(root: Path) -> str:
         lines.append(f"| {entry.rank if measured else '-'} | `{row.run_id}` | {row.label} | {row.state} | {row.chunks_done}/{row.total_chunks} | {shown} | {_note(entry.note, row)} |")
     if measured and ranked and ranked[0].checkpoint and Path(ranked[0].checkpoint).is_dir():
         top = ranked[0]
-        lines += ["", f"Best run `{top.row.run_id}`: its {rule.rank_by} checkpoint (chunk {top.chunk}) is `{top.checkpoint}`; "
+        lines += ["", f"Best run `{top.row.run_id}`: its {rule.rank_by} checkpoint, written after its chunk {top.chunk} of "
+                  f"{top.row.total_chunks} (folders count from 0), is `{top.checkpoint}`; "
                   f"`finetune export {root} best` exports it."]
     lines += cost_and_knobs(store, plan, ranked)
     lines += answers_markdown(store, ranked)

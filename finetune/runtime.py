@@ -15,6 +15,9 @@ def quiet_libraries() -> None:
     os.environ.setdefault("MLFLOW_LOGGING_LEVEL", "ERROR")  # MLflow sets its loggers' level as it is imported
     for name in ("transformers", "datasets", "peft", "trl", "accelerate", "torch", "mlflow", "alembic"):
         logging.getLogger(name).setLevel(logging.ERROR)
+    # MLflow's SQL store logs a failed write with its traceback, then raises it to finetune, which says it in one
+    # line (a full disk, a moved folder): its own record would only repeat it.
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.CRITICAL)
     try:
         import datasets
         import transformers

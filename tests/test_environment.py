@@ -4,6 +4,7 @@ and never a failed run."""
 
 from __future__ import annotations
 
+import logging
 import os
 import shutil
 import subprocess
@@ -287,6 +288,18 @@ def test_a_folder_moved_while_it_trains_ends_the_run_command_with_the_new_place_
     last = stderr.strip().splitlines()[-1]
     assert "Traceback" not in stderr.split("error:")[-1] and f"finetune run --resume {moved}" in stderr.split("error:")[-1], last
     assert not root.exists(), sorted(str(path.relative_to(root)) for path in root.rglob("*"))
+
+
+def test_mlflow_logs_neither_info_nor_the_store_failures_that_finetune_says_in_one_line() -> None:
+    """Its store logs a failed write with a traceback before raising it (a full disk, a moved folder); finetune
+    says those itself. Checked in a fresh interpreter: MLflow sets its loggers' levels as it is imported."""
+    import sys
+
+    code = ("import logging; from finetune.runtime import quiet_libraries; quiet_libraries(); import mlflow; "
+            "print(logging.getLogger('mlflow').getEffectiveLevel(), logging.getLogger('mlflow.store.db.utils').isEnabledFor(logging.ERROR))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120,
+                            env={key: value for key, value in os.environ.items() if key != "MLFLOW_LOGGING_LEVEL"})
+    assert result.stdout.split() == [str(logging.ERROR), "False"], result.stderr[-2000:]
 
 
 @pytest.mark.slow

@@ -59,31 +59,6 @@ def grid(demo: Path, ranks: list[int], steps: int) -> dict[str, Any]:
     return configs
 
 
-def build(configs: dict[str, Any], out: Path) -> list[Any]:
-    """The runs' sessions on one shared PeftModel, as a worker's `SharedBaseStrategy` holds them."""
-    from finetune.data.pipeline import input_pad_token_id, prepare_data, prepare_tokenizer
-    from finetune.plan.derive import derive
-    from finetune.train.adapter import attach_adapter
-    from finetune.train.model import load_base_model, load_tokenizer
-    from finetune.train.session import RunSession
-    from finetune.train.trainer import build_trainer
-
-    first = next(iter(configs.values()))
-    tokenizer = load_tokenizer(first)
-    prepare_tokenizer(tokenizer, first.data_conf)
-    data = prepare_data(first, tokenizer)
-    pad = input_pad_token_id(tokenizer, first.data_conf)
-    model = None
-    sessions = []
-    for name, config in configs.items():
-        base = load_base_model(config, len(tokenizer)) if model is None else model.get_base_model()
-        model = attach_adapter(base, model, config.peft_conf, [], name, seed=7)
-        derived = derive(config, data.stats.train_rows)
-        trainer = build_trainer(config, derived, model, tokenizer, data.train, None, out / name, "cpu", [], pad)
-        sessions.append(RunSession(name, trainer, name, "cpu", derived.total_steps))
-    return sessions
-
-
 def by_turns(sessions: list[Any], bounds: list[int]) -> float:
     started = time.perf_counter()
     for bound in bounds:
@@ -147,6 +122,7 @@ def main() -> None:
 
     from finetune.runtime import quiet_libraries
     from finetune.train.demo import init_demo
+    from finetune.train.fused import group_sessions
 
     torch.set_num_threads(args.threads)
     quiet_libraries()
@@ -159,7 +135,7 @@ def main() -> None:
         times: dict[str, list[float]] = {"by turns": [], "fused": []}
         for repeat in range(args.repeats):
             for way, train in (("by turns", by_turns), ("fused", fused)):
-                sessions = build(configs, work / f"{len(configs)}-{repeat}-{way}")
+                sessions = group_sessions(configs, work / f"{len(configs)}-{repeat}-{way}")
                 times[way].append(train(sessions, bounds))
                 del sessions
         examples = len(configs) * args.steps * 8

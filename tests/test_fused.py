@@ -66,28 +66,11 @@ class LossLog:
 
 def build_sessions(configs: dict[str, Any], out: Path, shared: bool, log: LossLog) -> list[Any]:
     """A RunSession per config: all on one shared PeftModel (as a worker holds them), or each on its own base."""
-    from finetune.data.pipeline import input_pad_token_id, prepare_data, prepare_tokenizer
-    from finetune.plan.derive import derive
-    from finetune.train.adapter import attach_adapter
-    from finetune.train.model import load_base_model, load_tokenizer
-    from finetune.train.session import RunSession
-    from finetune.train.trainer import build_trainer
+    from finetune.train.fused import group_sessions
 
-    first = next(iter(configs.values()))
-    tokenizer = load_tokenizer(first)
-    prepare_tokenizer(tokenizer, first.data_conf)
-    data = prepare_data(first, tokenizer)
-    pad = input_pad_token_id(tokenizer, first.data_conf)
-    shared_model = None
-    sessions = []
-    for name, config in configs.items():
-        base = load_base_model(config, len(tokenizer)) if shared_model is None or not shared else shared_model.get_base_model()
-        model = attach_adapter(base, shared_model if shared else None, config.peft_conf, [], name, seed=7)
-        shared_model = model
-        derived = derive(config, data.stats.train_rows)
-        trainer = build_trainer(config, derived, model, tokenizer, data.train, None, out / name, "cpu", [log.callback(name)], pad)
-        sessions.append(RunSession(name, trainer, name, "cpu", derived.total_steps))
-        sessions[-1].on_step = log.meter(name)
+    sessions = group_sessions(configs, out, shared, callbacks=lambda name: [log.callback(name)])
+    for session in sessions:
+        session.on_step = log.meter(session.run_id)
     return sessions
 
 

@@ -23,7 +23,8 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from pathlib import Path
+from typing import Any, Callable
 
 from finetune.train.fused_lora import FusedLora, Rows, dropout_of, seam_problems, shared_model_problems
 from finetune.train.seams.transformers import prepare_inputs
@@ -87,6 +88,33 @@ def fuse_problems(sessions: list[RunSession]) -> list[str]:
     if len({session.run_id for session in sessions}) != len(sessions):
         problems.append("a run is in the group twice")
     return problems + base_problems(sessions[0].model) + shared_model_problems(sessions[0].model)
+
+
+def group_sessions(configs: dict[str, Any], out: Path, shared: bool = True,
+                   callbacks: Callable[[str], list[Any]] = lambda name: []) -> list[RunSession]:
+    """A session per config (one data setting, CPU), built outside a worker: all on one shared PeftModel, as a
+    worker's `SharedBaseStrategy` holds them (`shared`), or each on a base of its own, to train it alone. For the
+    fused benchmark and tests; `callbacks(name)`: the trainer callbacks of that run."""
+    from finetune.data.pipeline import input_pad_token_id, prepare_data, prepare_tokenizer
+    from finetune.plan.derive import derive
+    from finetune.train.adapter import attach_adapter
+    from finetune.train.model import load_base_model, load_tokenizer
+    from finetune.train.trainer import build_trainer
+
+    first = next(iter(configs.values()))
+    tokenizer = load_tokenizer(first)
+    prepare_tokenizer(tokenizer, first.data_conf)
+    data = prepare_data(first, tokenizer)
+    pad = input_pad_token_id(tokenizer, first.data_conf)
+    model = None
+    sessions = []
+    for name, config in configs.items():
+        base = load_base_model(config, len(tokenizer)) if model is None or not shared else model.get_base_model()
+        model = attach_adapter(base, model if shared else None, config.peft_conf, [], name, seed=7)
+        derived = derive(config, data.stats.train_rows)
+        trainer = build_trainer(config, derived, model, tokenizer, data.train, None, out / name, "cpu", callbacks(name), pad)
+        sessions.append(RunSession(name, trainer, name, "cpu", derived.total_steps))
+    return sessions
 
 
 @dataclass

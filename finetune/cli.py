@@ -71,6 +71,8 @@ def _options(
     version: Annotated[bool, typer.Option("--version", callback=_print_version, is_eager=True, help="Print the version and exit")] = False,
 ) -> None:
     """Declarative fine-tuning sweeps (SFT, DPO, GRPO) trained concurrently with a chunk scheduler."""
+
+
 def load_or_exit(config: Path, values_key: str | None, overrides: list[str] | None, as_json: bool) -> SourceDoc:
     """The loaded config; legacy keys read under their new names are noted on stderr (not with --json)."""
     try:

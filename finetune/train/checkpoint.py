@@ -96,10 +96,6 @@ def read_run_state(directory: str | Path) -> RunState:
     )
 
 
-def is_run_state(directory: str | Path) -> bool:
-    return (Path(directory) / "state.pt").is_file()
-
-
 @contextmanager
 def own_hyperparameters(optimizer: Any) -> Iterator[None]:
     """Around loading another run's optimizer state into a new run: its moments are kept, and the

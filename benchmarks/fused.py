@@ -1,6 +1,6 @@
 """Fused training against training the same LoRA runs by turns or on two slots, on the CPU with the demo model.
 
-Two measurements, each for 4 runs (the demo grid, `example_configs/sft-lora-grid.yaml`: ranks 4 and 16
+Three measurements, each for 4 runs (the demo grid, `example_configs/sft-lora-grid.yaml`: ranks 4 and 16
 x learning rates 1e-3 and 1e-2, LoRA on all seven projections, batches of 8) and 8 runs (ranks 4, 8, 16,
 32 x the two learning rates):
 
@@ -8,22 +8,27 @@ x learning rates 1e-3 and 1e-2, LoRA on all seven projections, batches of 8) and
     each on one shared base), trained `--steps` optimizer steps in `--chunks` chunks by turns (each
     run's chunk after the other's, as one worker does) or fused (all runs' chunks at once, one forward
     and backward per micro-step: `train.fused`). Building the sessions is not timed.
+(c) the ceiling of (a): ONE run whose batch holds all the runs' rows (4 x 8 or 8 x 8), trained by the
+    same trainer for the same steps. Fusing puts the same rows through the base per step, and each
+    member adds its own adapter, loss and optimizer step on top, so no fused group can beat this run:
+    by turns / (c) is the most fusing can give on this machine.
 (b) the whole sweep, `finetune run` from start to end: `runs_per_device: 1`, `runs_per_device: 2` and
-    `fuse: <runs>`, one torch thread per worker (so 1 and fused use one core, 2 uses two).
+    `fuse: <runs>`, each with finetune's default threads (the machine's cores shared by the workers).
     The chat template is mistral-with-system, whose tokens the demo tokenizer has: chat-ml would add
     two tokens, whose trained rows do not fuse (`fused.fuse_problems`).
 
 The machine may be shared with other work: the ways are measured in interleaved repeats (by turns,
-fused, by turns, fused, ...) and each figure is the median of its repeats. Prints wall times,
+fused, ceiling, by turns, ...) and each figure is the median of its repeats. Prints wall times,
 examples/s and the ratios.
 
-Run: .venv/bin/python benchmarks/fused.py [--steps 16 --chunks 4 --repeats 3 --sweep-repeats 1 --threads 1]
+Run: .venv/bin/python benchmarks/fused.py [--steps 16 --chunks 4 --repeats 3 --sweep-repeats 1 --threads CORES]
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -36,12 +41,12 @@ EXAMPLE = Path(__file__).resolve().parent.parent / "example_configs" / "sft-lora
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 
-def grid(demo: Path, ranks: list[int], steps: int) -> dict[str, Any]:
+def grid(demo: Path, ranks: list[int], steps: int, batch: int = 8, rates: tuple[float, ...] = (1e-3, 1e-2)) -> dict[str, Any]:
     from finetune.config.models import CONFIG_ADAPTER
 
     configs = {}
     for rank in ranks:
-        for lr in (1e-3, 1e-2):
+        for lr in rates:
             tree = {
                 "method": "sft",
                 "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": str(demo / "data" / "sft_train.jsonl")}]},
@@ -49,7 +54,7 @@ def grid(demo: Path, ranks: list[int], steps: int) -> dict[str, Any]:
                               "missing_pad_token_strategy": "bos-repurpose"},
                 "training_args": {"learning_rate": lr, "max_steps": steps, "lr_scheduler_type": "linear", "warmup_steps": 2,
                                   "logging_steps": 1, "seed": 42},
-                "batchsize_conf": {"total_train_batch_size": 8, "max_per_device_train_batch_size": 8},
+                "batchsize_conf": {"total_train_batch_size": batch, "max_per_device_train_batch_size": batch},
                 "peft_conf": {"peft_type": "LORA", "task_type": "CAUSAL_LM",
                               "peft_kwargs": {"r": rank, "lora_alpha": 16, "lora_dropout": 0.0, "target_modules": TARGETS}},
                 "run_conf": {"model": str(demo / "model"), "model_args": {"dtype": "float32"}},
@@ -82,7 +87,7 @@ def sweep(work: Path, demo: Path, name: str, ranks: list[int], steps: int, chunk
     config = work / "sweep.yaml"
     config.write_text(EXAMPLE.read_text().replace("demo/", f"{demo}/"))
     args = [f"experiment.name={name}", f"experiment.output_dir={work / 'sweeps'}", f"training_args.max_steps={steps}",
-            f"experiment.num_chunks={chunks}", "experiment.threads_per_worker=1", "experiment.devices=cpu",
+            f"experiment.num_chunks={chunks}", "experiment.devices=cpu",
             "data_conf.chat_template_name=mistral-with-system", f"peft_conf.peft_kwargs.r=!list {ranks}", *settings]
     started = time.perf_counter()
     subprocess.run([sys.executable, "-m", "finetune.cli", "run", str(config), *(part for arg in args for part in ("--set", arg))],
@@ -113,7 +118,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=16, help="optimizer steps per run")
     parser.add_argument("--chunks", type=int, default=4)
     parser.add_argument("--repeats", type=int, default=3, help="interleaved repeats of each way")
-    parser.add_argument("--threads", type=int, default=1, help="torch threads of (a) (one worker's share of a CPU)")
+    parser.add_argument("--threads", type=int, default=len(os.sched_getaffinity(0)),
+                        help="torch threads of (a) and (c) (default: this machine's cores, as one worker has them)")
     parser.add_argument("--sweep-repeats", type=int, default=1, help="interleaved repeats of each way of (b); 0: skip (b)")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
@@ -132,24 +138,28 @@ def main() -> None:
     figures: dict[str, Any] = {}
     for ranks in ([4, 16], [4, 8, 16, 32]):
         configs = grid(demo, ranks, args.steps)
-        times: dict[str, list[float]] = {"by turns": [], "fused": []}
+        runs = len(configs)
+        whole = grid(demo, [8], args.steps, batch=8 * runs, rates=(1e-3,))
+        times: dict[str, list[float]] = {"by turns": [], "fused": [], "ceiling": []}
         for repeat in range(args.repeats):
-            for way, train in (("by turns", by_turns), ("fused", fused)):
-                sessions = group_sessions(configs, work / f"{len(configs)}-{repeat}-{way}")
+            for way, train in (("by turns", by_turns), ("fused", fused), ("ceiling", by_turns)):
+                sessions = group_sessions(whole if way == "ceiling" else configs, work / f"{runs}-{repeat}-{way}")
                 times[way].append(train(sessions, bounds))
                 del sessions
-        examples = len(configs) * args.steps * 8
-        turns, together = statistics.median(times["by turns"]), statistics.median(times["fused"])
-        print(f"(a) training alone, {len(configs)} LoRA runs x {args.steps} steps x batch 8 ({examples} examples), "
+        examples = runs * args.steps * 8
+        turns, together, ceiling = (statistics.median(times[way]) for way in ("by turns", "fused", "ceiling"))
+        print(f"(a) training alone, {runs} LoRA runs x {args.steps} steps x batch 8 ({examples} examples), "
               f"{args.threads} torch thread(s), median of {args.repeats} interleaved repeats:")
-        print(f"  by turns (runs_per_device: 1): {turns:.2f}s, {examples / turns:.0f} examples/s   (all: "
-              f"{', '.join(f'{t:.2f}' for t in times['by turns'])})")
-        print(f"  fused:                         {together:.2f}s, {examples / together:.0f} examples/s   (all: "
-              f"{', '.join(f'{t:.2f}' for t in times['fused'])})")
-        print(f"  fused is {turns / together:.2f}x faster (target >= 2x)")
-        figures[str(len(configs))] = {"by_turns": times["by turns"], "fused": times["fused"], "ratio": turns / together}
+        for label, way in (("by turns (runs_per_device: 1):", "by turns"), ("fused:", "fused"),
+                           (f"(c) ceiling, one run of batch {8 * runs}:", "ceiling")):
+            wall = statistics.median(times[way])
+            print(f"  {label:<40} {wall:.2f}s, {examples / wall:.0f} examples/s   (all: {', '.join(f'{t:.2f}' for t in times[way])})")
+        print(f"  fused is {turns / together:.2f}x faster than by turns (target >= 2x); the ceiling is {turns / ceiling:.2f}x, "
+              f"fused reaches {ceiling / together:.0%} of it")
+        figures[str(runs)] = {"by_turns": times["by turns"], "fused": times["fused"], "ceiling": times["ceiling"],
+                              "ratio": turns / together, "ceiling_ratio": turns / ceiling}
         if args.sweep_repeats:
-            figures[f"sweep-{len(configs)}"] = measure_sweeps(work, demo, ranks, args.steps, args.chunks, args.sweep_repeats)
+            figures[f"sweep-{runs}"] = measure_sweeps(work, demo, ranks, args.steps, args.chunks, args.sweep_repeats)
     if args.json:
         print(json.dumps(figures))
 

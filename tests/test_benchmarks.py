@@ -53,4 +53,5 @@ def test_step_speed_compares_the_three_loops_in_every_layout(tmp_path) -> None:
 def test_fused_benchmark_prints_its_ratios(tmp_path) -> None:
     out = run("fused.py", "--steps", "2", "--chunks", "2", "--repeats", "1", "--sweep-repeats", "0", "--work", str(tmp_path), cwd=tmp_path)
     assert len(re.findall(r"fused is \d+\.\d\dx faster", out)) == 2, out
-    assert "4 LoRA runs" in out and "8 LoRA runs" in out
+    assert len(re.findall(r"the ceiling is \d+\.\d\dx, fused reaches \d+% of it", out)) == 2, out
+    assert "4 LoRA runs" in out and "8 LoRA runs" in out and "one run of batch 32" in out and "one run of batch 64" in out

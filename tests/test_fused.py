@@ -101,16 +101,23 @@ def train_solo_and_fused(demo_dir: Path, base_config: dict[str, Any], out: Path,
 
 
 @pytest.mark.slow
-def test_each_member_of_a_fused_group_trains_bitwise_as_it_would_alone(demo_dir, base_config, tmp_path) -> None:
+def test_each_member_of_a_fused_group_trains_as_it_would_alone(demo_dir, base_config, tmp_path) -> None:
     """Members with micro-batches of one size see rows of one length at each micro-step (the same data
-    order): nothing is padded for the group, and every op gives the bits it gives alone."""
+    order): nothing is padded for the group. The one difference from training alone is the order of the
+    sums in the stacked LoRA products (`fused_lora`: other members' blocks add exact zeros): stated bound,
+    a relative 1e-4 on each adapter tensor after 5 steps (2e-6 measured; a member whose dropout masks were
+    drawn from another stream is off by 0.4 to 0.7), and loss curves within a relative 1e-6 (equal measured)."""
     solo, fused, solo_log, fused_log = train_solo_and_fused(demo_dir, base_config, tmp_path, ["a", "b", "c"], steps=5,
                                                             stops={"a": 3, "b": 2, "c": 1})
     assert [session.trainer.args.gradient_accumulation_steps for session in fused] == [2, 1, 3]
     for alone, together in zip(solo, fused):
         mine, theirs = alone.trainable_state(), together.trainable_state()
-        assert mine.keys() == theirs.keys() and all(torch_equal(mine[key], theirs[key]) for key in mine), alone.run_id
-        assert fused_log.curves[alone.run_id] == solo_log.curves[alone.run_id] and len(solo_log.curves[alone.run_id]) == 5
+        assert mine.keys() == theirs.keys()
+        ratios = {key: relative_difference(mine[key], theirs[key]) for key in mine}
+        assert max(ratios.values()) < 1e-4, (alone.run_id, ratios)
+        curve, fused_curve = solo_log.curves[alone.run_id], fused_log.curves[alone.run_id]
+        assert [step for step, _ in fused_curve] == [step for step, _ in curve] == [1, 2, 3, 4, 5]
+        assert [loss for _, loss in fused_curve] == pytest.approx([loss for _, loss in curve], rel=1e-6)
         # progress (a terminal's bars, tokens/s) is reported at each of a member's own steps, as alone
         assert fused_log.progress[alone.run_id] == solo_log.progress[alone.run_id]
         assert [step for step, _ in fused_log.progress[alone.run_id]] == [1, 2, 3, 4, 5]
@@ -144,10 +151,9 @@ def test_a_member_padded_to_the_groups_longest_rows_stays_within_the_stated_boun
         assert step == fused_step and together == pytest.approx(alone, rel=1e-5)
 
 
-def torch_equal(left: Any, right: Any) -> bool:
-    import torch
-
-    return torch.equal(left, right)
+def relative_difference(left: Any, right: Any) -> float:
+    """|left - right| / |left| (Frobenius norms); 0 when bitwise equal."""
+    return float((left - right).norm() / left.norm())
 
 
 def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_dir, base_config) -> None:

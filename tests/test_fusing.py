@@ -81,9 +81,9 @@ def test_fuse_is_one_setting_for_the_whole_experiment(base_config) -> None:
 def test_a_fused_sweep_killed_mid_group_resumes_to_the_same_adapters_as_the_sweep_by_turns(tmp_path, demo_dir) -> None:
     """The demo grid (4 runs) with fuse 4, its controller SIGKILLed once the first group's chunks are
     durable, then resumed; and the same grid with fuse off, one worker of one thread both. The fused
-    groups are in the decision log, and every run's final adapter is the same, byte for byte (the runs'
-    micro-batches are of one size and one data order, so nothing is padded for the group: see
-    tests/test_fused.py)."""
+    groups are in the decision log, and every run's final adapter is that of the sweep by turns within the
+    fused products' bound (tests/test_fused.py): a relative 1e-3 per tensor after 8 steps (7e-5 measured;
+    a chunk trained twice or lost by the resume is off by far more)."""
     import os
     import signal
 
@@ -111,7 +111,11 @@ def test_a_fused_sweep_killed_mid_group_resumes_to_the_same_adapters_as_the_swee
     assert done and all(event["tokens"] > 0 for event in done), "each member's chunk counts the tokens it trained"
     with state_db(turns) as db:
         assert not db.execute("SELECT count(*) FROM events WHERE kind = 'fused_group'").fetchone()[0]
-    assert _adapters(turns) == _adapters(fused)
+    by_turns, fused_adapters = _adapters(turns, tensors=True), _adapters(fused, tensors=True)
+    assert by_turns.keys() == fused_adapters.keys() and len(by_turns) == 4
+    for label, tensors in by_turns.items():
+        ratios = {key: float((fused_adapters[label][key] - value).norm() / value.norm()) for key, value in tensors.items()}
+        assert max(ratios.values()) < 1e-3, (label, ratios)
 
 
 # ---------------------------------------------------------------- the controller with fused groups (no torch)

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -258,13 +259,14 @@ def _wait_for_chunks(root: Path, count: int, process: subprocess.Popen, timeout:
     raise AssertionError("timed out waiting for chunks")
 
 
-def _adapters(root: Path) -> dict[str, dict[str, list]]:
-    """Final adapter weights by run label (run ids differ between experiments of other names)."""
+def _adapters(root: Path, tensors: bool = False) -> dict[str, dict[str, Any]]:
+    """Final adapter weights by run label (run ids differ between experiments of other names): as lists, to
+    compare bit for bit, or as `tensors`."""
     from safetensors.torch import load_file
 
     with state_db(root) as db:
         labels = dict(db.execute("SELECT run_id, label FROM runs").fetchall())
-    return {labels[final.parent.name]: {k: v.tolist() for k, v in load_file(final / "adapter_model.safetensors").items()}
+    return {labels[final.parent.name]: {k: v if tensors else v.tolist() for k, v in load_file(final / "adapter_model.safetensors").items()}
             for final in sorted(root.glob("runs/*/checkpoint-final"))}
 
 

@@ -1,11 +1,14 @@
-"""4 LoRA configs on one GPU: hand-written TRL scripts one after another vs `finetune run`.
+"""4 or 8 LoRA configs on one GPU: hand-written TRL scripts one after another vs `finetune run`.
 
 No model hub: a Llama-shaped model with random weights is built locally at a preset size
 (`--preset 0.7b` or `3b`; `tiny` runs anywhere, `--device cpu` included), with long synthetic chat
-data (a few hundred tokens per example). Then the same 4 LoRA configs (r x learning rate) train
-(a) as the TRL script `plain_trl_sft.py`, one process after another (or, with `--extrapolate`, one
-measured run times 4), and (b) with `finetune run`, 8 chunks each, once for each `runs_per_device`
-setting given (`--runs-per-device 1,2,4`).
+data (a few hundred tokens per example). Then the same LoRA configs (`--configs 4`: r 16 and 64 x two
+learning rates; `--configs 8`: r 16, 32, 64 and 128) train (a) as the TRL script `plain_trl_sft.py`, one
+process after another (or, with `--extrapolate`, one measured run times the number of configs), and (b)
+with `finetune run`, 8 chunks each, once for each `runs_per_device` setting given (`--runs-per-device
+1,2,4`) and once for each fused group size given (`--fuse 4,8`: one worker, `experiment.fuse: k`).
+Fusing needs a chat template whose tokens the tokenizer has (new token rows do not fuse): pass
+`--chat-template mistral-with-system` with `--fuse`.
 
 Prints for each: time until every config has its first evaluation and total time, with their ratios
 to the sequential scripts (the ideal first-comparison ratio of one slot is 6.25x for 4 x 8 chunks),
@@ -30,7 +33,9 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-CONFIGS = [(16, 1e-4), (16, 3e-4), (64, 1e-4), (64, 3e-4)]
+RATES = (1e-4, 3e-4)
+RANKS = {4: (16, 64), 8: (16, 32, 64, 128)}
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM; an H100 PCIe is 756: pass --peak-tflops
 CHUNKS = 8
 PRESETS = {  # hidden, intermediate, layers, heads, kv heads
     "tiny": (64, 128, 2, 4, 2),
@@ -41,11 +46,11 @@ PRESETS = {  # hidden, intermediate, layers, heads, kv heads
 CONFIG = """
 method: sft
 experiment: {{name: gpu-sweep, output_dir: {out}, num_chunks: {chunks}, max_eval_samples: 64, devices: {devices},
-             runs_per_device: {slots}}}
+             runs_per_device: {slots}, fuse: {fuse}}}
 data_conf:
   training_data: {{type: CONCATENATION, datasets: [{{path: {train}}}]}}
   validation_data: {{type: CONCATENATION, datasets: [{{path: {valid}}}]}}
-  chat_template_name: chat-ml
+  chat_template_name: {template}
   missing_pad_token_strategy: bos-repurpose
 training_args: {{learning_rate: !list {rates}, max_steps: {steps}, logging_steps: 10, seed: 42, bf16: {bf16}}}
 batchsize_conf: {{total_train_batch_size: {batch}, max_per_device_train_batch_size: {batch}}}
@@ -109,8 +114,13 @@ class GpuBusy:
         return sum(self.samples) / len(self.samples) if self.samples else None
 
 
+def configs(args: argparse.Namespace) -> list[tuple[int, float]]:
+    return [(r, lr) for r in RANKS[args.configs] for lr in RATES]
+
+
 def sequential(args: argparse.Namespace, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
-    measured = CONFIGS[:1] if args.extrapolate else CONFIGS
+    every = configs(args)
+    measured = every[:1] if args.extrapolate else every
     firsts, totals = [], []
     for r, lr in measured:
         start = time.time()
@@ -125,18 +135,19 @@ def sequential(args: argparse.Namespace, model: Path, train: Path, valid: Path, 
         firsts.append(evals[0]["time"] - start)
         totals.append(time.time() - start)
     if args.extrapolate:
-        firsts, totals = firsts * len(CONFIGS), totals * len(CONFIGS)
+        firsts, totals = firsts * len(every), totals * len(every)
     return {"first_comparison": sum(totals[:-1]) + firsts[-1], "total": sum(totals)}
 
 
-def with_finetune(args: argparse.Namespace, slots: str, model: Path, train: Path, valid: Path, work: Path) -> dict[str, float]:
-    from finetune.track.timeline import overlap_fraction, training_intervals
+def with_finetune(args: argparse.Namespace, slots: str, fuse: str, model: Path, train: Path, valid: Path,
+                  work: Path) -> dict[str, float]:
+    from finetune.track.timeline import overlap_fraction, seconds_with_at_least, training_intervals
 
     config = work / "sweep.yaml"
     on_gpu = args.device == "cuda"
     config.write_text(CONFIG.format(
-        out=work / "runs", chunks=CHUNKS, devices="[0]" if on_gpu else "cpu", slots=slots, train=train,
-        valid=valid, rates=sorted({lr for _, lr in CONFIGS}), ranks=sorted({r for r, _ in CONFIGS}), steps=args.steps,
+        out=work / "runs", chunks=CHUNKS, devices="[0]" if on_gpu else "cpu", slots=slots, fuse=fuse, train=train,
+        valid=valid, rates=list(RATES), ranks=list(RANKS[args.configs]), template=args.chat_template, steps=args.steps,
         bf16=str(on_gpu).lower(), batch=args.batch, model=model, dtype="bfloat16" if on_gpu else "float32", max_length=args.max_length,
     ))
     shutil.rmtree(work / "runs", ignore_errors=True)
@@ -148,9 +159,38 @@ def with_finetune(args: argparse.Namespace, slots: str, model: Path, train: Path
     wall, steps, evals, count = db.execute("SELECT SUM(seconds), SUM(step_seconds), SUM(eval_seconds), COUNT(*) FROM chunks").fetchone()
     written = [json.loads(row[0])["bytes"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_durable'")]
     workers = len({json.loads(row[0])["worker"] for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_started'")})
+    tokens = sum(json.loads(row[0]).get("tokens", 0) for row in db.execute("SELECT detail FROM events WHERE kind = 'chunk_done'"))
+    groups = db.execute("SELECT COUNT(*) FROM events WHERE kind = 'fused_group'").fetchone()[0]
+    intervals = training_intervals(work / "runs" / "gpu-sweep")
     return {"first_comparison": max(firsts) - start, "total": total, "steps": steps / count, "eval": evals / count,
             "rest": (wall - steps - evals) / count, "bytes": sum(written) / max(1, len(written)), "workers": workers,
-            "overlap": overlap_fraction(training_intervals(work / "runs" / "gpu-sweep"))}
+            "overlap": overlap_fraction(intervals), "tokens": tokens, "training_seconds": seconds_with_at_least(intervals, 1),
+            "fused_groups": groups}
+
+
+def model_flops_per_token(model: Path, max_length: int) -> float:
+    """A LoRA step's model FLOPs per trained token: 4 x the base's parameters (forward, and backward to the
+    activations only: the base is frozen), plus attention's score and value products (forward and backward,
+    at half the longest length on average under the causal mask). LoRA's own products are left out (under 1%)."""
+    config = json.loads((model / "config.json").read_text())
+    hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
+    heads, kv_heads, inter = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
+    per_layer = hidden * hidden * (2 + 2 * kv_heads / heads) + 3 * hidden * inter
+    parameters = layers * per_layer + vocab * hidden  # the output layer; the embedding lookup is no product
+    return 4 * parameters + 4 * 2 * layers * hidden * (max_length / 2)
+
+
+def mfu(args: argparse.Namespace, model: Path, result: dict[str, float]) -> float | None:
+    """Model FLOPs utilisation over the seconds during which any run trained; None off a known GPU."""
+    peak = args.peak_tflops
+    if peak is None and args.device == "cuda":
+        import torch
+
+        name = torch.cuda.get_device_name(0)
+        peak = next((value for card, value in PEAK_BF16_TFLOPS.items() if card in name), None)
+    if not peak or not result["training_seconds"]:
+        return None
+    return result["tokens"] * model_flops_per_token(model, args.max_length) / result["training_seconds"] / (peak * 1e12)
 
 
 def main() -> None:
@@ -161,6 +201,10 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--max-length", type=int, default=512)
     parser.add_argument("--runs-per-device", default="auto", help="finetune's experiment.runs_per_device; several: 1,2,4")
+    parser.add_argument("--fuse", default="", help="fused group sizes to run too (experiment.fuse, one worker): 4,8")
+    parser.add_argument("--configs", type=int, choices=sorted(RANKS), default=4, help="LoRA configs in the sweep")
+    parser.add_argument("--chat-template", default="chat-ml", help="mistral-with-system for --fuse (its tokens exist)")
+    parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
     parser.add_argument("--extrapolate", action="store_true", help="time one sequential TRL run and count it 4 times")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
@@ -172,7 +216,9 @@ def main() -> None:
 
     quiet_libraries()
     inputs = build_inputs(work, args.preset, "bfloat16" if args.device == "cuda" else "float32", args.steps * args.batch + 64)
-    print(f"{len(CONFIGS)} LoRA configs, {args.steps} steps each, batch {args.batch} x <= {args.max_length} tokens, "
+    if args.fuse and args.chat_template == "chat-ml":
+        parser.error("--fuse needs --chat-template mistral-with-system: chat-ml adds tokens, whose rows do not fuse")
+    print(f"{len(configs(args))} LoRA configs, {args.steps} steps each, batch {args.batch} x <= {args.max_length} tokens, "
           f"{CHUNKS} chunks; working in {work}", flush=True)
     seq, seq_busy = None, None
     if not args.skip_sequential:
@@ -183,15 +229,21 @@ def main() -> None:
     if seq:
         print(f"sequential TRL scripts: first comparison {seq['first_comparison']:.1f}s, total {seq['total']:.1f}s, "
               f"GPU busy {_percent(seq_busy)}", flush=True)
-    print(f"ideal first-comparison ratio with one slot for {len(CONFIGS)} x {CHUNKS} chunks: "
-          f"{(len(CONFIGS) - 1 + 1 / CHUNKS) / (len(CONFIGS) / CHUNKS):.2f}x", flush=True)
-    for slots in args.runs_per_device.split(","):
+    count = len(configs(args))
+    print(f"ideal first-comparison ratio with one slot for {count} x {CHUNKS} chunks: "
+          f"{(count - 1 + 1 / CHUNKS) / (count / CHUNKS):.2f}x", flush=True)
+    ways = [(f"runs_per_device={slots}", slots, "off") for slots in args.runs_per_device.split(",") if slots]
+    ways += [(f"fuse={k}", "1", k) for k in args.fuse.split(",") if k]
+    for label, slots, fuse in ways:
         with GpuBusy() as busy:
-            ft = with_finetune(args, slots, *inputs, work)
-        results[f"runs_per_device={slots}"] = {**ft, "busy": busy.percent}
+            ft = with_finetune(args, slots, fuse, *inputs, work)
+        utilisation = mfu(args, inputs[0], ft)
+        results[label] = {**ft, "busy": busy.percent, "mfu": utilisation}
         ratio = {key: f" ({seq[key] / ft[key]:.2f}x)" if seq else "" for key in ("first_comparison", "total")}
-        print(f"finetune, runs_per_device={slots} ({ft['workers']} worker(s)): first comparison {ft['first_comparison']:.1f}s"
-              f"{ratio['first_comparison']}, total {ft['total']:.1f}s{ratio['total']}, GPU busy {_percent(busy.percent)}, "
+        print(f"finetune, {label} ({ft['workers']} worker(s), {ft['fused_groups']} fused group(s)): first comparison "
+              f"{ft['first_comparison']:.1f}s{ratio['first_comparison']}, total {ft['total']:.1f}s{ratio['total']}, "
+              f"{ft['tokens'] / ft['training_seconds']:,.0f} tokens/s while training, GPU busy {_percent(busy.percent)}, "
+              f"MFU {_percent(None if utilisation is None else 100 * utilisation)}, "
               f"two or more runs training {100 * ft['overlap']:.0f}% of the time; per chunk {ft['steps']:.3f}s optimizer "
               f"steps, {ft['eval']:.3f}s evaluation, {ft['rest']:.3f}s else ({100 * ft['rest'] / ft['steps']:.1f}% of step "
               f"time); {ft['bytes'] / 1e6:.2f} MB written per chunk", flush=True)

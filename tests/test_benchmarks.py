@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
 import subprocess
@@ -29,13 +30,41 @@ def test_chunk_overhead_reports_ratios_of_step_time(tmp_path) -> None:
 
 def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
     """The GPU benchmark with the same code on the CPU: a tiny preset, one sequential run extrapolated, two slots
-    (one slot is the path of chunk_overhead.py's grid)."""
+    (one slot is the path of chunk_overhead.py's grid) and a fused group of the 4 configs."""
     out = run("gpu_sweep.py", "--preset", "tiny", "--device", "cpu", "--steps", "8", "--batch", "2", "--max-length", "512",
-              "--extrapolate", "--runs-per-device", "2", "--work", str(tmp_path), "--json-out", str(tmp_path / "out.json"),
-              cwd=tmp_path)
-    assert re.search(r"runs_per_device=2 \(2 worker\(s\)\): first comparison [\d.]+s \([\d.]+x\)", out), out
+              "--extrapolate", "--runs-per-device", "2", "--fuse", "4", "--chat-template", "mistral-with-system",
+              "--work", str(tmp_path), "--json-out", str(tmp_path / "out.json"), cwd=tmp_path)
+    assert re.search(r"runs_per_device=2 \(2 worker\(s\), 0 fused group\(s\)\): first comparison [\d.]+s \([\d.]+x\)", out), out
+    assert re.search(r"fuse=4 \(1 worker\(s\), [1-9]\d* fused group\(s\)\): first comparison [\d.]+s \([\d.]+x\)", out), out
     assert re.search(r"two or more runs training \d+% of the time", out) and "MB written per chunk" in out and "GPU busy n/a" in out
-    assert set(json.loads((tmp_path / "out.json").read_text())) == {"sequential", "runs_per_device=2"}
+    assert "MFU n/a" in out and re.search(r"[\d,]+ tokens/s while training", out)
+    figures = json.loads((tmp_path / "out.json").read_text())
+    assert set(figures) == {"sequential", "runs_per_device=2", "fuse=4"}
+    assert figures["fuse=4"]["tokens"] > 0 and figures["fuse=4"]["training_seconds"] > 0
+
+
+def test_gpu_sweep_counts_four_flops_per_base_parameter_and_token(tmp_path) -> None:
+    """The MFU estimate's model FLOPs: 4 x the parameters of the base's matrix products (every Linear, the output
+    layer included; not the embedding lookup) per token, plus attention's 4 x 2 x layers x hidden x length / 2."""
+    sys.path.insert(0, str(BENCHMARKS))
+    try:
+        import gpu_sweep
+    finally:
+        sys.path.remove(str(BENCHMARKS))
+    import torch
+
+    model_dir, _, _ = gpu_sweep.build_inputs(tmp_path, "tiny", "float32", 80)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(model_dir)
+    products = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
+    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
+    assert gpu_sweep.model_flops_per_token(model_dir, 512) == pytest.approx(4 * products + 4 * 2 * layers * hidden * 256)
+    assert gpu_sweep.mfu(argparse.Namespace(peak_tflops=None, device="cpu", max_length=512), model_dir,
+                         {"tokens": 1000, "training_seconds": 1.0}) is None
+    assert gpu_sweep.mfu(argparse.Namespace(peak_tflops=1e-6, device="cpu", max_length=512), model_dir,
+                         {"tokens": 1000, "training_seconds": 2.0}) == pytest.approx(
+        1000 * gpu_sweep.model_flops_per_token(model_dir, 512) / 2.0 / 1e6)
 
 
 def test_step_speed_compares_the_three_loops_in_every_layout(tmp_path) -> None:

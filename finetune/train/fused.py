@@ -15,8 +15,9 @@ leaves the loop at its own stop step; the others go on.
 
 What fuses: SFT runs with plain LoRA adapters (any rank, alpha, dropout, target modules) on one
 frozen base, on one device, with the default loss (`fuse_problems` says why anything else does
-not). The result equals training each member alone up to the last bits of the base's matrix
-products on the concatenated batch (see `tests/test_fused.py` for the measured bound).
+not). The result equals training each member alone up to the order of the sums in the stacked
+LoRA products (`fused_lora`) and, for a member padded to the group's longest row, in attention and
+TRL's log-probability head (see `tests/test_fused.py` for the measured bounds).
 """
 
 from __future__ import annotations

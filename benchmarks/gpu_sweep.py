@@ -35,7 +35,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 RATES = (1e-4, 3e-4)
 RANKS = {4: (16, 64), 8: (16, 32, 64, 128)}
-PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense, SXM; an H100 PCIe is 756: pass --peak-tflops
+PEAK_BF16_TFLOPS = {"H100": 989.0, "H200": 989.0}  # dense bf16, SXM; PCIe and NVL cards differ: pass --peak-tflops
 CHUNKS = 8
 PRESETS = {  # hidden, intermediate, layers, heads, kv heads
     "tiny": (64, 128, 2, 4, 2),
@@ -165,32 +165,38 @@ def with_finetune(args: argparse.Namespace, slots: str, fuse: str, model: Path, 
     return {"first_comparison": max(firsts) - start, "total": total, "steps": steps / count, "eval": evals / count,
             "rest": (wall - steps - evals) / count, "bytes": sum(written) / max(1, len(written)), "workers": workers,
             "overlap": overlap_fraction(intervals), "tokens": tokens, "training_seconds": seconds_with_at_least(intervals, 1),
-            "fused_groups": groups}
+            "fused_groups": groups, "rows": len(configs(args)) * args.steps * args.batch}
 
 
-def model_flops_per_token(model: Path, max_length: int) -> float:
-    """A LoRA step's model FLOPs per trained token: 4 x the base's parameters (forward, and backward to the
-    activations only: the base is frozen), plus attention's score and value products (forward and backward,
-    at half the longest length on average under the causal mask). LoRA's own products are left out (under 1%)."""
+def model_flops_per_token(model: Path, length: float) -> float:
+    """A LoRA step's model FLOPs per trained token, for rows of `length` tokens: 4 x the parameters of the base's
+    matrix products (a forward of 2, and a backward of 2 to the activations only: the base is frozen), plus
+    attention's score and value products: 4 x (query width) x context forward and twice that backward, at a mean
+    context of half the row under the causal mask. LoRA's own products are left out (under 1%)."""
     config = json.loads((model / "config.json").read_text())
     hidden, layers, vocab = config["hidden_size"], config["num_hidden_layers"], config["vocab_size"]
     heads, kv_heads, inter = config["num_attention_heads"], config["num_key_value_heads"], config["intermediate_size"]
-    per_layer = hidden * hidden * (2 + 2 * kv_heads / heads) + 3 * hidden * inter
+    head_dim = config.get("head_dim") or hidden // heads
+    attention_width = heads * head_dim
+    per_layer = hidden * attention_width * 2 + hidden * kv_heads * head_dim * 2 + 3 * hidden * inter  # q, o; k, v; MLP
     parameters = layers * per_layer + vocab * hidden  # the output layer; the embedding lookup is no product
-    return 4 * parameters + 4 * 2 * layers * hidden * (max_length / 2)
+    return 4 * parameters + 3 * 4 * layers * attention_width * (length / 2)
 
 
 def mfu(args: argparse.Namespace, model: Path, result: dict[str, float]) -> float | None:
-    """Model FLOPs utilisation over the seconds during which any run trained; None off a known GPU."""
+    """Model FLOPs utilisation over the seconds during which any run trained (rows of the sweep's mean length);
+    None off a GPU whose peak is known (H100 SXM and H200; `--peak-tflops` for any other)."""
     peak = args.peak_tflops
     if peak is None and args.device == "cuda":
         import torch
 
         name = torch.cuda.get_device_name(0)
-        peak = next((value for card, value in PEAK_BF16_TFLOPS.items() if card in name), None)
-    if not peak or not result["training_seconds"]:
+        peak = next((value for card, value in PEAK_BF16_TFLOPS.items() if card in name and "PCIe" not in name
+                     and "NVL" not in name), None)
+    if not peak or not result["training_seconds"] or not result["rows"]:
         return None
-    return result["tokens"] * model_flops_per_token(model, args.max_length) / result["training_seconds"] / (peak * 1e12)
+    per_token = model_flops_per_token(model, result["tokens"] / result["rows"])
+    return result["tokens"] * per_token / result["training_seconds"] / (peak * 1e12)
 
 
 def main() -> None:
@@ -205,19 +211,19 @@ def main() -> None:
     parser.add_argument("--configs", type=int, choices=sorted(RANKS), default=4, help="LoRA configs in the sweep")
     parser.add_argument("--chat-template", default="chat-ml", help="mistral-with-system for --fuse (its tokens exist)")
     parser.add_argument("--peak-tflops", type=float, default=None, help="the GPU's dense bf16 peak, for MFU")
-    parser.add_argument("--extrapolate", action="store_true", help="time one sequential TRL run and count it 4 times")
+    parser.add_argument("--extrapolate", action="store_true", help="time one sequential TRL run and count it once per config")
     parser.add_argument("--skip-sequential", action="store_true")
     parser.add_argument("--work", type=Path, default=None)
     parser.add_argument("--json-out", type=Path, default=None, help="write the figures to this JSON file")
     args = parser.parse_args()
+    if args.fuse and args.chat_template == "chat-ml":
+        parser.error("--fuse needs --chat-template mistral-with-system: chat-ml adds tokens, whose rows do not fuse")
     work = args.work or Path(tempfile.mkdtemp(prefix="finetune-gpu-sweep-"))
     work.mkdir(parents=True, exist_ok=True)
     from finetune.runtime import quiet_libraries
 
     quiet_libraries()
     inputs = build_inputs(work, args.preset, "bfloat16" if args.device == "cuda" else "float32", args.steps * args.batch + 64)
-    if args.fuse and args.chat_template == "chat-ml":
-        parser.error("--fuse needs --chat-template mistral-with-system: chat-ml adds tokens, whose rows do not fuse")
     print(f"{len(configs(args))} LoRA configs, {args.steps} steps each, batch {args.batch} x <= {args.max_length} tokens, "
           f"{CHUNKS} chunks; working in {work}", flush=True)
     seq, seq_busy = None, None
@@ -242,7 +248,7 @@ def main() -> None:
         ratio = {key: f" ({seq[key] / ft[key]:.2f}x)" if seq else "" for key in ("first_comparison", "total")}
         print(f"finetune, {label} ({ft['workers']} worker(s), {ft['fused_groups']} fused group(s)): first comparison "
               f"{ft['first_comparison']:.1f}s{ratio['first_comparison']}, total {ft['total']:.1f}s{ratio['total']}, "
-              f"{ft['tokens'] / ft['training_seconds']:,.0f} tokens/s while training, GPU busy {_percent(busy.percent)}, "
+              f"{ft['tokens'] / max(ft['training_seconds'], 1e-9):,.0f} tokens/s while training, GPU busy {_percent(busy.percent)}, "
               f"MFU {_percent(None if utilisation is None else 100 * utilisation)}, "
               f"two or more runs training {100 * ft['overlap']:.0f}% of the time; per chunk {ft['steps']:.3f}s optimizer "
               f"steps, {ft['eval']:.3f}s evaluation, {ft['rest']:.3f}s else ({100 * ft['rest'] / ft['steps']:.1f}% of step "

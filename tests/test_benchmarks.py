@@ -43,28 +43,35 @@ def test_gpu_sweep_runs_its_cpu_path(tmp_path) -> None:
     assert figures["fuse=4"]["tokens"] > 0 and figures["fuse=4"]["training_seconds"] > 0
 
 
-def test_gpu_sweep_counts_four_flops_per_base_parameter_and_token(tmp_path) -> None:
-    """The MFU estimate's model FLOPs: 4 x the parameters of the base's matrix products (every Linear, the output
-    layer included; not the embedding lookup) per token, plus attention's 4 x 2 x layers x hidden x length / 2."""
+def test_gpu_sweep_counts_the_model_flops_that_torch_counts(tmp_path) -> None:
+    """The MFU estimate's model FLOPs per token, against torch's FLOP counter on a forward of the tiny (grouped-query)
+    model: twice the forward's matrix products (forward, and backward to the activations of a frozen base) and
+    1.5 times its attention products (forward and a backward of twice that, over half the row: causal)."""
     sys.path.insert(0, str(BENCHMARKS))
     try:
         import gpu_sweep
     finally:
         sys.path.remove(str(BENCHMARKS))
     import torch
-
-    model_dir, _, _ = gpu_sweep.build_inputs(tmp_path, "tiny", "float32", 80)
+    from torch.utils.flop_counter import FlopCounterMode
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(model_dir)
-    products = sum(module.weight.numel() for module in model.modules() if isinstance(module, torch.nn.Linear))
-    hidden, layers = model.config.hidden_size, model.config.num_hidden_layers
-    assert gpu_sweep.model_flops_per_token(model_dir, 512) == pytest.approx(4 * products + 4 * 2 * layers * hidden * 256)
-    assert gpu_sweep.mfu(argparse.Namespace(peak_tflops=None, device="cpu", max_length=512), model_dir,
-                         {"tokens": 1000, "training_seconds": 1.0}) is None
-    assert gpu_sweep.mfu(argparse.Namespace(peak_tflops=1e-6, device="cpu", max_length=512), model_dir,
-                         {"tokens": 1000, "training_seconds": 2.0}) == pytest.approx(
-        1000 * gpu_sweep.model_flops_per_token(model_dir, 512) / 2.0 / 1e6)
+    model_dir, _, _ = gpu_sweep.build_inputs(tmp_path, "tiny", "float32", 80)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, attn_implementation="eager")  # attention as plain products
+    assert model.config.num_key_value_heads < model.config.num_attention_heads
+    length = 64
+    with torch.no_grad(), FlopCounterMode(display=False) as counter:
+        model(input_ids=torch.randint(0, model.config.vocab_size, (1, length)))
+    counts = {str(op).split(".")[-1] if "." in str(op) else str(op): flops for op, flops in counter.get_flop_counts()["Global"].items()}
+    products = sum(flops for op, flops in counts.items() if op in ("mm", "addmm")) / length
+    attention = sum(flops for op, flops in counts.items() if op == "bmm") / length
+    assert products > 0 and attention > 0, counts
+    assert gpu_sweep.model_flops_per_token(model_dir, length) == pytest.approx(2 * products + 1.5 * attention, rel=1e-6)
+    no_gpu = argparse.Namespace(peak_tflops=None, device="cpu", max_length=512)
+    assert gpu_sweep.mfu(no_gpu, model_dir, {"tokens": 1000, "training_seconds": 1.0, "rows": 10}) is None
+    peak = argparse.Namespace(peak_tflops=1e-6, device="cpu", max_length=512)
+    assert gpu_sweep.mfu(peak, model_dir, {"tokens": 1000, "training_seconds": 2.0, "rows": 10}) == pytest.approx(
+        1000 * gpu_sweep.model_flops_per_token(model_dir, 100) / 2.0 / 1e6)
 
 
 def test_step_speed_compares_the_three_loops_in_every_layout(tmp_path) -> None:

@@ -17,13 +17,14 @@ MEMBERS: dict[str, dict[str, Any]] = {
           "lr": 3e-3, "batch": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4}},
     "c": {"peft": {"r": 16, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "v_proj"], "lora_dropout": 0.05},
           "lr": 5e-3, "batch": {"total_train_batch_size": 12, "max_per_device_train_batch_size": 4}},
-    # micro-batches of 2: its rows are often shorter than the others' and are padded to the group's longest
-    "d": {"peft": {"r": 16, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "v_proj"]},
+    # micro-batches of 2: its rows are often shorter than the others' and are padded to the group's longest (its
+    # dropout is drawn on its rows cut back to its own length); rank 12: a scaling that is no power of two
+    "d": {"peft": {"r": 12, "lora_alpha": 16, "target_modules": ["gate_proj", "up_proj", "v_proj"], "lora_dropout": 0.1},
           "lr": 5e-2, "batch": {"total_train_batch_size": 6, "max_per_device_train_batch_size": 2}, "optim": "sgd"},
 }
 
 
-def member_config(demo_dir: Path, base_config: dict[str, Any], name: str, steps: int) -> Any:
+def member_config(demo_dir: Path, base_config: dict[str, Any], name: str, steps: int, optim: str | None = None) -> Any:
     from finetune.config.models import CONFIG_ADAPTER
 
     member = MEMBERS[name]
@@ -31,7 +32,7 @@ def member_config(demo_dir: Path, base_config: dict[str, Any], name: str, steps:
     tree["data_conf"]["training_data"]["datasets"] = [{"path": str(demo_dir / "data" / "sft_train.jsonl")}]
     tree["run_conf"]["model"] = str(demo_dir / "model")
     tree["training_args"].update(max_steps=steps, max_grad_norm=1.0, logging_steps=1, learning_rate=member["lr"], seed=11,
-                                 optim=member.get("optim", "adamw_torch"))
+                                 optim=optim or member.get("optim", "adamw_torch"))
     tree["batchsize_conf"] = member["batch"]
     tree["sft_args"] = {"train_on_completions_only": True}
     tree["peft_conf"]["peft_kwargs"] = member["peft"]
@@ -74,11 +75,6 @@ def build_sessions(configs: dict[str, Any], out: Path, shared: bool, log: LossLo
     return sessions
 
 
-def max_difference(solo: dict[str, Any], fused: dict[str, Any]) -> float:
-    assert solo.keys() == fused.keys()
-    return max(float((solo[key] - fused[key]).abs().max()) for key in solo)
-
-
 def train_solo_and_fused(demo_dir: Path, base_config: dict[str, Any], out: Path, names: list[str], steps: int,
                          stops: dict[str, int]) -> tuple[list[Any], list[Any], LossLog, LossLog]:
     """Each member trained alone (on a base of its own, in two chunks) and the same members trained as one
@@ -102,8 +98,8 @@ def train_solo_and_fused(demo_dir: Path, base_config: dict[str, Any], out: Path,
 
 @pytest.mark.slow
 def test_each_member_of_a_fused_group_trains_as_it_would_alone(demo_dir, base_config, tmp_path) -> None:
-    """Members with micro-batches of one size see rows of one length at each micro-step (the same data
-    order): nothing is padded for the group. The one difference from training alone is the order of the
+    """Members with micro-batches of one size see rows of one length at most micro-steps (the same data
+    order; here 4 of 18 micro-steps pad one member, as their accumulations differ). The one difference from training alone is the order of the
     sums in the stacked LoRA products (`fused_lora`: other members' blocks add exact zeros): stated bound,
     a relative 1e-4 on each adapter tensor after 5 steps (2e-6 measured; a member whose dropout masks were
     drawn from another stream is off by 0.4 to 0.7), and loss curves within a relative 1e-6 (equal measured)."""
@@ -134,21 +130,23 @@ def test_a_member_padded_to_the_groups_longest_rows_stays_within_the_stated_boun
     other last bits: attention reduces over the longer masked key length (hidden states within 1e-6), and
     TRL's chunked log-probability head on the CPU, whose per-token values move by up to ~1e-3 with the
     number of tokens it is given (it is ~1.6e-3 from log_softmax either way). Measured bound, with SGD
-    (whose update is linear in the gradient): d's loss curve within a relative 1e-5 of d alone, its adapter
-    within a relative 1e-2 (norm of the difference over the norm; ~3e-3 measured) after 4 steps; a, whose
-    rows are the longest, stays bitwise."""
-    import torch
-
+    (whose update is linear in the gradient): d's loss curve within a relative 5e-5 of d alone (up to 1.5e-5
+    measured over ranks 12 and 16, with and without dropout; masks drawn from another stream move it by
+    1e-4 to 1e-3), its adapter
+    within a relative 1e-2 (norm of the difference over the norm; ~3e-3 measured) after 4 steps; its dropout
+    draws as much from its stream as alone; a, whose rows are the longest, within the stacked products'
+    bound (1e-4)."""
     solo, fused, solo_log, fused_log = train_solo_and_fused(demo_dir, base_config, tmp_path, ["a", "d"], steps=4,
                                                             stops={"a": 2, "d": 3})
     a_alone, d_alone = (session.trainable_state() for session in solo)
     a_fused, d_fused = (session.trainable_state() for session in fused)
-    assert all(torch.equal(a_alone[key], a_fused[key]) for key in a_alone)
-    ratios = {key: float((d_fused[key] - d_alone[key]).norm() / d_alone[key].norm()) for key in d_alone}
+    assert max(relative_difference(a_alone[key], a_fused[key]) for key in a_alone) < 1e-4
+    ratios = {key: relative_difference(d_alone[key], d_fused[key]) for key in d_alone}
     assert max(ratios.values()) < 1e-2, ratios
+    assert solo[1].rng["cpu"].equal(fused[1].rng["cpu"])  # masks drawn on its own length: as many numbers as alone
     assert len(fused_log.curves["d"]) == len(solo_log.curves["d"]) == 4
     for (step, alone), (fused_step, together) in zip(solo_log.curves["d"], fused_log.curves["d"]):
-        assert step == fused_step and together == pytest.approx(alone, rel=1e-5)
+        assert step == fused_step and together == pytest.approx(alone, rel=5e-5)
 
 
 def relative_difference(left: Any, right: Any) -> float:
@@ -156,9 +154,48 @@ def relative_difference(left: Any, right: Any) -> float:
     return float((left - right).norm() / left.norm())
 
 
+@pytest.mark.slow
+def test_a_member_that_diverges_leaves_the_group_and_the_others_train_as_alone(demo_dir, base_config, tmp_path) -> None:
+    """c's adapter is set to NaN after its first step (as a learning rate too high makes it): in the stacked LoRA
+    products its values would reach a's and b's gradients (0 x NaN), which training alone never does. c leaves
+    the group at the next micro-step and trains its chunk alone (NaN weights, as alone); a and b stay finite and
+    within the bound of a padded member (their accumulations differ, so their rows are padded at some
+    micro-steps: see the test above; SGD, whose update is linear in the gradient)."""
+    import torch
+
+    from finetune.train.fused import FusedGroup
+
+    configs = {name: member_config(demo_dir, base_config, name, 4, optim="sgd") for name in "abc"}
+    solo_log, fused_log = LossLog(), LossLog()
+    solo = build_sessions(configs, tmp_path / "solo", shared=False, log=solo_log)
+    fused = build_sessions(configs, tmp_path / "fused", shared=True, log=fused_log)
+    for session in solo:
+        session.train_until(1)
+    group = FusedGroup(fused)
+    group.train_until({name: 1 for name in configs})
+    for session in (solo[2], fused[2]):
+        with torch.no_grad():
+            next(param for key, param in session.model.named_parameters() if "lora_A.c." in key).fill_(float("nan"))
+    for session in solo:
+        session.train_until(4)
+    group.train_until({name: 4 for name in configs})
+    assert [session.step for session in fused] == [4, 4, 4]
+    for alone, together in zip(solo[:2], fused[:2]):
+        mine, theirs = alone.trainable_state(), together.trainable_state()
+        assert all(torch.isfinite(value).all() for value in theirs.values()), alone.run_id
+        assert max(relative_difference(mine[key], theirs[key]) for key in mine) < 1e-2, alone.run_id
+        assert [loss for _, loss in fused_log.curves[alone.run_id]] == pytest.approx(
+            [loss for _, loss in solo_log.curves[alone.run_id]], rel=5e-5)
+    # c as alone: NaN weights, and the same logged curve (HF's logging_nan_inf_filter logs a NaN loss as the mean so far)
+    assert not any(torch.isfinite(value).all() for key, value in fused[2].trainable_state().items() if "lora_A" in key)
+    assert fused_log.curves["c"] == solo_log.curves["c"] and len(fused_log.curves["c"]) == 4
+    assert solo[2].rng["cpu"].equal(fused[2].rng["cpu"])  # its dropout drew from its own stream, alone and in the group
+
+
 def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_dir, base_config) -> None:
     """The seam (fused_lora): a hooked forward of three adapters' rows equals PEFT's own forward of each
-    adapter active alone, row for row, and leaving the hooks restores PEFT's layers (active adapter trainable)."""
+    adapter active alone, row for row (within float32's rounding: a row given another adapter is off by ~1e-2),
+    and leaving the hooks restores PEFT's layers (active adapter trainable)."""
     import torch
 
     from finetune.train.fused import concatenate
@@ -167,6 +204,7 @@ def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_d
 
     configs = {name: member_config(demo_dir, base_config, name, 1) for name in "abcd"}
     configs["d"].peft_conf.peft_kwargs.target_modules = ["lm_head"]  # a layer no member's adapter is on
+    configs["c"].peft_conf.peft_kwargs.r = 12  # scaling 16/12: no power of two
     model = None
     for name, config in configs.items():
         base = load_base_model(config, 437) if model is None else model.get_base_model()
@@ -191,8 +229,8 @@ def test_the_hooks_add_each_adapter_to_its_own_rows_as_peft_adds_it_alone(demo_d
         fused.start_micro_step(rows)
         together = model(**batch).logits
         assert all(layer.lora_A[name].weight.requires_grad == (name in configs) for layer in fused.layers for name in layer.lora_A)
-    for own, place in zip(alone, rows):
-        assert torch.equal(own, together[place.start:place.stop])
+    for own, place in zip(alone, rows):  # the same up to the order of the sums in the stacked products
+        torch.testing.assert_close(together[place.start:place.stop], own, rtol=1e-5, atol=1e-6)
     assert not torch.equal(alone[0][0], alone[1][0])  # the adapters differ
     trainable = {key.split(".")[-2] for key, param in model.named_parameters() if param.requires_grad}
     assert trainable == {"d"}  # PEFT's state again: the active adapter alone trains
@@ -208,12 +246,15 @@ def attach_adapter_for_test(base: Any, shared: Any, config: Any, name: str) -> A
 def test_runs_that_cannot_fuse_are_refused_with_their_reasons(demo_dir, base_config, tmp_path) -> None:
     from finetune.train.fused import FusedGroup, fuse_problems
 
-    configs = {name: member_config(demo_dir, base_config, name, 2) for name in "ab"}
+    configs = {name: member_config(demo_dir, base_config, name, 2) for name in "abc"}
     configs["b"].peft_conf.peft_kwargs.use_dora = True
+    configs["c"].peft_conf.peft_kwargs.lora_bias = True  # the stacked products carry no bias
     sessions = build_sessions(configs, tmp_path, shared=True, log=LossLog())
     problems = fuse_problems(sessions)
     assert any(problem.startswith("run b:") and "variant" in problem for problem in problems)
+    assert any(problem.startswith("run c:") and "lora_bias" in problem for problem in problems)
     assert not any(problem.startswith("run a:") for problem in problems)
+    sessions = sessions[:2]
     assert fuse_problems(sessions[:1]) == ["a fused group needs at least two runs"]
     with pytest.raises(ValueError, match="cannot train fused"):
         FusedGroup(sessions)

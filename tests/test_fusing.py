@@ -60,6 +60,8 @@ def test_the_config_decides_who_may_fuse(base_config) -> None:
     assert key(fuse="off") == ""
     assert key(peft_conf={"peft_type": "NO_PEFT"}) == ""
     assert key(peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "use_dora": True}}) == ""
+    assert key(peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "lora_bias": True}}) == ""
+    assert key(peft_conf={"peft_type": "LORA", "peft_kwargs": {"r": 4, "lora_bias": False}}) == "sft|base"
     assert key(training_args={"learning_rate": 1e-4, "fp16": True}) == ""
 
 

@@ -49,7 +49,7 @@ def fuse_key(config: Any, base_key: str, gang: str) -> str:
     if setting == "off" or gang or config.method != "sft" or peft.peft_type != "LORA":
         return ""
     kwargs = peft.peft_kwargs.model_dump(exclude_unset=True)
-    if kwargs.get("use_dora") or kwargs.get("modules_to_save") or kwargs.get("trainable_token_indices"):
+    if any(kwargs.get(key) for key in ("use_dora", "modules_to_save", "trainable_token_indices", "lora_bias")):
         return ""
     args = config.training_args
     if getattr(args, "fp16", False) or getattr(args, "loss_type", "nll") not in (None, "nll"):

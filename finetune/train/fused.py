@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from finetune.train.fused_lora import FusedLora, Rows, dropout_of, seam_problems, shared_model_problems
+from finetune.train.run_state import capture_rng, restore_rng
 from finetune.train.seams.transformers import prepare_inputs
 from finetune.train.session import RunSession, _synchronize
 
@@ -145,41 +146,68 @@ class FusedGroup:
         return [session.run_id for session in self.sessions]
 
     def train_until(self, stops: dict[str, int]) -> float:
-        """Every member's optimizer steps up to its `stops[run_id]`; returns the group's wall time."""
+        """Every member's optimizer steps up to its `stops[run_id]`; returns the group's wall time.
+
+        A member whose rows come out of the forward non-finite (a diverged run: its weights or activations hold
+        inf or NaN) leaves the group at that micro-step and trains the rest of its chunk alone, as it would
+        without fusing: in the stacked LoRA products its values would reach the other members' gradients
+        (0 x NaN is NaN), which training alone never does."""
         members = [_Member(session, stops[session.run_id], {key: session.rng[key] for key in ("cpu", "cuda") if key in session.rng})
                    for session in self.sessions if session.step < stops[session.run_id]]
         started = time.perf_counter()
         for member in members:
             member.session.micro_step.enter_training()
         done: list[_Member] = []
+        alone: list[_Member] = []
         with self.lora.active():
             while members:
                 for member in members:
                     if not member.batches:
                         member.batches, member.items = member.session.begin_step()
                         member.taken = 0
-                self._micro_step(members)
+                diverged = self._micro_step(members)
+                alone += diverged
+                members = [member for member in members if member not in diverged]
                 for member in members:
                     if member.taken == len(member.batches):
                         member.session.finish_step()
+                        member.session.refuse_callback_stop()
                         member.batches = []
                 done += [member for member in members if not member.batches and member.session.step >= member.stop]
                 members = [member for member in members if member.batches or member.session.step < member.stop]
+        for member in alone:
+            _finish_alone(member)
         _synchronize(self.device)
         for member in done:
             member.session.rng = {**member.session.rng, **member.rng}
+            member.session.end_if_done()
         return time.perf_counter() - started
 
-    def _micro_step(self, members: list[_Member]) -> None:
-        """One micro-batch of each member: one forward of the base, each member's loss, one backward."""
+    def _micro_step(self, members: list[_Member]) -> list[_Member]:
+        """One micro-batch of each member: one forward of the base, each member's loss, one backward. Returns the
+        members whose rows came out non-finite: the micro-step is done again without them (their RNG streams and
+        the others' as before it), and they have not trained this micro-batch."""
+        import torch
+
         raw = [member.batches[member.taken] for member in members]
         own = [prepare_inputs(member.session.trainer, inputs) for member, inputs in zip(members, raw)]
+        streams = [dict(member.rng) for member in members]
         batch, rows = concatenate(own, [member.session.adapter_name for member in members],
                                   [member.rng if _draws(self.lora, member) else None for member in members], self.pad_id)
         self.lora.start_micro_step(rows)
         first = members[0].session
         with first.trainer.compute_loss_context_manager():
             outputs = first.wrapped(**batch, use_cache=False, fused_lm_head=True)
+        finite = torch.isfinite(outputs.log_probs).flatten(1).all(dim=1).tolist()  # one bool a row
+        if not all(all(finite[place.start:place.stop]) for place in rows):
+            del outputs
+            self.lora.start_micro_step([])
+            for member, stream in zip(members, streams):
+                member.rng.clear()
+                member.rng.update(stream)
+            diverged = [member for member, place in zip(members, rows) if not all(finite[place.start:place.stop])]
+            rest = [member for member in members if member not in diverged]
+            return diverged + (self._micro_step(rest) if rest else [])
         total = None
         for member, inputs, place, original in zip(members, own, rows, raw):
             trainer = member.session.trainer
@@ -195,6 +223,24 @@ class FusedGroup:
             total = scaled if total is None else total + scaled
         assert total is not None
         self.lora.backward(total)
+        return []
+
+
+def _finish_alone(member: _Member) -> None:
+    """A member that left its group mid-chunk: the rest of its step's micro-batches alone, then its chunk's steps
+    (`RunSession.train_until`), from its own RNG stream as the group left it."""
+    session = member.session
+    session.activate()
+    restore_rng({**session.rng, **member.rng}, session.device)
+    while member.taken < len(member.batches):
+        inputs, last = member.batches[member.taken], member.taken == len(member.batches) - 1
+        session.trainer.accelerator.sync_gradients = last
+        session.end_micro_step(session.micro_step(inputs, member.items), inputs, last)
+        member.taken += 1
+    session.finish_step()
+    session.refuse_callback_stop()
+    session.rng = {**session.rng, **capture_rng(session.device)}
+    session.train_until(member.stop)
 
 
 def _draws(lora: FusedLora, member: _Member) -> bool:

@@ -60,6 +60,8 @@ def seam_problems(model: Any, adapter: str) -> list[str]:
     for key in ("modules_to_save", "trainable_token_indices"):
         if getattr(config, key, None):
             problems.append(f"its adapter trains whole modules or token rows ({key})")
+    if getattr(config, "lora_bias", False):
+        problems.append("its adapter trains a bias on lora_B (lora_bias)")
     for name, module in model.named_modules():
         held = set(getattr(module, "lora_A", {})) | set(getattr(module, "lora_embedding_A", {}))
         if isinstance(module, LoraLayer) and adapter in held:
@@ -108,28 +110,37 @@ class FusedLora:
         self.switched = [module for module in model.modules() if isinstance(module, LoraLayer)]
         self.rows: list[Rows] = []
         self.drawn: dict[tuple[int, str], dict[str, Any]] = {}  # the RNG state each (layer, adapter) drew from
-        self.layouts: dict[Any, Any] = {}  # this micro-step's scaled masks (`_layout`)
+        self.layouts: dict[Any, tuple[Any, Any]] = {}  # this micro-step's masks and scalings (`_layout`)
         self.replaying = False
+        self.handles: list[Any] = []
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        handles = []
+        self.enter()
         try:
-            for layer in self.switched:
-                layer.enable_adapters(False)
-            for layer in self.layers:
-                for adapter in self.adapters:
-                    if adapter in layer.lora_A:
-                        layer.lora_A[adapter].requires_grad_(True)
-                        layer.lora_B[adapter].requires_grad_(True)
-                handles.append(layer.register_forward_hook(self._add_adapters))
             yield
         finally:
-            for handle in handles:
-                handle.remove()
-            for layer in self.switched:
-                layer.enable_adapters(True)
-            self.rows = []
+            self.leave()
+
+    def enter(self) -> None:
+        """Switch PEFT's LoRA layers off, make the members' adapters trainable and hook the layers."""
+        for layer in self.switched:
+            layer.enable_adapters(False)
+        for layer in self.layers:
+            for adapter in self.adapters:
+                if adapter in layer.lora_A:
+                    layer.lora_A[adapter].requires_grad_(True)
+                    layer.lora_B[adapter].requires_grad_(True)
+            self.handles.append(layer.register_forward_hook(self._add_adapters))
+
+    def leave(self) -> None:
+        """PEFT's layers as they were: no hooks, adapters on (the active one alone trainable)."""
+        for handle in self.handles:
+            handle.remove()
+        self.handles = []
+        for layer in self.switched:
+            layer.enable_adapters(True)
+        self.rows = []
 
     def _add_adapters(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         """`output + delta`, where `delta` holds, on each member's rows, what `lora.Linear.forward` adds for that
@@ -137,13 +148,14 @@ class FusedLora:
         adapter on this layer.
 
         All members in one product each: `A` stacks the members' `lora_A` weights (rank r1 + r2 + ...), `B` puts
-        their `lora_B` weights side by side, and a mask keeps each row's own block of `x @ A.T` times its
-        adapter's scaling, so `(x @ A.T * mask) @ B.T` is each member's own path and its gradients reach its
-        weights only. A mask per
-        member would be the same sum without the zeros: one product instead of K small ones is what makes the
-        group faster (on the CPU each small bf16 product costs ~35 us whatever its size; on a GPU, one kernel
-        launch instead of K). The zeros change the order of the sums: a member is within a stated bound of
-        training alone, not bitwise (tests/test_fused.py).
+        their `lora_B` weights side by side, and between them each row keeps its own block of `x @ A.T` times its
+        adapter's scaling (`torch.where`, so another member's non-finite values never reach it) and zero
+        elsewhere: `where(own, x @ A.T * scaling, 0) @ B.T` is each member's own path, and its gradients reach its
+        weights only. One product instead of K small ones is what makes the group faster (on the CPU each small
+        bf16 product costs ~35 us whatever its size; on a GPU, one kernel launch instead of K). The other
+        members' zeros change the order of the sums: a member is within a stated bound of training alone, not
+        bitwise (tests/test_fused.py). The scaling is applied before `lora_B` rather than after (it saves a
+        product over the layer's whole output), in float32, so a scaling such as 16/12 is not rounded to bf16.
 
         A member's dropout is drawn on its rows cut back to its own sequence length, from its own RNG stream,
         so its masks are those it draws alone. Positions past a member's length are padding that no real token
@@ -163,28 +175,32 @@ class FusedLora:
         stacked_b = torch.cat([layer.lora_B[rows.adapter].weight for rows in present], dim=1) if len(present) > 1 else \
             layer.lora_B[present[0].adapter].weight
         low = torch.nn.functional.linear(x, stacked_a)
-        delta = torch.nn.functional.linear(low * self._layout(layer, present, low.dtype), stacked_b)
+        own, scale = self._layout(layer, present)
+        delta = torch.nn.functional.linear(torch.where(own, low * scale, 0.0).to(low.dtype), stacked_b)
         return (output + delta).to(output.dtype)  # as lora.Linear.forward: promoted, then back to the base's dtype
 
-    def _layout(self, layer: Any, present: list[Rows], dtype: Any) -> Any:
-        """The mask (rows, 1, ranks) that keeps each row's own adapter block, scaled by its adapter's `scaling`
-        (zero elsewhere), for the members this layer holds: the same for every layer with those adapters, ranks
-        and scalings. (Scaling before `lora_B` rather than after, as PEFT does, saves a product over the layer's
-        whole output; for the usual scalings, powers of two such as alpha 16 over rank 4, 8, 16 or 32, it is
-        exact.)"""
+    def _layout(self, layer: Any, present: list[Rows]) -> tuple[Any, Any]:
+        """Which columns of `x @ A.T` are each row's own (bool, rows x 1 x ranks) and their scalings (float32,
+        zero elsewhere), for the members this layer holds: the same for every layer with those adapters, ranks
+        and scalings."""
         import torch
 
         ranks = tuple(int(layer.lora_A[rows.adapter].weight.shape[0]) for rows in present)
         scaling = tuple(float(layer.scaling[rows.adapter]) for rows in present)
-        key = (tuple(rows.adapter for rows in present), ranks, scaling, dtype)
+        key = (tuple(rows.adapter for rows in present), ranks, scaling)
         if key not in self.layouts:
-            weight = layer.lora_A[present[0].adapter].weight
-            mask = torch.zeros(self.rows[-1].stop, 1, sum(ranks), dtype=dtype, device=weight.device)
+            device = layer.lora_A[present[0].adapter].weight.device
+            scale = torch.zeros(self.rows[-1].stop, 1, sum(ranks), dtype=torch.float32, device=device)
             column = 0
             for rows, rank, factor in zip(present, ranks, scaling):
-                mask[rows.start:rows.stop, :, column:column + rank] = factor
+                scale[rows.start:rows.stop, :, column:column + rank] = factor
                 column += rank
-            self.layouts[key] = mask
+            own = torch.zeros_like(scale, dtype=torch.bool)
+            column = 0
+            for rows, rank in zip(present, ranks):
+                own[rows.start:rows.stop, :, column:column + rank] = True
+                column += rank
+            self.layouts[key] = (own, scale)
         return self.layouts[key]
 
     def _dropped(self, layer: Any, x: Any) -> Any:

@@ -115,17 +115,25 @@ class RunSession:
         self.micro_step.enter_training()
         while self.step < stop_step:
             self._optimizer_step()
-            if self.trainer.control.should_training_stop and self.step < self.total_steps:
-                raise RuntimeError(
-                    f"run {self.run_id}: a trainer callback stopped training at step {self.step} of {self.total_steps} "
-                    "(control.should_training_stop); finetune ends runs early through the sweep's policy or `finetune ctl stop`"
-                )
+            self.refuse_callback_stop()
         _synchronize(self.device)
         seconds = time.perf_counter() - started
         self.rng = capture_rng(self.device)
+        self.end_if_done()
+        return seconds
+
+    def refuse_callback_stop(self) -> None:
+        """After a step: a trainer callback may not end the run early (HF's `control.should_training_stop`)."""
+        if self.trainer.control.should_training_stop and self.step < self.total_steps:
+            raise RuntimeError(
+                f"run {self.run_id}: a trainer callback stopped training at step {self.step} of {self.total_steps} "
+                "(control.should_training_stop); finetune ends runs early through the sweep's policy or `finetune ctl stop`"
+            )
+
+    def end_if_done(self) -> None:
+        """HF's `on_train_end` once the run's last step is trained (after its last chunk's steps)."""
         if self.step >= self.total_steps:
             self.trainer.control = self._handler.on_train_end(self.trainer.args, self.trainer.state, self.trainer.control)
-        return seconds
 
     @property
     def _handler(self) -> Any:

@@ -154,32 +154,48 @@ def relative_difference(left: Any, right: Any) -> float:
     return float((left - right).norm() / left.norm())
 
 
+class Diverge:
+    """A trainer callback that sets the run's first lora_A weight to NaN at the end of a step (as a learning rate too
+    high does), the same step alone and in a group."""
+
+    def __new__(cls, session: Any, step: int) -> Any:
+        import torch
+        from transformers import TrainerCallback
+
+        class _Diverge(TrainerCallback):
+            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+                if state.global_step == step:
+                    with torch.no_grad():
+                        next(param for key, param in session.model.named_parameters()
+                             if f"lora_A.{session.adapter_name}." in key).fill_(float("nan"))
+
+        return _Diverge()
+
+
 @pytest.mark.slow
 def test_a_member_that_diverges_leaves_the_group_and_the_others_train_as_alone(demo_dir, base_config, tmp_path) -> None:
-    """c's adapter is set to NaN after its first step (as a learning rate too high makes it): in the stacked LoRA
-    products its values would reach a's and b's gradients (0 x NaN), which training alone never does. c leaves
-    the group at the next micro-step and trains its chunk alone (NaN weights, as alone); a and b stay finite and
-    within the bound of a padded member (their accumulations differ, so their rows are padded at some
-    micro-steps: see the test above; SGD, whose update is linear in the gradient)."""
+    """c's adapter turns NaN at the end of its step 2, in the middle of a chunk. In the stacked LoRA products its
+    values would reach a's and b's rows and gradients (0 x NaN is NaN), which training alone never does: c leaves
+    the group at the next micro-step and trains the rest of that chunk alone, and the next chunk alone from its
+    start (NaN weights, as alone). a and b stay finite and within the bound of a padded member (their accumulations
+    differ, so their rows are padded at some micro-steps: see the test above; SGD, linear in the gradient)."""
     import torch
 
     from finetune.train.fused import FusedGroup
 
-    configs = {name: member_config(demo_dir, base_config, name, 4, optim="sgd") for name in "abc"}
+    configs = {name: member_config(demo_dir, base_config, name, 5, optim="sgd") for name in "abc"}
     solo_log, fused_log = LossLog(), LossLog()
     solo = build_sessions(configs, tmp_path / "solo", shared=False, log=solo_log)
     fused = build_sessions(configs, tmp_path / "fused", shared=True, log=fused_log)
-    for session in solo:
-        session.train_until(1)
-    group = FusedGroup(fused)
-    group.train_until({name: 1 for name in configs})
     for session in (solo[2], fused[2]):
-        with torch.no_grad():
-            next(param for key, param in session.model.named_parameters() if "lora_A.c." in key).fill_(float("nan"))
-    for session in solo:
-        session.train_until(4)
-    group.train_until({name: 4 for name in configs})
-    assert [session.step for session in fused] == [4, 4, 4]
+        session.trainer.add_callback(Diverge(session, step=2))
+    for stop in (1, 3, 5):  # chunk boundaries: c diverges inside the second chunk
+        for session in solo:
+            session.train_until(stop)
+    group = FusedGroup(fused)
+    for stop in (1, 3, 5):
+        group.train_until({name: stop for name in configs})
+    assert [session.step for session in fused] == [5, 5, 5]
     for alone, together in zip(solo[:2], fused[:2]):
         mine, theirs = alone.trainable_state(), together.trainable_state()
         assert all(torch.isfinite(value).all() for value in theirs.values()), alone.run_id
@@ -187,8 +203,8 @@ def test_a_member_that_diverges_leaves_the_group_and_the_others_train_as_alone(d
         assert [loss for _, loss in fused_log.curves[alone.run_id]] == pytest.approx(
             [loss for _, loss in solo_log.curves[alone.run_id]], rel=5e-5)
     # c as alone: NaN weights, and the same logged curve (HF's logging_nan_inf_filter logs a NaN loss as the mean so far)
-    assert not any(torch.isfinite(value).all() for key, value in fused[2].trainable_state().items() if "lora_A" in key)
-    assert fused_log.curves["c"] == solo_log.curves["c"] and len(fused_log.curves["c"]) == 4
+    assert not torch.isfinite(next(value for key, value in fused[2].trainable_state().items() if "lora_A" in key)).all()
+    assert fused_log.curves["c"] == solo_log.curves["c"] and len(fused_log.curves["c"]) == 5
     assert solo[2].rng["cpu"].equal(fused[2].rng["cpu"])  # its dropout drew from its own stream, alone and in the group
 
 

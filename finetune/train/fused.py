@@ -148,17 +148,17 @@ class FusedGroup:
     def train_until(self, stops: dict[str, int]) -> float:
         """Every member's optimizer steps up to its `stops[run_id]`; returns the group's wall time.
 
-        A member whose rows come out of the forward non-finite (a diverged run: its weights or activations hold
-        inf or NaN) leaves the group at that micro-step and trains the rest of its chunk alone, as it would
-        without fusing: in the stacked LoRA products its values would reach the other members' gradients
-        (0 x NaN is NaN), which training alone never does."""
+        A diverged member (inf or NaN in its weights) trains its chunk alone, as it would without fusing: in the
+        stacked LoRA products its values would reach the other rows (0 x NaN is NaN), which training alone never
+        does. One that diverges mid-chunk leaves the group at the micro-step where rows come out non-finite."""
         members = [_Member(session, stops[session.run_id], {key: session.rng[key] for key in ("cpu", "cuda") if key in session.rng})
                    for session in self.sessions if session.step < stops[session.run_id]]
         started = time.perf_counter()
         for member in members:
             member.session.micro_step.enter_training()
         done: list[_Member] = []
-        alone: list[_Member] = []
+        alone = [member for member in members if not self.lora.finite(member.session.adapter_name)]
+        members = [member for member in members if member not in alone]
         with self.lora.active():
             while members:
                 for member in members:
@@ -184,9 +184,10 @@ class FusedGroup:
         return time.perf_counter() - started
 
     def _micro_step(self, members: list[_Member]) -> list[_Member]:
-        """One micro-batch of each member: one forward of the base, each member's loss, one backward. Returns the
-        members whose rows came out non-finite: the micro-step is done again without them (their RNG streams and
-        the others' as before it), and they have not trained this micro-batch."""
+        """One micro-batch of each member: one forward of the base, each member's loss, one backward. When rows come
+        out non-finite, the members whose weights are not finite (else those whose rows are not) leave: the
+        micro-step is done again without them (every RNG stream as before it), and they have not trained this
+        micro-batch. Returns the members that left."""
         import torch
 
         raw = [member.batches[member.taken] for member in members]
@@ -205,7 +206,8 @@ class FusedGroup:
             for member, stream in zip(members, streams):
                 member.rng.clear()
                 member.rng.update(stream)
-            diverged = [member for member, place in zip(members, rows) if not all(finite[place.start:place.stop])]
+            diverged = [member for member in members if not self.lora.finite(member.session.adapter_name)] or \
+                [member for member, place in zip(members, rows) if not all(finite[place.start:place.stop])]
             rest = [member for member in members if member not in diverged]
             return diverged + (self._micro_step(rest) if rest else [])
         total = None
@@ -227,19 +229,21 @@ class FusedGroup:
 
 
 def _finish_alone(member: _Member) -> None:
-    """A member that left its group mid-chunk: the rest of its step's micro-batches alone, then its chunk's steps
+    """A member out of its group: the rest of the step it began in the group (if any) alone, then its chunk's steps
     (`RunSession.train_until`), from its own RNG stream as the group left it."""
     session = member.session
-    session.activate()
-    restore_rng({**session.rng, **member.rng}, session.device)
-    while member.taken < len(member.batches):
-        inputs, last = member.batches[member.taken], member.taken == len(member.batches) - 1
-        session.trainer.accelerator.sync_gradients = last
-        session.end_micro_step(session.micro_step(inputs, member.items), inputs, last)
-        member.taken += 1
-    session.finish_step()
-    session.refuse_callback_stop()
-    session.rng = {**session.rng, **capture_rng(session.device)}
+    if member.batches:
+        session.activate()
+        restore_rng({**session.rng, **member.rng}, session.device)
+        while member.taken < len(member.batches):
+            inputs, last = member.batches[member.taken], member.taken == len(member.batches) - 1
+            session.trainer.accelerator.sync_gradients = last
+            session.end_micro_step(session.micro_step(inputs, member.items), inputs, last)
+            member.taken += 1
+        session.finish_step()
+        session.refuse_callback_stop()
+        member.rng = {key: value for key, value in capture_rng(session.device).items() if key in member.rng}
+    session.rng = {**session.rng, **member.rng}
     session.train_until(member.stop)
 
 

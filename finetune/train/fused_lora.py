@@ -148,14 +148,14 @@ class FusedLora:
         adapter on this layer.
 
         All members in one product each: `A` stacks the members' `lora_A` weights (rank r1 + r2 + ...), `B` puts
-        their `lora_B` weights side by side, and between them each row keeps its own block of `x @ A.T` times its
-        adapter's scaling (`torch.where`, so another member's non-finite values never reach it) and zero
-        elsewhere: `where(own, x @ A.T * scaling, 0) @ B.T` is each member's own path, and its gradients reach its
-        weights only. One product instead of K small ones is what makes the group faster (on the CPU each small
-        bf16 product costs ~35 us whatever its size; on a GPU, one kernel launch instead of K). The other
-        members' zeros change the order of the sums: a member is within a stated bound of training alone, not
-        bitwise (tests/test_fused.py). The scaling is applied before `lora_B` rather than after (it saves a
-        product over the layer's whole output), in float32, so a scaling such as 16/12 is not rounded to bf16.
+        their `lora_B` weights side by side, each column times its member's scaling, and a 0/1 mask keeps each
+        row's own block of `x @ A.T`: `(x @ A.T * mask) @ B.T` is each member's own path, and its gradients reach
+        its weights only. One product instead of K small ones is what makes the group faster (on the CPU each
+        small bf16 product costs ~35 us whatever its size; on a GPU, one kernel launch instead of K). The other
+        members' zeros change the order of the sums, and the scaling is applied to `lora_B` (in its own dtype,
+        float32 for PEFT's adapters) rather than to the product: a member is within a stated bound of training
+        alone, not bitwise (tests/test_fused.py). A member with non-finite weights would reach the other rows
+        through the zeros (0 x NaN is NaN): the group leaves it out (`fused.FusedGroup`).
 
         A member's dropout is drawn on its rows cut back to its own sequence length, from its own RNG stream,
         so its masks are those it draws alone. Positions past a member's length are padding that no real token
@@ -175,33 +175,38 @@ class FusedLora:
         stacked_b = torch.cat([layer.lora_B[rows.adapter].weight for rows in present], dim=1) if len(present) > 1 else \
             layer.lora_B[present[0].adapter].weight
         low = torch.nn.functional.linear(x, stacked_a)
-        own, scale = self._layout(layer, present)
-        delta = torch.nn.functional.linear(torch.where(own, low * scale, 0.0).to(low.dtype), stacked_b)
+        mask, scaling = self._layout(layer, present, low.dtype)
+        delta = torch.nn.functional.linear(low * mask, (stacked_b * scaling).to(stacked_b.dtype))
         return (output + delta).to(output.dtype)  # as lora.Linear.forward: promoted, then back to the base's dtype
 
-    def _layout(self, layer: Any, present: list[Rows]) -> tuple[Any, Any]:
-        """Which columns of `x @ A.T` are each row's own (bool, rows x 1 x ranks) and their scalings (float32,
-        zero elsewhere), for the members this layer holds: the same for every layer with those adapters, ranks
+    def _layout(self, layer: Any, present: list[Rows], dtype: Any) -> tuple[Any, Any]:
+        """The 0/1 mask (rows x 1 x ranks, in `dtype`) of each row's own columns of `x @ A.T`, and each column's
+        scaling (float32), for the members this layer holds: the same for every layer with those adapters, ranks
         and scalings."""
         import torch
 
         ranks = tuple(int(layer.lora_A[rows.adapter].weight.shape[0]) for rows in present)
         scaling = tuple(float(layer.scaling[rows.adapter]) for rows in present)
-        key = (tuple(rows.adapter for rows in present), ranks, scaling)
+        key = (tuple(rows.adapter for rows in present), ranks, scaling, dtype)
         if key not in self.layouts:
             device = layer.lora_A[present[0].adapter].weight.device
-            scale = torch.zeros(self.rows[-1].stop, 1, sum(ranks), dtype=torch.float32, device=device)
-            column = 0
-            for rows, rank, factor in zip(present, ranks, scaling):
-                scale[rows.start:rows.stop, :, column:column + rank] = factor
-                column += rank
-            own = torch.zeros_like(scale, dtype=torch.bool)
+            mask = torch.zeros(self.rows[-1].stop, 1, sum(ranks), dtype=dtype, device=device)
             column = 0
             for rows, rank in zip(present, ranks):
-                own[rows.start:rows.stop, :, column:column + rank] = True
+                mask[rows.start:rows.stop, :, column:column + rank] = 1
                 column += rank
-            self.layouts[key] = (own, scale)
+            columns = torch.tensor([factor for rank, factor in zip(ranks, scaling) for _ in range(rank)], dtype=torch.float32,
+                                   device=device)
+            self.layouts[key] = (mask, columns)
         return self.layouts[key]
+
+    def finite(self, adapter: str) -> bool:
+        """Whether every weight of `adapter` is finite (one device sync)."""
+        import torch
+
+        checks = [torch.isfinite(module[adapter].weight).all() for layer in self.layers
+                  for module in (layer.lora_A, layer.lora_B) if adapter in module]
+        return bool(torch.stack(checks).all()) if checks else True
 
     def _dropped(self, layer: Any, x: Any) -> Any:
         """`x` with each member's dropout applied to its rows, cut back to its own length (its masks are then

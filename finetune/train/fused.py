@@ -171,7 +171,6 @@ class FusedGroup:
                 for member in members:
                     if member.taken == len(member.batches):
                         member.session.finish_step()
-                        member.session.refuse_callback_stop()
                         member.batches = []
                 done += [member for member in members if not member.batches and member.session.step >= member.stop]
                 members = [member for member in members if member.batches or member.session.step < member.stop]
@@ -241,7 +240,6 @@ def _finish_alone(member: _Member) -> None:
             session.end_micro_step(session.micro_step(inputs, member.items), inputs, last)
             member.taken += 1
         session.finish_step()
-        session.refuse_callback_stop()
         member.rng = {key: value for key, value in capture_rng(session.device).items() if key in member.rng}
     session.rng = {**session.rng, **member.rng}
     session.train_until(member.stop)

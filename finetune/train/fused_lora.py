@@ -110,7 +110,7 @@ class FusedLora:
         self.switched = [module for module in model.modules() if isinstance(module, LoraLayer)]
         self.rows: list[Rows] = []
         self.drawn: dict[tuple[int, str], dict[str, Any]] = {}  # the RNG state each (layer, adapter) drew from
-        self.layouts: dict[Any, tuple[Any, Any]] = {}  # this micro-step's masks and scalings (`_layout`)
+        self.layouts: dict[Any, tuple[Any, Any]] = {}  # masks and scalings by layout (`_layout`)
         self.replaying = False
         self.handles: list[Any] = []
 
@@ -181,13 +181,15 @@ class FusedLora:
 
     def _layout(self, layer: Any, present: list[Rows], dtype: Any) -> tuple[Any, Any]:
         """The 0/1 mask (rows x 1 x ranks, in `dtype`) of each row's own columns of `x @ A.T`, and each column's
-        scaling (float32), for the members this layer holds: the same for every layer with those adapters, ranks
-        and scalings."""
+        scaling (float32), for the members this layer holds: the same for every layer and micro-step with those
+        adapters, ranks, scalings and rows, so made once for the group (not at every micro-step, which on a GPU
+        would copy from the host each time)."""
         import torch
 
         ranks = tuple(int(layer.lora_A[rows.adapter].weight.shape[0]) for rows in present)
         scaling = tuple(float(layer.scaling[rows.adapter]) for rows in present)
-        key = (tuple(rows.adapter for rows in present), ranks, scaling, dtype)
+        spans = tuple((rows.start, rows.stop) for rows in present)
+        key = (tuple(rows.adapter for rows in present), ranks, scaling, spans, self.rows[-1].stop, dtype)
         if key not in self.layouts:
             device = layer.lora_A[present[0].adapter].weight.device
             mask = torch.zeros(self.rows[-1].stop, 1, sum(ranks), dtype=dtype, device=device)
@@ -249,7 +251,7 @@ class FusedLora:
         return dropped
 
     def start_micro_step(self, rows: list[Rows]) -> None:
-        self.rows, self.drawn, self.layouts, self.replaying = rows, {}, {}, False
+        self.rows, self.drawn, self.replaying = rows, {}, False
 
     def backward(self, loss: Any) -> None:
         """Backpropagate the group's loss (the layout stays set: checkpointed layers run again in it)."""
@@ -257,4 +259,4 @@ class FusedLora:
         try:
             loss.backward()
         finally:
-            self.rows, self.drawn, self.layouts, self.replaying = [], {}, {}, False
+            self.rows, self.drawn, self.replaying = [], {}, False

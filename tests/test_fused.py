@@ -98,11 +98,12 @@ def train_solo_and_fused(demo_dir: Path, base_config: dict[str, Any], out: Path,
 
 @pytest.mark.slow
 def test_each_member_of_a_fused_group_trains_as_it_would_alone(demo_dir, base_config, tmp_path) -> None:
-    """Members with micro-batches of one size see rows of one length at most micro-steps (the same data
-    order; here 4 of 18 micro-steps pad one member, as their accumulations differ). The one difference from training alone is the order of the
-    sums in the stacked LoRA products (`fused_lora`: other members' blocks add exact zeros): stated bound,
-    a relative 1e-4 on each adapter tensor after 5 steps (2e-6 measured; a member whose dropout masks were
-    drawn from another stream is off by 0.4 to 0.7), and loss curves within a relative 1e-6 (equal measured)."""
+    """Members with micro-batches of one size see rows of one length at most micro-steps (the same data order;
+    here 4 of 18 micro-steps pad one member, as their accumulations differ). What differs from training alone
+    is the order of the sums in the stacked LoRA products (`fused_lora`: other members' blocks add exact zeros)
+    and, at those 4 micro-steps, the padding (see the next test). Stated bound: a relative 1e-4 on each adapter
+    tensor after 5 steps (2e-6 measured; a member whose dropout masks were drawn from another stream is off by
+    0.4 to 0.7), and loss curves within a relative 1e-6 (equal measured)."""
     solo, fused, solo_log, fused_log = train_solo_and_fused(demo_dir, base_config, tmp_path, ["a", "b", "c"], steps=5,
                                                             stops={"a": 3, "b": 2, "c": 1})
     assert [session.trainer.args.gradient_accumulation_steps for session in fused] == [2, 1, 3]
@@ -131,11 +132,10 @@ def test_a_member_padded_to_the_groups_longest_rows_stays_within_the_stated_boun
     TRL's chunked log-probability head on the CPU, whose per-token values move by up to ~1e-3 with the
     number of tokens it is given (it is ~1.6e-3 from log_softmax either way). Measured bound, with SGD
     (whose update is linear in the gradient): d's loss curve within a relative 5e-5 of d alone (up to 1.5e-5
-    measured over ranks 12 and 16, with and without dropout; masks drawn from another stream move it by
-    1e-4 to 1e-3), its adapter
-    within a relative 1e-2 (norm of the difference over the norm; ~3e-3 measured) after 4 steps; its dropout
-    draws as much from its stream as alone; a, whose rows are the longest, within the stacked products'
-    bound (1e-4)."""
+    measured over ranks 12 and 16, with and without dropout; masks drawn from another stream move it by 1e-4
+    to 1e-3), its adapter within a relative 1e-2 (norm of the difference over the norm; ~3e-3 measured) after
+    4 steps; its dropout draws as much from its stream as alone; a, whose rows are the longest, within the
+    stacked products' bound (1e-4)."""
     solo, fused, solo_log, fused_log = train_solo_and_fused(demo_dir, base_config, tmp_path, ["a", "d"], steps=4,
                                                             stops={"a": 2, "d": 3})
     a_alone, d_alone = (session.trainable_state() for session in solo)
@@ -154,22 +154,20 @@ def relative_difference(left: Any, right: Any) -> float:
     return float((left - right).norm() / left.norm())
 
 
-class Diverge:
-    """A trainer callback that sets the run's first lora_A weight to NaN at the end of a step (as a learning rate too
-    high does), the same step alone and in a group."""
+def diverge_at(session: Any, step: int) -> Any:
+    """A trainer callback that sets the run's first lora_A weight to NaN at the end of `step` (as a learning rate
+    too high does), at the same step alone and in a group."""
+    import torch
+    from transformers import TrainerCallback
 
-    def __new__(cls, session: Any, step: int) -> Any:
-        import torch
-        from transformers import TrainerCallback
+    class _Diverge(TrainerCallback):
+        def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
+            if state.global_step == step:
+                with torch.no_grad():
+                    next(param for key, param in session.model.named_parameters()
+                         if f"lora_A.{session.adapter_name}." in key).fill_(float("nan"))
 
-        class _Diverge(TrainerCallback):
-            def on_step_end(self, args, state, control, **kwargs):  # noqa: ANN001
-                if state.global_step == step:
-                    with torch.no_grad():
-                        next(param for key, param in session.model.named_parameters()
-                             if f"lora_A.{session.adapter_name}." in key).fill_(float("nan"))
-
-        return _Diverge()
+    return _Diverge()
 
 
 @pytest.mark.slow
@@ -188,7 +186,7 @@ def test_a_member_that_diverges_leaves_the_group_and_the_others_train_as_alone(d
     solo = build_sessions(configs, tmp_path / "solo", shared=False, log=solo_log)
     fused = build_sessions(configs, tmp_path / "fused", shared=True, log=fused_log)
     for session in (solo[2], fused[2]):
-        session.trainer.add_callback(Diverge(session, step=2))
+        session.trainer.add_callback(diverge_at(session, step=2))
     for stop in (1, 3, 5):  # chunk boundaries: c diverges inside the second chunk
         for session in solo:
             session.train_until(stop)

@@ -266,7 +266,8 @@ def _adapters(root: Path, tensors: bool = False) -> dict[str, dict[str, Any]]:
 
     with state_db(root) as db:
         labels = dict(db.execute("SELECT run_id, label FROM runs").fetchall())
-    return {labels[final.parent.name]: {k: v if tensors else v.tolist() for k, v in load_file(final / "adapter_model.safetensors").items()}
+    return {labels[final.parent.name]: {key: value if tensors else value.tolist()
+                                        for key, value in load_file(final / "adapter_model.safetensors").items()}
             for final in sorted(root.glob("runs/*/checkpoint-final"))}
 
 

@@ -46,7 +46,8 @@ class ExperimentConfig(Strict):
         default="off",
         description="Train compatible LoRA runs as one fused group in one worker: one forward and backward of the shared "
         "frozen base over one micro-batch of each, each adapter on its own rows, each run with its own loss, optimizer "
-        "and schedule (the same training as alone, within a stated bound; see docs/running.md). Runs fuse when they share a base model and "
+        "and schedule (the same training as alone, within a stated bound; see docs/running.md). "
+        "Runs fuse when they share a base model and "
         "its precision, train SFT with plain LoRA adapters and train on one device. off; k: at most k runs per group; "
         "auto: as many as keep a fused micro-batch within 64 rows",
     )

@@ -8,7 +8,8 @@ process after another (or, with `--extrapolate`, one measured run times the numb
 with `finetune run`, 8 chunks each, once for each `runs_per_device` setting given (`--runs-per-device
 1,2,4`) and once for each fused group size given (`--fuse 4,8`: one worker, `experiment.fuse: k`).
 Fusing needs a chat template whose tokens the tokenizer has (new token rows do not fuse): pass
-`--chat-template mistral-with-system` with `--fuse`.
+`--chat-template mistral-with-system` with `--fuse`. The sequential TRL scripts always use chat-ml, so
+compare fused ways with each other and with `runs_per_device` (`--skip-sequential`), not with them.
 
 Prints for each: time until every config has its first evaluation and total time, with their ratios
 to the sequential scripts (the ideal first-comparison ratio of one slot is 6.25x for 4 x 8 chunks),

@@ -213,12 +213,17 @@ def prompt_examples(records: list[dict], tokenizer: Any, max_length: int, stats:
 # ---------------------------------------------------------------- the whole pipeline
 
 
+LENGTH_KEYS = {"sft": ("sft_args", "max_seq_length"), "dpo": ("dpo_args", "max_seq_length"), "grpo": ("grpo_args", "max_prompt_length")}
+
+
+def _length_key(config: Any) -> str:
+    """The config key of the method's length limit (examples longer than it are filtered out)."""
+    return ".".join(LENGTH_KEYS[config.method])
+
+
 def _max_length(config: Any) -> int:
-    if config.method == "sft":
-        return config.sft_args.max_seq_length
-    if config.method == "dpo":
-        return config.dpo_args.max_seq_length
-    return config.grpo_args.max_prompt_length
+    section, key = LENGTH_KEYS[config.method]
+    return getattr(getattr(config, section), key)
 
 
 def data_cache_key(config: Any, tokenizer: Any) -> str:
@@ -280,7 +285,7 @@ def build_examples(config: Any, tokenizer: Any, stats: DataStats) -> tuple[list[
         train = prompt_examples(train_records, tokenizer, max_length, stats)
         evaluation = prompt_examples(eval_records, tokenizer, max_length, stats)
     if not train:
-        key = {"sft": "sft_args.max_seq_length", "dpo": "dpo_args.max_seq_length"}.get(config.method, "grpo_args.max_prompt_length")
+        key = _length_key(config)
         raise ValueError(f"no training example is left after filtering those longer than {max_length} tokens ({key}); "
                          f"raise {key} or shorten the examples (`finetune data preview` shows their lengths)")
     stats.train_examples, stats.eval_examples = len(train), len(evaluation)

@@ -234,11 +234,7 @@ def _finish_alone(member: _Member) -> None:
     if member.batches:
         session.activate()
         restore_rng({**session.rng, **member.rng}, session.device)
-        while member.taken < len(member.batches):
-            inputs, last = member.batches[member.taken], member.taken == len(member.batches) - 1
-            session.trainer.accelerator.sync_gradients = last
-            session.end_micro_step(session.micro_step(inputs, member.items), inputs, last)
-            member.taken += 1
+        session.train_micro_batches(member.batches, member.items, start=member.taken)
         session.finish_step()
         member.rng = {key: value for key, value in capture_rng(session.device).items() if key in member.rng}
     session.rng = {**session.rng, **member.rng}

@@ -112,35 +112,26 @@ class FusedLora:
         self.drawn: dict[tuple[int, str], dict[str, Any]] = {}  # the RNG state each (layer, adapter) drew from
         self.layouts: dict[Any, tuple[Any, Any]] = {}  # masks and scalings by layout (`_layout`)
         self.replaying = False
-        self.handles: list[Any] = []
 
     @contextlib.contextmanager
     def active(self) -> Iterator[None]:
-        self.enter()
+        handles = []
         try:
+            for layer in self.switched:
+                layer.enable_adapters(False)
+            for layer in self.layers:
+                for adapter in self.adapters:
+                    if adapter in layer.lora_A:
+                        layer.lora_A[adapter].requires_grad_(True)
+                        layer.lora_B[adapter].requires_grad_(True)
+                handles.append(layer.register_forward_hook(self._add_adapters))
             yield
         finally:
-            self.leave()
-
-    def enter(self) -> None:
-        """Switch PEFT's LoRA layers off, make the members' adapters trainable and hook the layers."""
-        for layer in self.switched:
-            layer.enable_adapters(False)
-        for layer in self.layers:
-            for adapter in self.adapters:
-                if adapter in layer.lora_A:
-                    layer.lora_A[adapter].requires_grad_(True)
-                    layer.lora_B[adapter].requires_grad_(True)
-            self.handles.append(layer.register_forward_hook(self._add_adapters))
-
-    def leave(self) -> None:
-        """PEFT's layers as they were: no hooks, adapters on (the active one alone trainable)."""
-        for handle in self.handles:
-            handle.remove()
-        self.handles = []
-        for layer in self.switched:
-            layer.enable_adapters(True)
-        self.rows = []
+            for handle in handles:
+                handle.remove()
+            for layer in self.switched:
+                layer.enable_adapters(True)
+            self.rows = []
 
     def _add_adapters(self, layer: Any, args: tuple[Any, ...], output: Any) -> Any:
         """`output + delta`, where `delta` holds, on each member's rows, what `lora.Linear.forward` adds for that

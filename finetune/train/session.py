@@ -115,20 +115,16 @@ class RunSession:
         self.micro_step.enter_training()
         while self.step < stop_step:
             self._optimizer_step()
-            self.refuse_callback_stop()
+            if self.trainer.control.should_training_stop and self.step < self.total_steps:
+                raise RuntimeError(
+                    f"run {self.run_id}: a trainer callback stopped training at step {self.step} of {self.total_steps} "
+                    "(control.should_training_stop); finetune ends runs early through the sweep's policy or `finetune ctl stop`"
+                )
         _synchronize(self.device)
         seconds = time.perf_counter() - started
         self.rng = capture_rng(self.device)
         self.end_if_done()
         return seconds
-
-    def refuse_callback_stop(self) -> None:
-        """After a step: a trainer callback may not end the run early (HF's `control.should_training_stop`)."""
-        if self.trainer.control.should_training_stop and self.step < self.total_steps:
-            raise RuntimeError(
-                f"run {self.run_id}: a trainer callback stopped training at step {self.step} of {self.total_steps} "
-                "(control.should_training_stop); finetune ends runs early through the sweep's policy or `finetune ctl stop`"
-            )
 
     def end_if_done(self) -> None:
         """HF's `on_train_end` once the run's last step is trained (after its last chunk's steps)."""
@@ -147,14 +143,19 @@ class RunSession:
         """One optimizer step, as an iteration of `Trainer._run_epoch` (callbacks included, in its order).
         A fused group (`fused.FusedGroup`) calls the same three parts around its shared micro-steps."""
         batches, items = self.begin_step()
-        for index, inputs in enumerate(batches):
-            last = index == len(batches) - 1
+        self.train_micro_batches(batches, items)
+        self.finish_step()
+
+    def train_micro_batches(self, batches: list[Any], items: Any, start: int = 0) -> None:
+        """Forward and backward of a step's micro-batches from `start` on (a fused group's member that leaves it
+        mid-step trains the rest of its step here)."""
+        for index in range(start, len(batches)):
+            inputs, last = batches[index], index == len(batches) - 1
             # As HF's loop: only a step's last micro-batch syncs (GRPO's adaptive entropy reads it too).
             self.trainer.accelerator.sync_gradients = last
             with self._gradient_sync(last):
                 loss = self.micro_step(inputs, items)
             self.end_micro_step(loss, inputs, last)
-        self.finish_step()
 
     def begin_step(self) -> tuple[list[Any], Any]:
         """An optimizer step's micro-batches and their item count (the loss's denominator), in data order."""

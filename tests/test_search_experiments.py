@@ -65,9 +65,13 @@ def test_an_optuna_study_with_pruning_survives_sigkill_and_resumes_the_same_stud
     final = states(root)
     assert len(final) == 4 and set(final.values()) <= {"completed", "stopped"}
     found = trials(root, "study-group0")
-    by_run = {trial.user_attrs["run_id"]: trial for trial in found if "run_id" in trial.user_attrs}
+    # A kill between a trial's ask and its run joining the plan leaves a trial whose run never existed: the
+    # resume fails it and logs why (a rare race; CI met it once).
+    abandoned = {detail["trial"] for _, detail, _ in events(root, "optuna_trial_abandoned")}
+    by_run = {trial.user_attrs["run_id"]: trial for trial in found if "run_id" in trial.user_attrs and trial.number not in abandoned}
     assert set(by_run) == set(final), "every run is one trial of the same study, and every trial's run is a run"
     assert all(trial.state.name == "FAIL" for trial in found if trial.user_attrs.get("run_id") not in final)
+    assert all(trial.state.name == "FAIL" for trial in found if trial.number in abandoned)
     planned = {run["run_id"]: run["trial"] for run in json.loads((root / "plan.json").read_text())["runs"]}
     assert {run: trial.number for run, trial in by_run.items()} == planned
     for run, state in final.items():

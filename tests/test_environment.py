@@ -7,6 +7,8 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import signal
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -104,20 +106,43 @@ def test_a_store_locked_for_too_long_names_the_holder(tmp_path) -> None:
 # ---------------------------------------------------------------- a full disk
 
 
-def test_a_full_disk_is_said_with_the_folder_and_its_free_space(small_disk) -> None:
-    store = StateStore(small_disk / "state.db")
-    (small_disk / "filler").write_bytes(b"\0" * (small_disk.stat().st_size or 0))
-    with open(small_disk / "filler", "ab") as filler:
+def fill(disk: Path) -> None:
+    """Write to `disk` until it has no room left."""
+    with open(disk / "filler", "ab", buffering=0) as filler:
         try:
             while True:
                 filler.write(b"\0" * 65536)
-                filler.flush()
         except OSError:
             pass
+
+
+def test_a_full_disk_is_said_with_the_folder_and_its_free_space(small_disk) -> None:
+    store = StateStore(small_disk / "state.db")
+    fill(small_disk)
     with pytest.raises(EnvironmentFault, match=rf"the disk of {small_disk} is full \(0.0 MB free\)"):
         for index in range(1000):
             store.log_metrics("a", index, {f"m{n}": float(n) for n in range(50)})
     store.close()
+
+
+def test_a_closed_store_on_a_full_disk_opens_to_say_the_disk_is_full(small_disk) -> None:
+    """SQLite fails to make a WAL store's shared-memory index on a full disk with "disk I/O error", not
+    SQLITE_FULL: `finetune status` (or the report after a run) must still say the disk is full."""
+    store = StateStore(small_disk / "state.db")
+    store.add_run("a", "a", 2)
+    store.close()
+    assert not (small_disk / "state.db-shm").exists()
+    fill(small_disk)
+    with pytest.raises(EnvironmentFault, match=rf"the disk of {small_disk} is full \(0.0 MB free\)"):
+        StateStore(small_disk / "state.db", create=False)
+    (small_disk / "filler").unlink()
+    assert [row.run_id for row in StateStore(small_disk / "state.db", create=False).runs()] == ["a"]
+
+
+def test_an_io_error_on_a_disk_with_room_is_not_called_full(tmp_path) -> None:
+    from finetune.schedule.faults import full_disk_io_error
+
+    assert not full_disk_io_error(sqlite3.OperationalError("disk I/O error"), tmp_path)
 
 
 @pytest.mark.parametrize("message", ["WriteFailed", "RunFailed"])
@@ -311,15 +336,15 @@ def test_a_disk_that_fills_while_it_trains_stops_the_experiment_and_resume_finis
 
     import yaml
 
-    from tests.test_training import FINETUNE, _wait_for_chunks, finetune
+    from tests.test_training import FINETUNE, _wait_for_chunks, chunk_rows, finetune
 
     subprocess.run(["mount", "-o", "remount,size=64m", str(small_disk)], check=True)
     tree = {
         "method": "sft",
-        "experiment": {"name": "full", "output_dir": str(small_disk), "num_chunks": 4},
+        "experiment": {"name": "full", "output_dir": str(small_disk), "num_chunks": 8},
         "data_conf": {"training_data": {"type": "CONCATENATION", "datasets": [{"path": f"{demo_dir}/data/sft_train.jsonl"}]},
                       "validation_data": {"type": "NONE"}, "chat_template_name": "chat-ml"},
-        "training_args": {"learning_rate": 1e-3, "max_steps": 8, "logging_steps": 1},
+        "training_args": {"learning_rate": 1e-3, "max_steps": 32, "logging_steps": 1},
         "batchsize_conf": {"total_train_batch_size": 4, "max_per_device_train_batch_size": 4},
         "peft_conf": {"peft_type": "LORA", "peft_kwargs": {"r": 4, "lora_alpha": 8, "target_modules": ["q_proj"]}},
         "run_conf": {"model": f"{demo_dir}/model", "model_args": {"dtype": "float32"}},
@@ -330,14 +355,11 @@ def test_a_disk_that_fills_while_it_trains_stops_the_experiment_and_resume_finis
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     root = small_disk / "full"
     try:
-        _wait_for_chunks(root, 1, process)
-        with open(small_disk / "filler", "wb") as filler:
-            try:
-                while True:
-                    filler.write(b"\0" * 2**16)
-                    filler.flush()
-            except OSError:
-                pass
+        _wait_for_chunks(root, 1, process, poll=0.02)
+        os.killpg(process.pid, signal.SIGSTOP)  # the controller and its workers wait while the disk fills
+        assert len(chunk_rows(root)) < 8, "the experiment finished before the disk could be filled"
+        fill(small_disk)
+        os.killpg(process.pid, signal.SIGCONT)
         _, stderr = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
@@ -350,5 +372,5 @@ def test_a_disk_that_fills_while_it_trains_stops_the_experiment_and_resume_finis
     finetune(tmp_path, "run", "--resume", str(root))
     with sqlite3.connect(root / "state.db") as db:
         assert db.execute("SELECT state FROM runs").fetchall() == [("completed",)]
-        assert db.execute("SELECT COUNT(*) FROM chunks").fetchone() == (4,)
+        assert db.execute("SELECT COUNT(*) FROM chunks").fetchone() == (8,)
     assert not list(root.glob("runs/*/.*.tmp-*"))

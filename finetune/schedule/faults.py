@@ -49,6 +49,20 @@ def is_disk_full(error: BaseException) -> bool:
     return "No space left on device" in text or "database or disk is full" in text or "[Errno 28]" in text
 
 
+NEARLY_FULL_BYTES = 2**20  # less room than this, and SQLite's "disk I/O error" is the full disk
+
+
+def full_disk_io_error(error: BaseException, root: Path) -> bool:
+    """Whether SQLite's `error` is its "disk I/O error" on a disk with no room left: opening a WAL database
+    makes its shared-memory index (32 KiB), and a full disk fails that as an I/O error, not as SQLITE_FULL."""
+    if "disk I/O error" not in str(error):
+        return False
+    try:
+        return shutil.disk_usage(root).free < NEARLY_FULL_BYTES
+    except OSError:
+        return False
+
+
 def caused_by_full_disk(error: BaseException) -> bool:
     """Whether `error`, or what it was raised from or while handling, says the disk is full."""
     seen: list[BaseException] = []
@@ -106,7 +120,7 @@ class PatientConnection:
             except UnicodeDecodeError:  # SQLite's text (or its message about it) is not UTF-8: overwritten bytes
                 raise damaged(self.path, "text that is not UTF-8") from None
             except sqlite3.OperationalError as error:
-                if is_disk_full(error):
+                if is_disk_full(error) or full_disk_io_error(error, self.path.parent):
                     raise disk_full(self.path.parent, f" (writing {self.path.name})") from None
                 if "readonly" in str(error) and os.access(self.path.parent, os.W_OK):  # the file, not its folder
                     raise damaged(self.path, f"SQLite will only read it: {error}") from None

@@ -301,7 +301,9 @@ def test_a_folder_moved_while_it_trains_ends_the_run_command_with_the_new_place_
     root, moved = tmp_path / "runs" / "moving", tmp_path / "moved"
     try:
         _wait_for_chunks(root, 1, process)
+        os.killpg(process.pid, signal.SIGSTOP)  # moved while the experiment is mid-way, never after it ended
         root.rename(moved)
+        os.killpg(process.pid, signal.SIGCONT)
         _, stderr = process.communicate(timeout=180)
     finally:
         if process.poll() is None:
@@ -355,7 +357,7 @@ def test_a_disk_that_fills_while_it_trains_stops_the_experiment_and_resume_finis
                                stderr=subprocess.PIPE, text=True, start_new_session=True)
     root = small_disk / "full"
     try:
-        _wait_for_chunks(root, 1, process, poll=0.02)
+        _wait_for_chunks(root, 1, process)
         os.killpg(process.pid, signal.SIGSTOP)  # the controller and its workers wait while the disk fills
         assert len(chunk_rows(root)) < 8, "the experiment finished before the disk could be filled"
         fill(small_disk)

@@ -245,7 +245,7 @@ def start_experiment(tmp_path: Path, args: list[str]) -> subprocess.Popen:
     return subprocess.Popen([*FINETUNE, *args], cwd=tmp_path, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
 
 
-def _wait_for_chunks(root: Path, count: int, process: subprocess.Popen, timeout: float = 240, poll: float = 0.2) -> None:
+def _wait_for_chunks(root: Path, count: int, process: subprocess.Popen, timeout: float = 240, poll: float = 0.05) -> None:
     deadline = time.time() + timeout
     while time.time() < deadline:
         if (root / "state.db").is_file():

@@ -161,6 +161,26 @@ def test_a_worker_that_finds_the_disk_full_stops_the_experiment_not_the_run(tmp_
     assert status(controller, "a") != "failed"
 
 
+@pytest.mark.parametrize("free", [0, 2**30])
+def test_a_worker_sqlite_io_error_is_a_full_disk_only_when_the_disk_has_no_room(tmp_path, monkeypatch, free) -> None:
+    """SQLite says "disk I/O error" where a full disk keeps it from growing a file: with no room left, that
+    stops the experiment as a full disk; with room, it is the run's own error and the run fails."""
+    import finetune.schedule.faults as faults
+
+    controller, pool, _ = make_controller(tmp_path, [planned("a", chunks=3)])
+    worker = pool.workers[0]
+    controller.step()
+    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**31, 2**31 - free, free))
+    failure = RunFailed(worker.worker_id, "a", "sqlite3.OperationalError: disk I/O error", "", ticket(controller, "a", 0))
+    if free:
+        send(controller, pool, failure)
+        assert status(controller, "a") == "failed"
+    else:
+        with pytest.raises(EnvironmentFault, match=f"the disk of {tmp_path} is full"):
+            send(controller, pool, failure)
+        assert status(controller, "a") != "failed"
+
+
 def test_resuming_removes_what_a_stopped_write_left_half_written(tmp_path) -> None:
     StateStore(tmp_path / "state.db").close()
     leftovers = [tmp_path / "runs" / "a" / ".chunk-1.tmp-123-456", tmp_path / "runs" / "a" / ".checkpoint-final.tmp-9"]

@@ -52,9 +52,10 @@ def is_disk_full(error: BaseException) -> bool:
 NEARLY_FULL_BYTES = 2**20  # less room than this, and SQLite's "disk I/O error" is the full disk
 
 
-def full_disk_io_error(error: BaseException, root: Path) -> bool:
-    """Whether SQLite's `error` is its "disk I/O error" on a disk with no room left: opening a WAL database
-    makes its shared-memory index (32 KiB), and a full disk fails that as an I/O error, not as SQLITE_FULL."""
+def full_disk_io_error(error: BaseException | str, root: Path) -> bool:
+    """Whether SQLite's `error` (or a message of one) is its "disk I/O error" on a disk with no room left:
+    opening a WAL database makes its shared-memory index (32 KiB), and a full disk fails that as an I/O error,
+    not as SQLITE_FULL."""
     if "disk I/O error" not in str(error):
         return False
     try:

@@ -22,6 +22,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from finetune.plan.model import RunPlan
+from finetune.schedule.faults import full_disk_io_error
 from finetune.schedule.store import (
     EnvironmentFault,
     ExperimentDamaged,
@@ -71,7 +72,8 @@ class FolderWatch:
         raised while training) comes of a full disk: then the experiment stops, and no run fails for it."""
         self._check_place()
         if error is not None and not isinstance(error, EnvironmentFault) and (
-                is_disk_full(error) if isinstance(error, str) else caused_by_full_disk(error)):
+                (is_disk_full(error) if isinstance(error, str) else caused_by_full_disk(error))
+                or full_disk_io_error(error, self.root)):
             cause = error if isinstance(error, str) else type(error).__name__
             raise disk_full(self.root, f" ({cause})") from None
 

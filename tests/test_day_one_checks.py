@@ -97,3 +97,25 @@ def test_an_experiment_that_never_trained_a_chunk_is_started_afresh(tmp_path) ->
     (root / "runs").mkdir()
     clear_folder(root)
     assert sorted(os.listdir(root)) == [LOCK_FILE]
+
+
+def test_a_length_limit_that_leaves_no_run_any_example_stops_before_training_and_leaves_no_folder(tmp_path, demo_dir) -> None:
+    """Every run's data filtered away (examples longer than the limit): one error, each problem once with
+    the runs it stopped, exit 1, no experiment folder. A limit that leaves only some runs without data fails
+    those runs alone, and the others train (a grid is not all-or-nothing)."""
+    from tests.test_training import demo_config, finetune, small, states
+
+    config = demo_config(tmp_path, demo_dir, "sft-lora-grid.yaml", "short")
+    refused = finetune(tmp_path, "run", str(config), *small("short"), "--set", "sft_args.max_seq_length=4", check=False)
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr
+    assert "no run's model and data could be prepared, so nothing was trained" in refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if "no training example is left" in line]
+    assert "longer than 4 tokens (sft_args.max_seq_length)" in line and line.count(", ") >= 3  # the four runs
+    assert not (tmp_path / "runs" / "short").exists()
+
+    mixed = finetune(tmp_path, "run", str(config), *small("mixed", steps=2, chunks=1), "--set",
+                     "sft_args.max_seq_length=!list [4, 256]", "--set", "peft_conf.peft_kwargs.r=!list [4]",
+                     "--set", "training_args.learning_rate=!list [1e-3]", check=False)
+    assert mixed.returncode == 1, mixed.stdout[-2000:] + mixed.stderr[-2000:]
+    assert sorted(states(tmp_path / "runs" / "mixed").values()) == ["completed", "failed"]

@@ -18,7 +18,7 @@ from finetune.plan.model import RunPlan
 from finetune.schedule.controller import Controller
 from finetune.schedule.interrupts import Interrupted, Interrupts, catching_signals, interrupted_message, resume_summary
 from finetune.schedule.faults import read_only
-from finetune.schedule.folder import LOCK_FILE, STATE_FILE, ExperimentLock, controller_alive
+from finetune.schedule.folder import CACHE_DIR, LOCK_FILE, STATE_FILE, ExperimentLock, controller_alive
 from finetune.schedule.gang import gang_kind
 from finetune.schedule.pool import SlotPool, WorkerPool, WorkerSettings, resolve_devices
 from finetune.schedule.preparation import ExperimentError, experiment_dir, load_or_create_plan, start_up_problems
@@ -122,7 +122,8 @@ def _start(plan: RunPlan, root: Path, console: Console, make_tracker: TrackerFac
                 clear_folder(root)
             return _train(plan, root, console, make_tracker, resume_dir is not None, configs, interrupts)
     finally:
-        if created and root.is_dir() and {path.name for path in root.iterdir()} <= {LOCK_FILE}:  # stopped before any work
+        # stopped before any work (no plan saved): nothing in the folder this run made is worth keeping
+        if created and root.is_dir() and {path.name for path in root.iterdir()} <= {LOCK_FILE, CACHE_DIR}:
             shutil.rmtree(root, ignore_errors=True)
 
 

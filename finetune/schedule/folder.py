@@ -37,6 +37,7 @@ from finetune.schedule.store import (
 PLAN_FILE = "plan.json"
 STATE_FILE = "state.db"
 LOCK_FILE = "controller.lock"
+CACHE_DIR = "cache"  # the prepared data, per data setting (rebuilt when missing)
 
 
 def read_plan(root: Path) -> RunPlan:

@@ -9,7 +9,7 @@ from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
 from finetune.plan.compare import plan_differences
 from finetune.plan.model import PlannedRun, RunPlan
-from finetune.schedule.folder import read_plan
+from finetune.schedule.folder import CACHE_DIR, read_plan
 
 
 class ExperimentError(RuntimeError):
@@ -49,7 +49,7 @@ def finalize_plan(plan: RunPlan, root: Path) -> RunPlan:
                 tokenizer = load_tokenizer(config)
                 prepare_tokenizer(tokenizer, config.data_conf)
                 tokenizers[key] = tokenizer
-            stats = prepare_data(config, tokenizers[key], root / "cache").stats
+            stats = prepare_data(config, tokenizers[key], root / CACHE_DIR).stats
             run = run.model_copy(update={"derived": derive(config, stats.train_rows)})
         except Exception as error:  # a run whose model or data cannot be prepared fails alone
             failed[run.run_id] = f"{type(error).__name__}: {error}"
@@ -124,5 +124,16 @@ def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     if resume:
         read_plan(root)  # missing: says so, and what to do
     final = finalize_plan(plan, root)
+    if final.runs and len(final.failed) == len(final.runs):  # said before any work, and no plan is saved
+        raise ExperimentError(nothing_prepared(final.failed))
     write_json_atomic(saved, final.model_dump(mode="json"))
     return final
+
+
+def nothing_prepared(failed: dict[str, str]) -> str:
+    """Every run's preparation failed: each problem once, with the runs it stopped."""
+    runs_by_problem: dict[str, list[str]] = {}
+    for run_id, problem in failed.items():
+        runs_by_problem.setdefault(problem, []).append(run_id)
+    lines = [f"{problem} (run{'s' if len(runs) > 1 else ''} {', '.join(runs)})" for problem, runs in runs_by_problem.items()]
+    return "no run's model and data could be prepared, so nothing was trained:\n  " + "\n  ".join(lines)

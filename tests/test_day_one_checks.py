@@ -119,3 +119,24 @@ def test_a_length_limit_that_leaves_no_run_any_example_stops_before_training_and
                      "--set", "training_args.learning_rate=!list [1e-3]", check=False)
     assert mixed.returncode == 1, mixed.stdout[-2000:] + mixed.stderr[-2000:]
     assert sorted(states(tmp_path / "runs" / "mixed").values()) == ["completed", "failed"]
+
+
+@pytest.mark.parametrize("strategy", ["grid", "optuna"])
+def test_no_run_prepared_stops_a_fixed_plan_but_not_a_search_that_proposes_more(tmp_path, monkeypatch, strategy) -> None:
+    """Optuna proposes runs as it goes, and a later proposal may be one that can be prepared: only a plan whose
+    runs are all known stops when none of them could be."""
+    import finetune.schedule.preparation as preparation
+    from finetune.plan.model import RunPlan
+    from tests.test_controller import planned
+
+    plan = RunPlan(experiment="t", output_dir=str(tmp_path), source="t.yaml", num_chunks=2, sweeps=[{"strategy": strategy}],
+                   runs=[planned("a"), planned("b")])
+    monkeypatch.setattr(preparation, "finalize_plan", lambda plan, root: plan.model_copy(
+        update={"failed": {"a": "ValueError: too short", "b": "ValueError: too short"}}))
+    if strategy == "grid":
+        with pytest.raises(preparation.ExperimentError, match=r"nothing was trained:\n  ValueError: too short \(runs a, b\)$"):
+            preparation.load_or_create_plan(plan, tmp_path, resume=False)
+        assert not (tmp_path / "plan.json").exists()
+    else:
+        assert preparation.load_or_create_plan(plan, tmp_path, resume=False).failed.keys() == {"a", "b"}
+        assert (tmp_path / "plan.json").is_file()

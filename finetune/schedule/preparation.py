@@ -7,6 +7,7 @@ from typing import Any, Callable
 
 from finetune.config.validation import CONFIG_ADAPTER
 from finetune.io import write_json_atomic
+from finetune.plan.build import PROPOSING_STRATEGIES
 from finetune.plan.compare import plan_differences
 from finetune.plan.model import PlannedRun, RunPlan
 from finetune.schedule.folder import CACHE_DIR, read_plan
@@ -124,7 +125,8 @@ def load_or_create_plan(plan: RunPlan, root: Path, resume: bool) -> RunPlan:
     if resume:
         read_plan(root)  # missing: says so, and what to do
     final = finalize_plan(plan, root)
-    if final.runs and len(final.failed) == len(final.runs):  # said before any work, and no plan is saved
+    proposing = any(sweep.get("strategy") in PROPOSING_STRATEGIES for sweep in final.sweeps)  # may yet propose runs
+    if final.runs and len(final.failed) == len(final.runs) and not proposing:  # said before any work, no plan saved
         raise ExperimentError(nothing_prepared(final.failed))
     write_json_atomic(saved, final.model_dump(mode="json"))
     return final

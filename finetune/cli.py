@@ -8,6 +8,7 @@ second: heavy modules are imported inside the commands that train.
 from __future__ import annotations
 
 import json
+from collections import Counter
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Iterator, NoReturn, Optional
@@ -214,6 +215,9 @@ def run(
         exit_with(str(unusable), EXIT_UNUSABLE)
     except (ExperimentError, ValueError, RuntimeError) as error:
         exit_with(str(error), EXIT_INVALID)
+    untrained = _why_nothing_ran(root)
+    if untrained:
+        exit_with(untrained, EXIT_INVALID)
     from rich.markdown import Markdown
 
     console.print(Markdown(report_markdown(root)))
@@ -227,6 +231,25 @@ def run(
         for run_id, error in failed:
             say_error(error, f"run {run_id} failed")
         raise typer.Exit(EXIT_INVALID)
+
+
+def _why_nothing_ran(root: Path) -> str | None:
+    """Where an experiment ended without a single run (a search whose every proposal was rejected): what it
+    says, each reason once with how many proposals it refused. None when it has runs."""
+    from finetune.schedule.folder import open_store
+
+    store = open_store(root)
+    try:
+        if store.runs():
+            return None
+        reasons = Counter(str(event.get("reason")) for event in store.events() if event["kind"] == "search_rejected")
+    finally:
+        store.close()
+    if not reasons:
+        return "the experiment ended without a single run: the search proposed none"
+    lines = [f"{reason} ({count} proposal{'s' if count > 1 else ''})" for reason, count in reasons.most_common()]
+    return (f"the search proposed {sum(reasons.values())} run(s) and none could start, so nothing was trained:\n  "
+            + "\n  ".join(lines))
 
 
 def _failed_runs(root: Path) -> list[tuple[str, str]]:

@@ -140,3 +140,20 @@ def test_no_run_prepared_stops_a_fixed_plan_but_not_a_search_that_proposes_more(
     else:
         assert preparation.load_or_create_plan(plan, tmp_path, resume=False).failed.keys() == {"a", "b"}
         assert (tmp_path / "plan.json").is_file()
+
+
+def test_a_search_whose_every_proposal_is_rejected_ends_with_an_error_not_an_empty_report(tmp_path, demo_dir) -> None:
+    """Optuna's runs are prepared as it proposes them: when none can be (every example filtered away), `finetune
+    run` exits 1 saying why, each reason once with the proposals it refused, instead of exit 0 and no runs."""
+    import re
+
+    from tests.test_training import demo_config, finetune, small
+
+    config = demo_config(tmp_path, demo_dir, "sft-optuna.yaml", "search")
+    refused = finetune(tmp_path, "run", str(config), *small("search", steps=4, chunks=2), "--set", "sft_args.max_seq_length=4",
+                       check=False)
+    assert refused.returncode == 1, refused.stdout[-2000:] + refused.stderr[-2000:]
+    assert "Traceback" not in refused.stderr and "none could start, so nothing was trained" in refused.stderr
+    (line,) = [line for line in refused.stderr.splitlines() if "no training example is left" in line]
+    assert re.search(r"\(sft_args\.max_seq_length\).*\(\d+ proposals?\)$", line), line
+    assert "Ranked by" not in refused.stdout  # no empty report

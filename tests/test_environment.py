@@ -136,7 +136,9 @@ def test_a_closed_store_on_a_full_disk_opens_to_say_the_disk_is_full(small_disk)
     with pytest.raises(EnvironmentFault, match=rf"the disk of {small_disk} is full \(0.0 MB free\)"):
         StateStore(small_disk / "state.db", create=False)
     (small_disk / "filler").unlink()
-    assert [row.run_id for row in StateStore(small_disk / "state.db", create=False).runs()] == ["a"]
+    reopened = StateStore(small_disk / "state.db", create=False)
+    assert [row.run_id for row in reopened.runs()] == ["a"]
+    reopened.close()
 
 
 def test_an_io_error_on_a_disk_with_room_is_not_called_full(tmp_path) -> None:
@@ -165,12 +167,14 @@ def test_a_worker_that_finds_the_disk_full_stops_the_experiment_not_the_run(tmp_
 def test_a_worker_sqlite_io_error_is_a_full_disk_only_when_the_disk_has_no_room(tmp_path, monkeypatch, free) -> None:
     """SQLite says "disk I/O error" where a full disk keeps it from growing a file: with no room left, that
     stops the experiment as a full disk; with room, it is the run's own error and the run fails."""
+    from types import SimpleNamespace
+
     import finetune.schedule.faults as faults
 
     controller, pool, _ = make_controller(tmp_path, [planned("a", chunks=3)])
     worker = pool.workers[0]
     controller.step()
-    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(2**31, 2**31 - free, free))
+    monkeypatch.setattr(faults.shutil, "disk_usage", lambda path: SimpleNamespace(total=2**31, used=2**31 - free, free=free))
     failure = RunFailed(worker.worker_id, "a", "sqlite3.OperationalError: disk I/O error", "", ticket(controller, "a", 0))
     if free:
         send(controller, pool, failure)
